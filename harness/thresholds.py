@@ -1,0 +1,113 @@
+"""Pass/fail bounds per preset, and the verdict of a run against them.
+
+The bounds live in one TOML file, ``harness/thresholds.toml`` (one table per preset). Each bound
+name says its direction (``min_*`` or ``max_*``) and which metric of ``results.json`` it reads;
+:data:`BOUNDS` is the single table of that mapping, so the CLI, the pytest suites and the HTML
+report all judge a run the same way.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
+
+# name -> (path into results["metrics"], operator, what it means)
+BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "min_improvement_ci_low": (("comparison", "mean_improvement_ci_low"), ">=",
+                               "lower end of the 95% bootstrap interval of the mean-toxicity improvement"),
+    "min_improvement": (("comparison", "mean_improvement"), ">=",
+                        "relative drop of mean toxicity, (before - after) / before"),
+    "max_kl": (("after", "kl_per_sequence_mean"), "<=",
+               "mean KL(policy || reference) per sequence on the evaluation prompts, nats"),
+    "max_train_kl": (("training", "objective_kl_mean"), "<=", "mean objective/kl over the PPO steps, nats"),
+    "max_rouge_l_drop": (("comparison", "rouge_l_drop"), "<=", "ROUGE-L before minus after"),
+    "max_empty_rate": (("after", "empty_rate"), "<=", "share of empty or whitespace-only summaries after training"),
+    "min_reward_gain": (("comparison", "reward_gain"), ">=", "mean reward after minus before"),
+}
+
+
+@dataclass
+class BoundResult:
+    name: str
+    bound: float
+    op: str
+    value: float | None
+    passed: bool
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validate_bounds(bounds: dict[str, Any]) -> None:
+    import difflib
+
+    for name, value in bounds.items():
+        if name not in BOUNDS:
+            near = difflib.get_close_matches(name, list(BOUNDS), n=1)
+            fix = f"did you mean 'thresholds.{near[0]}'?" if near else f"known bounds: {', '.join(BOUNDS)}"
+            raise ConfigError("unknown bound", field=f"thresholds.{name}", fix=fix)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"got {value!r}, accepted: a number", field=f"thresholds.{name}")
+
+
+def load_bounds(preset: str, path: str | Path | None = None) -> dict[str, float]:
+    """The bounds of one preset from the thresholds TOML file (empty when the preset has none)."""
+    path = Path(path) if path else THRESHOLDS_FILE
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read thresholds file: {e}", field="thresholds", value=str(path)) from e
+    bounds = {k: float(v) for k, v in data.get(preset, {}).items()}
+    validate_bounds(bounds)
+    return bounds
+
+
+def _lookup(metrics: dict[str, Any], path: tuple[str, ...]):
+    node: Any = metrics
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def verdict(results: dict[str, Any], bounds: dict[str, float]) -> list[BoundResult]:
+    """Each bound with its measured value and pass/fail. A metric that is missing fails its bound."""
+    metrics = results.get("metrics", results)
+    out = []
+    for name, bound in bounds.items():
+        path, op, description = BOUNDS[name]
+        value = _lookup(metrics, path)
+        if value is None or value != value:  # missing or NaN
+            passed = False
+            value = None
+        else:
+            value = float(value)
+            passed = value >= bound if op == ">=" else value <= bound
+        out.append(BoundResult(name, float(bound), op, value, passed, description))
+    return out
+
+
+def all_passed(results: list[BoundResult]) -> bool:
+    return all(r.passed for r in results)
+
+
+def format_table(results: list[BoundResult]) -> str:
+    """A plain-text table for the terminal."""
+    rows = [("bound", "op", "limit", "measured", "result")]
+    for r in results:
+        rows.append((r.name, r.op, f"{r.bound:.4g}", "missing" if r.value is None else f"{r.value:.4g}",
+                     "PASS" if r.passed else "FAIL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    overall = "PASS" if all_passed(results) else "FAIL"
+    lines.append(f"verdict: {overall} ({sum(r.passed for r in results)}/{len(results)} bounds hold)")
+    return "\n".join(lines)
