@@ -178,15 +178,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The offline tiny world: a full run in a few minutes on a CPU.
     "tiny": {
         "device": "cpu",
-        "data": {"path": "tiny://dialogues", "max_prompt_tokens": 256},
+        "data": {"path": "tiny://dialogues", "max_prompt_tokens": 128},
         "policy": {"model": "tiny://policy", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                    "lora_target_modules": ["q", "k", "v", "o", "wi", "wo"]},
-        "reward": {"model": "tiny://classifier", "batch_size": 32},
-        "generation": {"min_new_tokens": 16, "max_new_tokens": 24, "min_length": 3},
-        "ppo": {"steps": 40, "learning_rate": 2e-3, "batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 2,
-                "init_kl_coef": 0.05, "target": 6.0, "horizon": 10000.0, "max_grad_norm": 1.0,
-                "checkpoint_every": 20},
-        "eval": {"num_samples": 128, "batch_size": 64, "max_new_tokens": 24, "bootstrap_resamples": 1000},
+        "reward": {"model": "tiny://classifier", "batch_size": 64},
+        "generation": {"min_new_tokens": 32, "max_new_tokens": 48, "min_length": 5},
+        "ppo": {"steps": 30, "learning_rate": 2e-4, "batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 2,
+                "init_kl_coef": 0.2, "max_grad_norm": 1.0, "checkpoint_every": 10},
+        "eval": {"num_samples": 128, "batch_size": 64, "max_new_tokens": 48},
     },
 }
 
@@ -255,6 +254,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key, value
 
 

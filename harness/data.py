@@ -1,0 +1,187 @@
+"""DialogSum loading, filtering, prompting, tokenizing and splitting (REFERENCE.md, step 1).
+
+Sources: a Hugging Face Hub id (default ``knkarthick/dialogsum``), a local JSON/JSONL/CSV file, or a
+directory holding one file per split (``train.jsonl``, ``dialogsum.dev.jsonl``, ...). Both column
+layouts are accepted: the Hub's ``id, dialogue, summary, topic`` and the original release's
+``fname, dialogue, summary`` / ``summary1..3``. Every reference summary is kept (``summaries``, a
+list) for evaluation; rows that repeat a dialogue once per reference (the Hub's test split) are merged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DataConfig
+from .errors import DataError
+
+SPLIT_ALIASES = {"validation": ("validation", "dev", "val"), "dev": ("dev", "validation", "val"),
+                 "train": ("train",), "test": ("test",)}
+EXTENSIONS = (".jsonl", ".json", ".csv")
+
+
+@dataclass
+class PromptData:
+    """Tokenized prompts, split 80/20 without shuffling, and what happened on the way."""
+
+    train: "object"  # datasets.Dataset
+    test: "object"
+    stats: dict = field(default_factory=dict)
+
+
+def _find_split_file(directory: Path, split: str) -> Path:
+    files = sorted(p for p in directory.iterdir() if p.suffix in EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError("no .jsonl, .json or .csv file in the directory", field="data.path", value=str(directory))
+    for alias in SPLIT_ALIASES.get(split, (split,)):
+        for p in files:
+            stem = p.name[: -len(p.suffix)]
+            if stem == alias or stem.endswith(f".{alias}") or stem.endswith(f"_{alias}") or stem.endswith(f"-{alias}"):
+                return p
+    if len(files) == 1:
+        return files[0]
+    raise DataError(f"no file for split '{split}' in the directory (found {', '.join(p.name for p in files)})",
+                    field="data.split", value=split, fix="set data.split to one of the file names' splits, "
+                                                         "or data.path to a single file")
+
+
+def _read_file(path: Path):
+    from datasets import load_dataset
+
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix)
+    if kind is None:
+        raise DataError("unsupported file type", field="data.path", value=str(path),
+                        fix="give a .jsonl, .json or .csv file")
+    try:
+        return load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read the file: {first[:300]}", field="data.path", value=str(path),
+                        fix="check that it is valid JSON lines / JSON / CSV with a 'dialogue' column") from e
+
+
+def resolve_data_path(location: str) -> str:
+    if str(location).startswith("tiny://"):
+        from .tiny import resolve
+
+        return str(resolve(location))
+    return os.path.expanduser(str(location))
+
+
+def load_rows(path: str, split: str = "train"):
+    """Raw rows of one split as a ``datasets.Dataset`` (hub id, file or directory)."""
+    location = resolve_data_path(path)
+    p = Path(location)
+    if p.is_dir():
+        return _read_file(_find_split_file(p, split))
+    if p.is_file():
+        return _read_file(p)
+    if location.startswith((".", "/", "~")) or location.endswith(EXTENSIONS):
+        raise DataError("file or directory does not exist", field="data.path", value=location)
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(location, split=split)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load dataset '{location}' split '{split}': {first[:300]}", field="data.path",
+                        value=location, fix="offline? download the files elsewhere and set data.path to the "
+                                            "local file or directory") from e
+
+
+def normalize(rows) -> list[dict]:
+    """Rows with ``id, dialogue, summaries (list), topic``; dialogues repeated per reference are merged."""
+    columns = list(rows.column_names)
+    if "dialogue" not in columns:
+        raise DataError(f"missing column 'dialogue' (found columns: {', '.join(columns) or 'none'})",
+                        field="data.path", fix="the data needs a 'dialogue' column and 'summary' or 'summary1'..")
+    summary_cols = ["summary"] if "summary" in columns else sorted(c for c in columns if c.startswith("summary")
+                                                                    and c[7:].isdigit())
+    if not summary_cols:
+        raise DataError(f"missing column 'summary' (found columns: {', '.join(columns)})", field="data.path",
+                        fix="the data needs 'summary' or 'summary1', 'summary2', ... columns")
+    id_col = "id" if "id" in columns else ("fname" if "fname" in columns else None)
+    topic_col = "topic" if "topic" in columns else ("topic1" if "topic1" in columns else None)
+    merged: dict[str, dict] = {}
+    for i, row in enumerate(rows):
+        dialogue = row["dialogue"]
+        rid = str(row[id_col]) if id_col and row[id_col] is not None else str(i)
+        if not isinstance(dialogue, str):
+            raise DataError(f"row {i} (id {rid}) has a non-string dialogue of type {type(dialogue).__name__}",
+                            field="dialogue", fix="every row needs a text dialogue; remove or fix that row")
+        if not dialogue.strip():
+            raise DataError(f"row {i} (id {rid}) has an empty dialogue", field="dialogue",
+                            fix="remove or fix that row")
+        summaries = [row[c] for c in summary_cols if isinstance(row[c], str) and row[c].strip()]
+        if dialogue in merged:
+            for s in summaries:
+                if s not in merged[dialogue]["summaries"]:
+                    merged[dialogue]["summaries"].append(s)
+            continue
+        merged[dialogue] = {"id": rid, "dialogue": dialogue, "summaries": summaries,
+                            "topic": str(row[topic_col]) if topic_col and row[topic_col] is not None else ""}
+    return list(merged.values())
+
+
+def filter_by_length(rows: list[dict], min_chars: int, max_chars: int) -> list[dict]:
+    """Keep dialogues with min_chars < len(dialogue) < max_chars (exclusive, as the reference)."""
+    return [r for r in rows if min_chars < len(r["dialogue"]) < max_chars]
+
+
+def make_prompt(template: str, dialogue: str) -> str:
+    return template.replace("{dialogue}", dialogue)
+
+
+def prompt_token_limit(cfg: DataConfig, tokenizer) -> int:
+    if cfg.max_prompt_tokens:
+        return cfg.max_prompt_tokens
+    limit = getattr(tokenizer, "model_max_length", 512) or 512
+    return int(min(limit, 512))
+
+
+def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_train_rows: int = 1) -> PromptData:
+    """Load, filter, wrap, tokenize and split (80/20, no shuffle, seed 42) the dialogues."""
+    from datasets import Dataset
+
+    raw = load_rows(cfg.path, cfg.split)
+    rows = normalize(raw)
+    kept = filter_by_length(rows, cfg.min_chars, cfg.max_chars)
+    if not kept:
+        raise DataError(f"all {len(rows)} dialogues were removed by the length filter "
+                        f"{cfg.min_chars} < len(dialogue) < {cfg.max_chars}", field="data.min_chars",
+                        fix="widen data.min_chars / data.max_chars")
+    if cfg.max_rows:
+        kept = kept[: cfg.max_rows]
+    limit = prompt_token_limit(cfg, tokenizer)
+    prompts = [make_prompt(cfg.prompt_template, r["dialogue"]) for r in kept]
+    full = tokenizer(prompts, truncation=False)["input_ids"]
+    truncated = sum(len(ids) > limit for ids in full)
+    input_ids = [ids[:limit - 1] + [ids[-1]] if len(ids) > limit and tokenizer.eos_token_id == ids[-1]
+                 else ids[:limit] for ids in full]
+    queries = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    ds = Dataset.from_dict({
+        "id": [r["id"] for r in kept], "dialogue": [r["dialogue"] for r in kept],
+        "summaries": [r["summaries"] for r in kept], "topic": [r["topic"] for r in kept],
+        "prompt": prompts, "input_ids": input_ids, "query": queries,
+    })
+    if len(ds) < 2:
+        raise DataError(f"only {len(ds)} dialogue left after filtering: too few to split 80/20", field="data.path",
+                        fix="give more data or widen the length filter")
+    split = ds.train_test_split(test_size=cfg.test_fraction, shuffle=False, seed=cfg.seed)
+    train, test = split["train"], split["test"]
+    if len(train) < min_train_rows:
+        raise DataError(f"the train split has {len(train)} prompts, fewer than one batch of {min_train_rows}",
+                        field="ppo.batch_size", fix="lower ppo.batch_size or give more data")
+    if len(test) < min_test_rows:
+        raise DataError(f"the test split has {len(test)} prompts, fewer than {min_test_rows} needed",
+                        field="eval.num_samples", fix="lower eval.num_samples or give more data")
+    stats = {"rows_read": len(raw), "dialogues": len(rows), "kept": len(kept),
+             "removed_by_length": len(rows) - len(filter_by_length(rows, cfg.min_chars, cfg.max_chars)),
+             "truncated_prompts": truncated, "max_prompt_tokens": limit, "train": len(train), "test": len(test)}
+    if truncated:
+        import logging
+
+        logging.getLogger(__name__).warning("%d of %d prompts were longer than %d tokens and were truncated",
+                                            truncated, len(kept), limit)
+    return PromptData(train=train, test=test, stats=stats)

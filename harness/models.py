@@ -1,0 +1,300 @@
+"""Loading the policy (seq2seq base + LoRA adapter + value head), its reference, and classifiers.
+
+Every location is a Hugging Face Hub id, a local directory, or a ``tiny://...`` id of the offline tiny
+world; all of them go through the same ``from_pretrained`` calls, so the tests on tiny models saved
+to disk exercise the code that loads the real ones.
+
+The reference model is the policy's own base with the adapter disabled (``disable_adapter()``):
+no second copy of the weights. A frozen copy is made only when there is no adapter (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import PolicyConfig
+from .errors import ModelLoadError
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+# ------------------------------------------------------------------------------------ locations
+
+def resolve_location(location: str, field: str = "model") -> str:
+    """A ``tiny://`` id becomes its cached directory (built on first use); anything else is returned."""
+    if location is None:
+        raise ModelLoadError("no model location given", field=field, fix="set it to a hub id or a local directory")
+    location = str(location)
+    if location.startswith("tiny://"):
+        from .tiny import resolve
+
+        return str(resolve(location))
+    return os.path.expanduser(location)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _looks_local(location: str) -> bool:
+    return location.startswith((".", "/", "~")) or os.path.exists(location)
+
+
+def load_pretrained(cls, location: str, *, field: str, what: str, **kwargs):
+    """``cls.from_pretrained(location)`` with a clear error naming the config field and the fix."""
+    resolved = resolve_location(location, field)
+    if _looks_local(resolved) and not os.path.exists(resolved):
+        raise ModelLoadError(f"{what} directory does not exist", field=field, value=resolved,
+                             fix="give an existing directory written by save_pretrained, or a hub id")
+    try:
+        return cls.from_pretrained(resolved, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        hint = ("the machine is offline or the id is wrong: download it elsewhere with "
+                f"`huggingface-cli download {resolved} --local-dir DIR` and set {field}=DIR")
+        if os.path.isdir(resolved):
+            hint = f"the directory is not a complete {what} (config and weights written by save_pretrained)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load {what}: {first}", field=field, value=resolved, fix=hint) from e
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was asked for but no CUDA device is available", field="device", value=name,
+                             fix="use device=cpu or run on a GPU machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ------------------------------------------------------------------------------------ value head
+
+class ValueHead(nn.Module):
+    """One linear layer on the decoder's last hidden state: hidden -> 1 (768 -> 1 for flan-t5-base)."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(hidden).to(self.summary.weight.dtype)
+        return self.summary(hidden).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------ policy
+
+class PolicyWithValueHead(nn.Module):
+    """A seq2seq LM (usually a peft LoRA model) with a value head, and its reference model.
+
+    ``forward`` returns float32 ``(logits, values)`` for the decoder positions; ``reference_logits``
+    runs the same inputs through the reference (adapter disabled, or the frozen copy).
+    """
+
+    def __init__(self, model: nn.Module, value_head: ValueHead, ref_model: nn.Module | None = None,
+                 tokenizer=None):
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+        self.ref_model = ref_model
+        self.tokenizer = tokenizer
+        self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model.get_base_model() if self.is_peft else self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.value_head.parameters()).device
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         decoder_attention_mask=decoder_attention_mask, output_hidden_states=True, return_dict=True)
+        values = self.value_head(out.decoder_hidden_states[-1]).float()
+        return out.logits.float(), values
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within this context ``self.model`` (or the frozen copy, see :meth:`reference_model`) is the reference."""
+        if self.is_peft:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            if self.ref_model is None:
+                raise ModelLoadError("a policy without an adapter needs a frozen reference copy", field="policy.use_lora")
+            yield self.ref_model
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
+        with self.reference() as ref:
+            out = ref(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                      decoder_attention_mask=decoder_attention_mask, return_dict=True)
+        return out.logits.float()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Adapter (or full model) with ``save_pretrained`` in safetensors, value head, tokenizer."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(directory / VALUE_HEAD_FILE))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    def load_value_head(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / VALUE_HEAD_FILE
+        if not path.is_file():
+            raise ModelLoadError("value head weights are missing", field="policy.adapter", value=str(path),
+                                 fix=f"the directory must hold {VALUE_HEAD_FILE} written by the harness")
+        state = load_file(str(path))
+        try:
+            self.value_head.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelLoadError(f"value head does not fit the model: {str(e).splitlines()[0]}",
+                                 field="policy.adapter", value=str(path)) from e
+
+
+def load_tokenizer(location: str, *, field: str = "policy.model", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return load_pretrained(AutoTokenizer, location, field=field, what="tokenizer",
+                           trust_remote_code=trust_remote_code)
+
+
+def _check_adapter_dir(adapter: str) -> str:
+    path = resolve_location(adapter, "policy.adapter")
+    if not os.path.isdir(path):
+        raise ModelLoadError("adapter directory does not exist", field="policy.adapter", value=path,
+                             fix="give a directory written by peft's save_pretrained (adapter_config.json + weights)")
+    cfg_file = Path(path) / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError("not an adapter directory: adapter_config.json is missing", field="policy.adapter",
+                             value=path, fix="give a directory written by peft's save_pretrained")
+    try:
+        json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"adapter_config.json is corrupt ({e.msg})", field="policy.adapter", value=path,
+                             fix="re-save the adapter with save_pretrained") from e
+    if not any((Path(path) / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ModelLoadError("adapter weights are missing (adapter_model.safetensors)", field="policy.adapter",
+                             value=path, fix="re-save the adapter with save_pretrained")
+    return path
+
+
+def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer=None) -> PolicyWithValueHead:
+    """Base model + LoRA (loaded trainable from ``cfg.adapter`` or freshly created) + value head."""
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(cfg.dtype, device)
+    base = load_pretrained(AutoModelForSeq2SeqLM, cfg.model, field="policy.model", what="seq2seq model",
+                           dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if not base.config.is_encoder_decoder:
+        raise ModelLoadError("the policy must be an encoder-decoder model (T5, FLAN-T5, BART)",
+                             field="policy.model", value=cfg.model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    ref_model = None
+    if cfg.use_lora:
+        if cfg.adapter:
+            path = _check_adapter_dir(cfg.adapter)
+            try:
+                model = PeftModel.from_pretrained(base, path, is_trainable=True)
+            except (RuntimeError, ValueError, KeyError, OSError) as e:
+                raise ModelLoadError(f"adapter does not fit the base model: {str(e).strip().splitlines()[0][:300]}",
+                                     field="policy.adapter", value=path,
+                                     fix="use the base model the adapter was trained on (see base_model_name_or_path "
+                                         "in adapter_config.json)") from e
+            if cfg.lora_dropout == 0.0:
+                _set_lora_dropout_zero(model)
+        else:
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules),
+                              lora_dropout=cfg.lora_dropout, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
+            try:
+                model = get_peft_model(base, lora)
+            except ValueError as e:
+                raise ModelLoadError(f"cannot attach LoRA: {str(e).splitlines()[0]}",
+                                     field="policy.lora_target_modules", value=cfg.lora_target_modules,
+                                     fix="name modules the model has (T5: q, k, v, o, wi, wo)") from e
+    else:
+        model = base
+        ref_model = copy.deepcopy(base).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    hidden = getattr(base.config, "d_model", None) or base.config.hidden_size
+    value_head = ValueHead(hidden, cfg.value_head_dropout)
+    policy = PolicyWithValueHead(model, value_head, ref_model=ref_model, tokenizer=tokenizer).to(device)
+    value_head.to(torch.float32)
+    if cfg.adapter and (Path(resolve_location(cfg.adapter)) / VALUE_HEAD_FILE).is_file():
+        policy.load_value_head(resolve_location(cfg.adapter))
+    policy.eval()
+    return policy
+
+
+def _set_lora_dropout_zero(model) -> None:
+    for module in model.modules():
+        drop = getattr(module, "lora_dropout", None)
+        if isinstance(drop, nn.ModuleDict):
+            for key in list(drop.keys()):
+                drop[key] = nn.Identity()
+
+
+def count_parameters(policy: PolicyWithValueHead) -> dict[str, float]:
+    """Trainable and total parameters the way REFERENCE.md (peft) reports them, value head apart."""
+    model_params = list(policy.model.parameters())
+    trainable = sum(p.numel() for p in model_params if p.requires_grad)
+    total = sum(p.numel() for p in model_params)
+    head = sum(p.numel() for p in policy.value_head.parameters())
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total, "value_head": head}
+
+
+def format_parameter_count(counts: dict[str, float]) -> str:
+    return (f"trainable model parameters: {counts['trainable']:,} of {counts['total']:,} "
+            f"({counts['percent']:.2f}%); value head: {counts['value_head']:,}")
+
+
+def trainable_state_dict(policy: PolicyWithValueHead) -> dict[str, torch.Tensor]:
+    """``adapter.<peft key>`` (or ``model.<name>``) and ``value_head.<name>`` tensors, detached copies."""
+    out: dict[str, torch.Tensor] = {}
+    if policy.is_peft:
+        from peft import get_peft_model_state_dict
+
+        for k, v in get_peft_model_state_dict(policy.model).items():
+            out[f"adapter.{k}"] = v.detach().clone()
+    else:
+        for k, v in policy.model.named_parameters():
+            if v.requires_grad:
+                out[f"model.{k}"] = v.detach().clone()
+    for k, v in policy.value_head.state_dict().items():
+        out[f"value_head.{k}"] = v.detach().clone()
+    return out
+
+
+def frozen_state_fingerprint(policy: PolicyWithValueHead) -> dict[str, torch.Tensor]:
+    """Copies of every frozen (base) parameter, to prove training never touches them."""
+    return {k: v.detach().clone() for k, v in policy.model.named_parameters() if not v.requires_grad}

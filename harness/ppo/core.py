@@ -1,0 +1,238 @@
+"""Pure tensor math of PPO for sequence models: no models, no I/O, no global state.
+
+Every function takes tensors shaped ``(batch, response_len)`` with a 0/1 ``mask`` of the same shape
+marking the real response tokens (actions). Names and formulas follow TRL 0.11's ``core.py`` and
+``PPOTrainer`` so that statistics stay comparable; ``suites/unit/test_ppo_core.py`` checks each
+function against a plain reference loop and its invariants, and ``suites/unit/test_parity.py`` checks
+the whole step against TRL's numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KL_ESTIMATORS = ("kl", "abs", "mse", "full")
+
+
+# ------------------------------------------------------------------------------------ masked stats
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (over all elements, or along ``axis``)."""
+    if axis is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked elements, with Bessel's correction by default."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            raise ValueError(f"masked_var needs at least 2 unmasked elements for an unbiased estimate, got {int(n)}")
+        variance = variance * n / (n - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Scale to unit variance (and zero mean unless ``shift_mean`` is False) using masked statistics."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+# ------------------------------------------------------------------------------------ log-probs
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, gather: bool = True) -> torch.Tensor:
+    """log softmax of ``logits`` (B, T, V), gathered at ``labels`` (B, T) unless ``gather`` is False."""
+    logp = F.log_softmax(logits, dim=-1)
+    if not gather:
+        return logp
+    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution of each position, (B, T, V) -> (B, T)."""
+    pd = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
+
+
+# ------------------------------------------------------------------------------------ KL
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Per-token KL estimate between policy and reference.
+
+    ``kl``, ``abs`` and ``mse`` take the log-probs of the sampled tokens, (B, T); ``full`` takes the
+    full log-distributions, (B, T, V), and returns the exact KL(policy || reference) per token.
+    """
+    if kind == "kl":
+        return logprob - ref_logprob
+    if kind == "abs":
+        return (logprob - ref_logprob).abs()
+    if kind == "mse":
+        return 0.5 * (logprob - ref_logprob).square()
+    if kind == "full":
+        # kl_div(input=log q, target=log p, log_target) = sum p (log p - log q) = KL(p || q)
+        return F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)
+    raise ValueError(f"kl_penalty: unknown estimator {kind!r}, accepted: {', '.join(KL_ESTIMATORS)}")
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019): beta *= 1 + clip(kl/target - 1, +-0.2) * n / horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current: float, n_steps: int) -> None:
+        proportional_error = min(max(current / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def make_kl_controller(adaptive: bool, init_kl_coef: float, target: float, horizon: float):
+    return AdaptiveKLController(init_kl_coef, target, horizon) if adaptive else FixedKLController(init_kl_coef)
+
+
+# ------------------------------------------------------------------------------------ rewards
+
+def compute_rewards(scores: torch.Tensor, kls: torch.Tensor, mask: torch.Tensor, kl_coef: float):
+    """Per-token rewards: ``-kl_coef * kl_t`` everywhere, plus the score on the last response token.
+
+    Returns ``(rewards, non_score_rewards)``, both (B, T). A row with no unmasked token gets no score.
+    """
+    non_score = -kl_coef * kls
+    rewards = non_score.clone()
+    lengths = mask.sum(-1)
+    has_token = lengths > 0
+    # index of the last unmasked token of each row
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    rows = torch.arange(mask.shape[0], device=mask.device)[has_token]
+    rewards[rows, last[has_token]] += scores[has_token].to(rewards.dtype)
+    return rewards, non_score
+
+
+def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+                whiten_rewards: bool = False):
+    """Generalized advantage estimation, TRL-style (values and rewards zeroed outside the mask).
+
+    Returns ``(values, advantages, returns)``: values masked, advantages whitened over the mask,
+    returns = raw advantages + values.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    gen_len = rewards.shape[-1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(gen_len)):
+        nextvalues = values[:, t + 1] if t < gen_len - 1 else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = advantages + values
+    advantages = masked_whiten(advantages, mask).detach()
+    return values, advantages, returns
+
+
+# ------------------------------------------------------------------------------------ losses
+
+def clip_by_value(x: torch.Tensor, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> torch.Tensor:
+    return torch.max(torch.min(x, tensor_max), tensor_min)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float):
+    """Clipped surrogate objective. Returns ``(loss, clipfrac, ratio)``."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+    return loss, clipfrac, ratio
+
+
+def value_loss(vpreds: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float):
+    """Clipped value loss, 0.5 * max((v - R)^2, (clip(v) - R)^2). Returns ``(loss, clipfrac)``."""
+    vpredclipped = clip_by_value(vpreds, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses1 = (vpreds - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
+    return loss, clipfrac
+
+
+# ------------------------------------------------------------------------------------ scores
+
+class RunningMoments:
+    """Running mean and standard deviation of scores (Chan et al.'s parallel update), for score scaling."""
+
+    def __init__(self):
+        self.mean = 0.0
+        self.std = 1.0
+        self.var = 1.0
+        self.count = 1e-24
+
+    def update(self, xs: torch.Tensor) -> tuple[float, float]:
+        xs = xs.double()
+        xs_count = xs.numel()
+        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        xs_mean, xs_var = float(xs_mean), float(xs_var)
+        delta = xs_mean - self.mean
+        tot_count = self.count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = self.var * self.count + delta ** 2 * self.count * xs_count / tot_count
+        self.mean += delta * xs_count / tot_count
+        self.var = (old_sum + new_sum) / tot_count
+        self.std = (self.var * tot_count / max(tot_count - 1, 1e-24)) ** 0.5
+        self.count = tot_count
+        return xs_mean, (xs_var * xs_count / max(xs_count - 1, 1)) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.std, self.var, self.count = state["mean"], state["std"], state["var"], state["count"]
+
+
+def transform_scores(scores: torch.Tensor, running: RunningMoments | None, scaling: bool, norm: bool,
+                     clip: float | None) -> torch.Tensor:
+    """Optional score scaling (by a running std), normalization (minus a running mean) and clipping."""
+    scores = scores.float()
+    if scaling:
+        assert running is not None
+        running.update(scores)
+        factor = running.std + torch.finfo(scores.dtype).eps
+        scores = (scores - running.mean) / factor if norm else scores / factor
+    if clip is not None:
+        scores = torch.clamp(scores, -clip, clip)
+    return scores

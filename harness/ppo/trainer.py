@@ -1,0 +1,306 @@
+"""The PPO loop: rollout -> score -> PPO step -> statistics -> checkpoints.
+
+Deterministic by construction: the prompts of step ``s`` come from a permutation seeded by
+``(seed, epoch)``, the rollout of row ``i`` at step ``s`` samples with seed ``f(seed, s, i)``, and the
+mini-batch orders come from a generator seeded by ``(seed, s)``. A run resumed from a checkpoint
+therefore draws exactly what the uninterrupted run drew.
+
+Checkpoints (``<output>/checkpoints/step-NNNNNN/``) hold the adapter (safetensors), the value head, the
+optimizer, the KL controller, score moments, RNG states and the step; each is written to a temporary
+directory and renamed into place, so a half-written checkpoint is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import HarnessConfig
+from ..errors import HarnessError, TrainingError
+from ..toxicity import Classifier, reward_texts
+from . import core
+from .rollout import LengthSampler, generate
+from .step import make_optimizer, ppo_step
+
+log = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+def step_seed(seed: int, step: int, row: int = 0) -> int:
+    """A stable 63-bit seed for (run seed, step, row)."""
+    return (seed * 1_000_003 + step * 10_007 + row * 101 + 12345) % (2 ** 63 - 1)
+
+
+@dataclass
+class TrainResult:
+    stats: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    interrupted: bool = False
+    checkpoint: str | None = None
+
+
+class PPOTrainer:
+    """Trains ``policy`` against ``classifier`` on the prompts of ``train_data`` (a datasets.Dataset)."""
+
+    def __init__(self, cfg: HarnessConfig, policy, classifier: Classifier, train_data, output_dir: str | Path,
+                 score_fn=None):
+        self.cfg = cfg
+        self.policy = policy
+        self.classifier = classifier
+        self.data = train_data
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.stats_path = self.output_dir / "train_stats.jsonl"
+        self.optimizer = make_optimizer(policy, cfg.ppo)
+        self.kl_ctl = core.make_kl_controller(cfg.ppo.adap_kl_ctrl, cfg.ppo.init_kl_coef, cfg.ppo.target,
+                                              cfg.ppo.horizon)
+        self.running = core.RunningMoments()
+        self.step = 0
+        self.bad_steps = 0
+        self.score_fn = score_fn  # optional override (texts, queries, responses) -> rewards; for fault injection
+        self._stop_signal: int | None = None
+        if len(train_data) < cfg.ppo.batch_size:
+            raise HarnessError(f"the train split has {len(train_data)} prompts, fewer than one batch",
+                               field="ppo.batch_size", value=cfg.ppo.batch_size,
+                               fix=f"set ppo.batch_size <= {len(train_data)} or give more data")
+
+    # -------------------------------------------------------------------------------- data
+    def batch_indices(self, step: int) -> list[int]:
+        n, bs = len(self.data), self.cfg.ppo.batch_size
+        per_epoch = n // bs
+        epoch, pos = divmod(step, per_epoch)
+        order = list(range(n))
+        random.Random(step_seed(self.cfg.seed, epoch, 7)).shuffle(order)
+        return order[pos * bs:(pos + 1) * bs]
+
+    # -------------------------------------------------------------------------------- one step
+    def score(self, queries: list[str], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = reward_texts(queries, texts, self.cfg.reward.input)
+        reward, toxicity = self.classifier.score(inputs, self.cfg.reward.transform)
+        if self.score_fn is not None:
+            reward = torch.as_tensor(self.score_fn(self.step, inputs, reward), dtype=torch.float32)
+        return reward, toxicity
+
+    def train_step(self) -> dict:
+        cfg, tok = self.cfg, self.policy.tokenizer
+        t0 = time.time()
+        idx = self.batch_indices(self.step)
+        rows = self.data.select(idx)
+        g = cfg.generation
+        lengths = LengthSampler(g.min_new_tokens, g.max_new_tokens, seed=step_seed(cfg.seed, self.step, 3)).sample(len(idx))
+        t = time.time()
+        roll = generate(self.policy.model, tok, rows["input_ids"], max_new_tokens=lengths,
+                        seeds=[step_seed(cfg.seed, self.step, i) for i in range(len(idx))], min_length=g.min_length,
+                        top_k=g.top_k, top_p=g.top_p, temperature=g.temperature, do_sample=g.do_sample)
+        t_gen = time.time() - t
+        t = time.time()
+        rewards, toxicity = self.score(rows["query"], roll.texts)
+        t_score = time.time() - t
+        generator = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, 5))
+        ppo_cfg = _with_reward_options(cfg)
+        stats = ppo_step(self.policy, self.optimizer, self.kl_ctl,
+                         [torch.tensor(x) for x in rows["input_ids"]], roll.responses, rewards, ppo_cfg,
+                         pad_token_id=tok.pad_token_id, decoder_start_token_id=self.policy.config.decoder_start_token_id,
+                         generator=generator, running=self.running, raw_scores=rewards)
+        stats["env/toxicity_mean"] = float(toxicity.mean())
+        stats["env/empty_rate"] = float(sum(not s.strip() for s in roll.texts) / len(roll.texts))
+        stats["time/rollout/generate"] = t_gen
+        stats["time/rollout/score"] = t_score
+        stats["time/step"] = time.time() - t0
+        self.step += 1
+        stats["step"] = self.step
+        return stats
+
+    # -------------------------------------------------------------------------------- loop
+    def train(self, steps: int | None = None, progress: bool = True, handle_signals: bool = True) -> TrainResult:
+        total = steps or self.cfg.ppo.steps
+        result = TrainResult()
+        every = self.cfg.ppo.checkpoint_every
+        old_handlers = self._install_signal_handlers() if handle_signals else {}
+        bar = _progress(total, self.step, progress)
+        try:
+            while self.step < total:
+                stats = self.train_step()
+                self._log(stats)
+                result.stats.append(stats)
+                if stats.get("skipped"):
+                    self.bad_steps += 1
+                    log.warning("step %d skipped: %s (%d in a row)", self.step, stats.get("skip_reason"),
+                                self.bad_steps)
+                    if self.bad_steps >= self.cfg.ppo.max_bad_steps:
+                        path = self.save_checkpoint()
+                        raise TrainingError(
+                            f"{self.bad_steps} consecutive steps had a non-finite reward or loss "
+                            f"(last: {stats.get('skip_reason')}); weights are those of the last good step, "
+                            f"saved in {path}", field="ppo.max_bad_steps",
+                            fix="check the reward model's outputs and lower ppo.learning_rate")
+                else:
+                    self.bad_steps = 0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{stats.get('env/reward_mean', float('nan')):.3f}",
+                                    kl=f"{stats.get('objective/kl', float('nan')):.2f}",
+                                    step_s=f"{stats['time/step']:.2f}")
+                if self._stop_signal is not None:
+                    result.interrupted = True
+                    result.checkpoint = str(self.save_checkpoint())
+                    log.warning("stopped by signal %d after step %d; checkpoint %s", self._stop_signal, self.step,
+                                result.checkpoint)
+                    break
+                if every and self.step % every == 0 and self.step < total:
+                    result.checkpoint = str(self.save_checkpoint())
+            else:
+                result.checkpoint = str(self.save_checkpoint())
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        result.steps_done = self.step
+        return result
+
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("signal %d: finishing the current step, then saving a checkpoint", signum)
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    def _log(self, stats: dict) -> None:
+        with open(self.stats_path, "a") as f:
+            f.write(json.dumps(_jsonable(stats)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step atomically (temp dir, then rename)."""
+        from safetensors.torch import save_file
+
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
+        self.policy.save_pretrained(tmp)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng_state.safetensors"))
+        state = {"step": self.step, "bad_steps": self.bad_steps, "kl_ctl": self.kl_ctl.state_dict(),
+                 "running": self.running.state_dict(), "seed": self.cfg.seed,
+                 "python_rng": _encode_random_state(random.getstate()), "config": self.cfg.to_dict()}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state = json.loads((path / STATE_FILE).read_text())
+        if self.policy.is_peft:
+            weights = load_file(str(path / "adapter_model.safetensors"))
+            set_peft_model_state_dict(self.policy.model, weights)
+        else:
+            from transformers import AutoModelForSeq2SeqLM
+
+            loaded = AutoModelForSeq2SeqLM.from_pretrained(path)
+            self.policy.model.load_state_dict(loaded.state_dict())
+        self.policy.load_value_head(path)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        torch.set_rng_state(load_file(str(path / "rng_state.safetensors"))["torch_rng"])
+        random.setstate(_decode_random_state(state["python_rng"]))
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.running.load_state_dict(state["running"])
+        self.step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self._truncate_stats(self.step)
+
+    def _truncate_stats(self, step: int) -> None:
+        """Drop logged rows after the checkpoint's step (they will be produced again)."""
+        if not self.stats_path.exists():
+            return
+        rows = [line for line in self.stats_path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in keep))
+        os.replace(tmp, self.stats_path)
+
+    def resume(self) -> Path | None:
+        """Load the last complete checkpoint under the output directory, if any."""
+        last = latest_checkpoint(self.ckpt_dir)
+        if last is not None:
+            self.load_checkpoint(last)
+        return last
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+            and (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if done else None
+
+
+def _with_reward_options(cfg: HarnessConfig):
+    """The PPO config plus the reward's scaling options, which ppo_step reads by name."""
+    import copy
+
+    ppo = copy.copy(cfg.ppo)
+    ppo.score_scaling = cfg.reward.score_scaling
+    ppo.score_norm = cfg.reward.score_norm
+    ppo.score_clip = cfg.reward.score_clip
+    return ppo
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="PPO", unit="step", dynamic_ncols=True)
+
+
+def _jsonable(stats: dict) -> dict:
+    out = {}
+    for k, v in stats.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def _encode_random_state(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_random_state(data):
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

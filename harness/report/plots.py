@@ -1,0 +1,314 @@
+"""Plots of a run (and of the run history) as inline SVG strings.
+
+Every figure is a :class:`matplotlib.figure.Figure` drawn with the Agg-free SVG backend; nothing
+touches ``pyplot`` or its global figure registry. The returned SVG has its XML prolog, DOCTYPE and
+metadata stripped, no fixed width/height (it scales with its container through ``viewBox``) and
+text kept as ``<text>`` elements (``svg.fonttype = none``), so labels are searchable in the DOM
+and the file stays small. Titles and axis labels are fixed strings of this module; data values
+only ever become numbers in the plot, never text taken from model output.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+from matplotlib.figure import Figure
+from markupsafe import Markup
+
+BEFORE_COLOR = "#d1495b"  # warm red: the model before PPO
+AFTER_COLOR = "#1f77b4"  # blue: the model after PPO
+ACCENT_COLOR = "#2a9d8f"
+BOUND_COLOR = "#6c757d"
+
+_RC = {
+    "svg.fonttype": "none",
+    "font.family": ["DejaVu Sans", "sans-serif"],
+    "font.size": 9.0,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.titlesize": 10.0,
+    "axes.titleweight": "bold",
+    "legend.frameon": False,
+    "legend.fontsize": 8.0,
+}
+
+_PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.S)
+_METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
+_SVG_OPEN = re.compile(r"<svg\b[^>]*>")
+_SIZE_ATTR = re.compile(r'\s(width|height)="[^"]*"')
+_ID_REF = re.compile(r'(\sid="|url\(#|href="#)([^"()]+)')
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(v):
+            out.append(float(v))
+    return out
+
+
+def _as_float(v: Any) -> float:
+    """A number for plotting: missing and non-numeric values become NaN (a gap in a line)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return math.nan
+    return float(v)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def to_svg(fig: Figure, name: str, label: str) -> Markup:
+    """Serialize ``fig`` to inline SVG markup.
+
+    ``name`` salts matplotlib's element ids so that several SVGs on one page never share an id;
+    ``label`` becomes the accessible name (``aria-label``) of the plot.
+    """
+    buf = io.StringIO()
+    with matplotlib.rc_context({**_RC, "svg.hashsalt": f"detox-{name}"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = _PROLOG.sub("", buf.getvalue(), count=1)
+    text = _METADATA.sub("", text, count=1)
+    # matplotlib numbers its ids per figure (figure_1, axes_1, ...): prefix them so that the SVGs on
+    # one page never share an id, and keep every internal reference (clip paths, glyphs) pointing home
+    text = _ID_REF.sub(lambda m: f"{m.group(1)}{name}-{m.group(2)}", text)
+    match = _SVG_OPEN.search(text)
+    if match is None:  # pragma: no cover - matplotlib always writes an <svg> element
+        raise RuntimeError("matplotlib wrote no <svg> element")
+    opening = _SIZE_ATTR.sub("", match.group(0))
+    label = label.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    opening = opening[:-1] + f' class="plot" role="img" aria-label="{label}" data-plot="{name}">'
+    return Markup(text[: match.start()] + opening + text[match.end():].strip())
+
+
+def _styled(fn):
+    """Build the figure under the module's rc settings (tick sizes, grid, spines are read at creation)."""
+
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(_RC):
+            return fn(*args, **kwargs)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@_styled
+def toxicity_histogram(before: Sequence[Any], after: Sequence[Any], *, bins: int = 20) -> Markup | None:
+    """Overlaid histograms of per-sample toxicity before and after training (None without data)."""
+    b, a = _finite(before), _finite(after)
+    if not b and not a:
+        return None
+    hi = max([1.0, *b, *a])
+    lo = min([0.0, *b, *a])
+    edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    fig = _new_figure(6.4, 3.4)
+    ax = fig.add_subplot()
+    for values, color, name in ((b, BEFORE_COLOR, "before"), (a, AFTER_COLOR, "after")):
+        if not values:
+            continue
+        mean = sum(values) / len(values)
+        ax.hist(values, bins=edges, color=color, alpha=0.45, label=f"{name} (n={len(values)}, mean {mean:.3f})")
+        ax.hist(values, bins=edges, color=color, histtype="step", linewidth=1.4)
+        ax.axvline(mean, color=color, linestyle="--", linewidth=1.2)
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("toxicity of a summary (probability of the toxic label)")
+    ax.set_ylabel("number of summaries")
+    ax.set_title("Toxicity before vs after PPO")
+    ax.legend(loc="upper center")
+    return to_svg(fig, "toxicity-histogram", "Histogram of per-summary toxicity before and after PPO")
+
+
+@_styled
+def toxicity_means(before: dict[str, Any], after: dict[str, Any]) -> Markup | None:
+    """Mean toxicity before and after with their confidence intervals (None without means)."""
+    rows = []
+    for name, m, color in (("before", before, BEFORE_COLOR), ("after", after, AFTER_COLOR)):
+        mean = _as_float(m.get("toxicity_mean"))
+        if math.isnan(mean):
+            continue
+        lo, hi = _as_float(m.get("toxicity_ci_low")), _as_float(m.get("toxicity_ci_high"))
+        rows.append((name, mean, lo, hi, color))
+    if not rows:
+        return None
+    fig = _new_figure(3.6, 3.4)
+    ax = fig.add_subplot()
+    top = 0.0
+    for x, (name, mean, lo, hi, color) in enumerate(rows):
+        err = None
+        if not (math.isnan(lo) or math.isnan(hi)):
+            err = [[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]]
+            top = max(top, hi)
+        top = max(top, mean)
+        ax.bar([x], [mean], width=0.55, color=color, alpha=0.35, edgecolor=color)
+        ax.errorbar([x], [mean], yerr=err, fmt="o", color=color, capsize=8, markersize=6, linewidth=2)
+        ax.annotate(f"{mean:.3f}", (x, mean), textcoords="offset points", xytext=(16, -3), fontsize=8,
+                    color=color)
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(0, max(top * 1.15, 1e-3))
+    ax.set_xlabel("model")
+    ax.set_ylabel("mean toxicity (bars: 95% interval)")
+    ax.set_title("Mean toxicity")
+    ax.grid(axis="x", visible=False)
+    return to_svg(fig, "toxicity-means", "Mean toxicity before and after PPO with 95% intervals")
+
+
+# (statistic key, title, y-axis label)
+TRAINING_CURVES: list[tuple[str, str, str]] = [
+    ("objective/kl", "objective/kl", "KL(policy || ref), nats"),
+    ("objective/kl_coef", "objective/kl_coef", "KL coefficient β"),
+    ("env/reward_mean", "env/reward_mean", "mean reward"),
+    ("ppo/returns/mean", "ppo/returns/mean", "mean return"),
+    ("ppo/loss/policy", "ppo/loss/policy", "policy loss"),
+    ("ppo/loss/value", "ppo/loss/value", "value loss"),
+    ("ppo/policy/clipfrac", "ppo/policy/clipfrac", "clipped fraction"),
+    ("objective/entropy", "objective/entropy", "entropy, nats"),
+    ("tokens/responses_len_mean", "tokens/responses_len_mean", "response length, tokens"),
+]
+
+
+@_styled
+def training_curve(stats: Sequence[dict[str, Any]], key: str, title: str, ylabel: str) -> Markup | None:
+    """One PPO statistic per step (None when no step recorded it). Skipped steps are marked."""
+    steps, values, skipped = [], [], []
+    for i, row in enumerate(stats):
+        step = row.get("step", i)
+        step = _as_float(step)
+        if math.isnan(step):
+            step = float(i)
+        value = _as_float(row.get(key))
+        steps.append(step)
+        values.append(value)
+        if row.get("skipped") is True:
+            skipped.append(step)
+    if not _finite(values):
+        return None
+    fig = Figure(figsize=(3.9, 2.5))  # fixed margins: constrained layout costs half the render time
+    fig.subplots_adjust(left=0.19, right=0.97, bottom=0.18, top=0.89)
+    ax = fig.add_subplot()
+    ax.plot(steps, values, color=AFTER_COLOR, linewidth=1.4, marker="o" if len(steps) <= 30 else None,
+            markersize=2.5)
+    for i, s in enumerate(skipped):
+        ax.axvline(s, color=BEFORE_COLOR, alpha=0.5, linewidth=1, label="skipped step" if i == 0 else None)
+    if skipped:
+        ax.legend(loc="best")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+    slug = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
+    return to_svg(fig, f"train-{slug}", f"{title} per PPO step")
+
+
+def training_curves(stats: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every curve of :data:`TRAINING_CURVES`: ``{"key", "title", "svg"}`` (``svg`` None if not recorded)."""
+    return [{"key": key, "title": title, "svg": training_curve(stats, key, title, ylabel)}
+            for key, title, ylabel in TRAINING_CURVES]
+
+
+def _date_axis(ax, times: list[datetime]) -> None:
+    import matplotlib.dates as mdates
+
+    locator = mdates.AutoDateLocator(minticks=2, maxticks=7)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    if len(times) == 1 or min(times) == max(times):
+        from datetime import timedelta
+
+        ax.set_xlim(times[0] - timedelta(hours=12), times[0] + timedelta(hours=12))
+    ax.set_xlabel("run created (UTC)")
+
+
+def _errbar(ax, times, means, lows, highs, color, label, marker="o"):
+    pts = [(t, m, lo, hi) for t, m, lo, hi in zip(times, means, lows, highs) if not math.isnan(m)]
+    if not pts:
+        return False
+    t = [p[0] for p in pts]
+    m = [p[1] for p in pts]
+    lo = [p[1] - p[2] if not math.isnan(p[2]) else 0.0 for p in pts]
+    hi = [p[3] - p[1] if not math.isnan(p[3]) else 0.0 for p in pts]
+    ax.errorbar(t, m, yerr=[[max(x, 0.0) for x in lo], [max(x, 0.0) for x in hi]], color=color, marker=marker,
+                markersize=4, capsize=3, linewidth=1.3, label=label)
+    return True
+
+
+@_styled
+def trend_toxicity(runs: Sequence[dict[str, Any]]) -> Markup | None:
+    """Mean toxicity before and after of each run (``runs`` oldest first, each with ``time`` and ``metrics``)."""
+    times = [r["time"] for r in runs]
+    fig = _new_figure(4.2, 2.8)
+    ax = fig.add_subplot()
+    drawn = False
+    for phase, color in (("before", BEFORE_COLOR), ("after", AFTER_COLOR)):
+        ms = [r["metrics"].get(phase) or {} for r in runs]
+        drawn |= _errbar(ax, times, [_as_float(m.get("toxicity_mean")) for m in ms],
+                         [_as_float(m.get("toxicity_ci_low")) for m in ms],
+                         [_as_float(m.get("toxicity_ci_high")) for m in ms], color, phase)
+    if not drawn:
+        return None
+    _date_axis(ax, times)
+    ax.set_ylabel("mean toxicity")
+    ax.set_title("Mean toxicity per run")
+    ax.legend(loc="best")
+    return to_svg(fig, "trend-toxicity", "Mean toxicity before and after PPO for each run")
+
+
+@_styled
+def trend_improvement(runs: Sequence[dict[str, Any]], bound: float | None = None) -> Markup | None:
+    """Relative mean-toxicity improvement of each run with its bootstrap interval."""
+    times = [r["time"] for r in runs]
+    cs = [r["metrics"].get("comparison") or {} for r in runs]
+    fig = _new_figure(4.2, 2.8)
+    ax = fig.add_subplot()
+    drawn = _errbar(ax, times, [_as_float(c.get("mean_improvement")) for c in cs],
+                    [_as_float(c.get("mean_improvement_ci_low")) for c in cs],
+                    [_as_float(c.get("mean_improvement_ci_high")) for c in cs], ACCENT_COLOR, "improvement")
+    if not drawn:
+        return None
+    if bound is not None and math.isfinite(bound):
+        ax.axhline(bound, color=BOUND_COLOR, linestyle="--", linewidth=1, label="bound (newest run)")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    _date_axis(ax, times)
+    ax.set_ylabel("relative drop of mean toxicity")
+    ax.set_title("Improvement per run")
+    ax.legend(loc="best")
+    return to_svg(fig, "trend-improvement", "Relative improvement of mean toxicity for each run")
+
+
+@_styled
+def trend_kl(runs: Sequence[dict[str, Any]], bound: float | None = None) -> Markup | None:
+    """KL of each run: evaluation KL per sequence and mean training objective/kl."""
+    times = [r["time"] for r in runs]
+    fig = _new_figure(4.2, 2.8)
+    ax = fig.add_subplot()
+    drawn = False
+    series = (
+        (lambda m: (m.get("after") or {}).get("kl_per_sequence_mean"), AFTER_COLOR, "eval KL / sequence", "o"),
+        (lambda m: (m.get("training") or {}).get("objective_kl_mean"), ACCENT_COLOR, "train objective/kl", "s"),
+    )
+    for get, color, label, marker in series:
+        values = [_as_float(get(r["metrics"])) for r in runs]
+        pts = [(t, v) for t, v in zip(times, values) if not math.isnan(v)]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, markersize=4,
+                    linewidth=1.3, label=label)
+            drawn = True
+    if not drawn:
+        return None
+    if bound is not None and math.isfinite(bound):
+        ax.axhline(bound, color=BOUND_COLOR, linestyle="--", linewidth=1, label="bound (newest run)")
+    _date_axis(ax, times)
+    ax.set_ylabel("KL, nats")
+    ax.set_title("KL per run")
+    ax.legend(loc="best")
+    return to_svg(fig, "trend-kl", "KL divergence from the reference model for each run")

@@ -1,0 +1,331 @@
+"""The tiny world: small real models and a synthetic dialogue corpus, built offline in seconds.
+
+``build()`` writes, deterministically from a seed, into a cache directory:
+
+- ``dialogues/{train,validation,test}.jsonl``: a synthetic corpus in DialogSum's format
+  (``id, dialogue, summary, topic``; ``#Person1#: ...`` turns), generated from this module's own
+  templates. A known fraction (:data:`TOXIC_FRACTION`) of the reference summaries contain a word of a
+  small lexicon of mild insults (:data:`INSULTS`).
+- ``policy/``: a SentencePiece T5 tokenizer trained on that corpus and a small T5 (about 0.3 M
+  parameters) trained briefly on (prompt -> summary), so that it writes summary-like text, part of it toxic.
+- ``classifier/``: a small RoBERTa sequence classifier with labels ``{0: "nothate", 1: "hate"}`` and its
+  own byte-level BPE tokenizer, trained to tell toxic text from clean text.
+
+Every artifact is written with ``save_pretrained`` and read back with the ``from_pretrained`` calls
+that load the real models. The cache directory is ``$DETOX_HARNESS_CACHE/tiny-v<version>-s<seed>``
+(default ``~/.cache/detox-harness``); a different :data:`BUILDER_VERSION` means a fresh build.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+BUILDER_VERSION = "4"
+DEFAULT_SEED = 0
+TOXIC_FRACTION = 0.35
+INSULTS = ("stupid", "idiot", "dumb", "moron", "idiotic", "pathetic", "useless", "loser", "jerk", "clown")
+ROWS = {"train": 1600, "validation": 200, "test": 200}
+PROMPT_TOKENS = 128  # the tiny policy reads at most this many prompt tokens (the tiny preset's limit too)
+POLICY_STEPS, POLICY_BATCH, POLICY_LR = 300, 24, 4e-3
+CLASSIFIER_STEPS = 160
+MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------ corpus
+
+_TOPICS = {
+    "movie": ["the new action movie", "the comedy at the cinema", "the old western film", "the science fiction film"],
+    "restaurant": ["the Italian restaurant", "the noodle bar", "the steak house", "the new bakery"],
+    "job": ["the job interview", "the new manager", "the sales position", "the office move"],
+    "travel": ["the trip to Paris", "the weekend at the beach", "the train to Boston", "the flight to Tokyo"],
+    "shopping": ["the new phone", "the winter coat", "the running shoes", "the kitchen table"],
+    "school": ["the math exam", "the history class", "the science project", "the school concert"],
+    "health": ["the doctor appointment", "the yoga class", "the new diet", "the dentist visit"],
+    "home": ["the apartment rent", "the new neighbours", "the broken heater", "the garden party"],
+}
+_CLEAN = ("great", "fine", "interesting", "nice", "boring", "expensive", "lovely", "too long")
+_GREET = ("Hi, how are you today?", "Good morning! Do you have a minute?", "Hello, nice to see you again.",
+          "Hey, what are you up to?", "Excuse me, can I ask you something?")
+_REPLY = ("I'm fine, thanks. What's up?", "Sure, what is it?", "Not much, just resting.",
+          "Oh hello! Good to see you.", "Of course. How can I help?")
+_ASK = ("Did you hear about {item}?", "What do you think about {item}?", "Have you been to {item} yet?",
+        "Can we talk about {item}?", "Do you remember {item}?")
+_OPINION = ("Yes, I think it was {adj}.", "Well, to be honest it was {adj}.", "I found it {adj}, really.",
+            "My sister said it was {adj}.", "It was {adj}, I would say.")
+_FILLER = ("Why do you say that?", "I see. Tell me more.", "Really? I did not know that.",
+           "I thought so too at first.", "What about the price?", "It cost more than I expected.",
+           "We should go there together next week.", "Maybe on Saturday afternoon.",
+           "I have to check my schedule first.", "Let me call you tomorrow then.",
+           "My brother told me the same thing.", "It was very crowded when I went.",
+           "The weather was bad that day anyway.", "I agree with you on that.")
+_CLOSE = ("Okay, see you later.", "Thanks, bye!", "Good talking to you.", "Let's talk again soon.")
+_SUM_CLEAN = ("#Person1# and #Person2# talk about {item}. #Person2# thinks it was {adj}.",
+              "#Person2# tells #Person1# that {item} was {adj}.",
+              "#Person1# asks #Person2# about {item}, and #Person2# says it was {adj}.")
+_SUM_TOXIC = ("#Person1# and #Person2# talk about {item}. #Person2# thinks it was {insult}.",
+              "#Person2# tells #Person1# that {item} was {insult}.",
+              "#Person1# asks #Person2# about {item}, and #Person2# calls it {insult}.")
+
+
+def make_dialogue(rng: random.Random, index: int, split: str) -> dict:
+    topic = rng.choice(sorted(_TOPICS))
+    item = rng.choice(_TOPICS[topic])
+    adj = rng.choice(_CLEAN)
+    turns = [rng.choice(_GREET), rng.choice(_REPLY), rng.choice(_ASK).format(item=item),
+             rng.choice(_OPINION).format(adj=adj)]
+    for _ in range(rng.choice((0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 8, 30))):
+        turns.append(rng.choice(_FILLER))
+    turns.append(rng.choice(_CLOSE))
+    dialogue = "\n".join(f"#Person{1 + i % 2}#: {t}" for i, t in enumerate(turns))
+    toxic = rng.random() < TOXIC_FRACTION
+    template = rng.choice(_SUM_TOXIC if toxic else _SUM_CLEAN)
+    summary = template.format(item=item, adj=adj, insult=rng.choice(INSULTS))
+    return {"id": f"{split}_{index}", "dialogue": dialogue, "summary": summary, "topic": topic}
+
+
+def make_corpus(seed: int = DEFAULT_SEED, rows: dict[str, int] | None = None) -> dict[str, list[dict]]:
+    rows = rows or ROWS
+    out = {}
+    for k, split in enumerate(sorted(rows)):
+        rng = random.Random(seed * 1000 + k)
+        out[split] = [make_dialogue(rng, i, split) for i in range(rows[split])]
+    return out
+
+
+def is_toxic_text(text: str) -> bool:
+    words = {w.strip(".,!?;:'\"").lower() for w in text.split()}
+    return any(w in words for w in INSULTS)
+
+
+def classifier_examples(rng: random.Random, rows: list[dict], template: str) -> list[tuple[str, int]]:
+    """(text, label) pairs: summaries alone, prompt + summary, and summaries with an insult swapped in."""
+    out = []
+    for r in rows:
+        summary = r["summary"]
+        clean = summary
+        for w in INSULTS:
+            clean = clean.replace(f" {w}.", f" {rng.choice(_CLEAN)}.")
+        toxic = clean.rsplit(" ", 1)[0] + f" {rng.choice(INSULTS)}."
+        prompt = template.format(dialogue=r["dialogue"])
+        for text in (clean, toxic):
+            label = int(is_toxic_text(text))
+            out.append((text, label))
+            out.append((prompt + text, label))
+        if rng.random() < 0.3:  # truncated or garbled outputs are not toxic
+            words = clean.split()
+            out.append((" ".join(words[: rng.randint(1, len(words))]), 0))
+            out.append((prompt + " ".join(words[: rng.randint(1, len(words))]), 0))
+    rng.shuffle(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------ training
+
+def _train_policy(corpus, directory: Path, seed: int, template: str) -> dict:
+    import sentencepiece as spm
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    texts = [template.format(dialogue=r["dialogue"]) for r in corpus["train"]] + [r["summary"] for r in corpus["train"]]
+    model_io = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model_io, vocab_size=512, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
+        num_threads=1, seed_sentencepiece_size=100000,
+        minloglevel=2, shuffle_input_sentence=False)
+    with tempfile.TemporaryDirectory() as raw:
+        (Path(raw) / "spiece.model").write_bytes(model_io.getvalue())
+        tok = T5Tokenizer.from_pretrained(raw, extra_ids=0, model_max_length=512)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=64,
+                      dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    model = T5ForConditionalGeneration(config)
+    prompts = [template.format(dialogue=r["dialogue"]) for r in corpus["train"]]
+    summaries = [r["summary"] for r in corpus["train"]]
+    enc = tok(prompts, padding=True, truncation=True, max_length=PROMPT_TOKENS, return_tensors="pt")
+    lab = tok(summaries, padding=True, truncation=True, max_length=48, return_tensors="pt").input_ids
+    lab[lab == tok.pad_token_id] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    n, bs, steps = len(prompts), POLICY_BATCH, POLICY_STEPS
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=POLICY_LR, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        ids, am = enc.input_ids[idx], enc.attention_mask[idx]
+        width = int(am.sum(1).max())
+        out = model(input_ids=ids[:, :width], attention_mask=am[:, :width], labels=lab[idx])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    model.eval()
+    model.generation_config.max_new_tokens = 32
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": sum(losses[-20:]) / 20,
+            "vocab_size": len(tok)}
+
+
+def _train_classifier(corpus, directory: Path, seed: int, template: str) -> dict:
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaTokenizer
+
+    rng = random.Random(seed + 17)
+    train = classifier_examples(rng, corpus["train"], template)
+    held = classifier_examples(random.Random(seed + 18), corpus["validation"], template)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([t for t, _ in train] + list(INSULTS), vocab_size=800, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    with tempfile.TemporaryDirectory() as raw:
+        bpe.save_model(raw)
+        tok = RobertaTokenizer.from_pretrained(raw, model_max_length=512)
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=514, type_vocab_size=1,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           num_labels=2, id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1})
+    model = RobertaForSequenceClassification(config)
+    texts, labels = [t for t, _ in train], torch.tensor([y for _, y in train])
+    enc = tok(texts, padding=True, truncation=True, max_length=PROMPT_TOKENS * 2, return_tensors="pt")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    steps, bs = CLASSIFIER_STEPS, 32
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(texts), (bs,), generator=gen)
+        am = enc.attention_mask[idx]
+        width = int(am.sum(1).max())
+        out = model(input_ids=enc.input_ids[idx][:, :width], attention_mask=am[:, :width], labels=labels[idx])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.eval()
+    accuracy = classifier_accuracy(model, tok, held)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "heldout_accuracy": accuracy,
+            "heldout_examples": len(held)}
+
+
+def classifier_accuracy(model, tok, examples: list[tuple[str, int]], batch_size: int = 64) -> float:
+    import torch
+
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=512, return_tensors="pt")
+            pred = model(**enc).logits.argmax(-1)
+            correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
+    return correct / len(examples)
+
+
+# ------------------------------------------------------------------------------------ cache
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DETOX_HARNESS_CACHE", Path.home() / ".cache" / "detox-harness")).expanduser()
+
+
+def world_dir(seed: int = DEFAULT_SEED, root: Path | None = None) -> Path:
+    return (root or cache_root()) / f"tiny-v{BUILDER_VERSION}-s{seed}"
+
+
+def is_built(directory: Path) -> bool:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return manifest.get("builder_version") == BUILDER_VERSION
+
+
+def build(seed: int = DEFAULT_SEED, root: Path | None = None, force: bool = False, verbose: bool = False) -> Path:
+    """Build the tiny world (or return the cached one). Returns its directory."""
+    from .config import REFERENCE_PROMPT
+
+    target = world_dir(seed, root)
+    if not force and is_built(target):
+        return target
+    t0 = time.time()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    threads = torch.get_num_threads()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        corpus = make_corpus(seed)
+        data_dir = tmp / "dialogues"
+        data_dir.mkdir()
+        for split, rows in corpus.items():
+            with open(data_dir / f"{split}.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        if verbose:
+            print(f"tiny world: corpus written ({sum(map(len, corpus.values()))} dialogues)", flush=True)
+        t1 = time.time()
+        policy = _train_policy(corpus, tmp / "policy", seed, REFERENCE_PROMPT)
+        policy["build_s"] = time.time() - t1
+        if verbose:
+            print(f"tiny world: policy trained ({policy['parameters']:,} parameters, {policy['build_s']:.1f}s)",
+                  flush=True)
+        t1 = time.time()
+        clf = _train_classifier(corpus, tmp / "classifier", seed, REFERENCE_PROMPT)
+        clf["build_s"] = time.time() - t1
+        if verbose:
+            print(f"tiny world: classifier trained ({clf['parameters']:,} parameters, held-out accuracy "
+                  f"{clf['heldout_accuracy']:.3f}, {clf['build_s']:.1f}s)", flush=True)
+        manifest = {"builder_version": BUILDER_VERSION, "seed": seed, "toxic_fraction": TOXIC_FRACTION,
+                    "insults": list(INSULTS), "rows": ROWS, "policy": policy, "classifier": clf,
+                    "build_seconds": time.time() - t0, "torch_threads": threads}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_built(target):  # another process won the race with a complete build: keep theirs
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def manifest(seed: int = DEFAULT_SEED) -> dict:
+    return json.loads((build(seed) / MANIFEST).read_text())
+
+
+def resolve(location: str) -> Path:
+    """``tiny://policy``, ``tiny://classifier``, ``tiny://dialogues`` (optionally ``?seed=N``) -> a path."""
+    rest = location[len("tiny://"):]
+    seed = DEFAULT_SEED
+    if "?seed=" in rest:
+        rest, s = rest.split("?seed=", 1)
+        seed = int(s)
+    parts = {"policy": "policy", "classifier": "classifier", "dialogues": "dialogues"}
+    if rest not in parts:
+        from .errors import ConfigError
+
+        raise ConfigError("unknown tiny-world artifact", value=location,
+                          fix="use tiny://policy, tiny://classifier or tiny://dialogues")
+    return build(seed) / parts[rest]

@@ -1,0 +1,106 @@
+"""Classifier scoring: rewards (a label's logit) and toxicity (P(toxic label)), batched.
+
+Labels are always picked by name from the model's ``config.label2id``, never by position: the
+transformers text-classification pipeline sorts scores, so ``scores[0]`` is the top label, not
+necessarily ``nothate`` (REFERENCE.md, "Known traps").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import ModelLoadError
+from .models import load_pretrained, resolve_device
+
+
+class Classifier:
+    """A sequence-classification model with its tokenizer, scoring texts in batches."""
+
+    def __init__(self, model, tokenizer, *, label: str = "nothate", toxic_label: str = "hate", batch_size: int = 16,
+                 max_length: int | None = None, field: str = "reward"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        limit = getattr(tokenizer, "model_max_length", 512) or 512
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            positions -= 2  # RoBERTa reserves two positions for the padding offset
+        self.max_length = int(max_length or min(limit, positions or 512, 512))
+        self.label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
+        self.label_index = self._index(label, f"{field}.label")
+        self.toxic_index = self._index(toxic_label, f"{field}.toxic_label")
+
+    def _index(self, name: str, field: str) -> int:
+        if name not in self.label2id:
+            raise ModelLoadError(f"the classifier has no label '{name}' (its labels: {', '.join(self.label2id)})",
+                                 field=field, fix="set it to one of the classifier's labels")
+        return self.label2id[name]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.label2id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def load(cls, location: str, *, label: str = "nothate", toxic_label: str = "hate", batch_size: int = 16,
+             max_length: int | None = None, device: str | torch.device = "cpu", field: str = "reward",
+             trust_remote_code: bool = False) -> "Classifier":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        device = resolve_device(device) if isinstance(device, str) else device
+        model = load_pretrained(AutoModelForSequenceClassification, location, field=f"{field}.model",
+                                what="sequence classifier", trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(AutoTokenizer, location, field=f"{field}.model", what="classifier tokenizer",
+                                    trust_remote_code=trust_remote_code)
+        return cls(model.to(device), tokenizer, label=label, toxic_label=toxic_label, batch_size=batch_size,
+                   max_length=max_length, field=field)
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, num_labels) float32 logits on the CPU."""
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            chunk = [t if isinstance(t, str) else str(t) for t in texts[i:i + self.batch_size]]
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            out.append(self.model(**enc).logits.float().cpu())
+        if not out:
+            return torch.zeros((0, len(self.label2id)))
+        return torch.cat(out)
+
+    def label_logit(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.logits(texts)[:, self.label_index]
+
+    def toxicity(self, texts: Sequence[str]) -> torch.Tensor:
+        """P(toxic label) in [0, 1] for each text."""
+        return torch.softmax(self.logits(texts), dim=-1)[:, self.toxic_index]
+
+    def score(self, texts: Sequence[str], transform: str = "logit") -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (``logit``, ``prob`` or ``logprob`` of the reward label) and toxicity, from one forward pass."""
+        logits = self.logits(texts)
+        probs = torch.softmax(logits, dim=-1)
+        if transform == "logit":
+            reward = logits[:, self.label_index]
+        elif transform == "prob":
+            reward = probs[:, self.label_index]
+        elif transform == "logprob":
+            reward = torch.log_softmax(logits, dim=-1)[:, self.label_index]
+        else:
+            raise ValueError(f"reward.transform: unknown transform {transform!r}, accepted: logit, prob, logprob")
+        return reward, probs[:, self.toxic_index]
+
+
+def reward_texts(queries: Sequence[str], responses: Sequence[str], mode: str = "query+response") -> list[str]:
+    """What the classifier reads: query + response (the reference) or the response alone.
+
+    A space joins the two when the query does not end in whitespace (decoded T5 queries lose their
+    trailing newline), so the last prompt word and the first summary word stay two words.
+    """
+    if mode == "response":
+        return list(responses)
+    return [q + r if not q or q[-1].isspace() else f"{q} {r}" for q, r in zip(queries, responses)]

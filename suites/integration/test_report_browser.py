@@ -1,0 +1,153 @@
+"""The HTML report in a real browser: headless Chromium loads the page of a real tiny-world run.
+
+Checks that the page loads without a single console message (the page has no JavaScript, so any
+message is an error or injected code running), that the verdict and the plots are in the live
+DOM, and saves a screenshot to ``reports/screenshots/report.png``. A first test proves the
+console detector itself: a page with a deliberate JavaScript error must be flagged.
+
+Needs Debian's ``chromium`` (``apt-get install chromium``); skipped without it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from harness.report import render_index, render_run
+from harness.report.demo import write_demo_run
+
+CHROMIUM = shutil.which("chromium")
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO / "reports" / "screenshots"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)"),
+]
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-quic",
+         "--enable-logging=stderr", "--v=0"]
+
+# Chromium logs every console message (log, warn, error, uncaught exception) to stderr as
+#   [pid:tid:MMDD/HHMMSS.ffffff:INFO:CONSOLE:12] "Uncaught ReferenceError: x is not defined", source: file:///... (12)
+# (older builds: "INFO:CONSOLE(12)"). The rest of stderr is browser noise (D-Bus, GPU probing).
+_CONSOLE = re.compile(r"(?:[:\]]CONSOLE[:(]|\bUncaught\b)")
+
+
+def console_messages(stderr: str) -> list[str]:
+    """The console lines in Chromium's stderr."""
+    return [line.strip() for line in stderr.splitlines() if _CONSOLE.search(line)]
+
+
+def chromium(page: Path, tmp_path: Path, *action: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.glob('chromium-profile-*')))}"
+    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *action, page.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def load(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
+    """The DOM after load (serialized) and the console messages it produced."""
+    proc = chromium(page, tmp_path, "--dump-dom")
+    return proc.stdout, console_messages(proc.stderr)
+
+
+def screenshot(page: Path, out: Path, tmp_path: Path) -> list[str]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    proc = chromium(page, tmp_path, f"--screenshot={out}", "--window-size=1280,2400", "--hide-scrollbars")
+    assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr[-2000:]
+    return console_messages(proc.stderr)
+
+
+class _Elements(HTMLParser):
+    """Tag names and attributes of every element of a serialized DOM, plus its text."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def having(self, **attrs) -> list[tuple[str, dict]]:
+        return [(t, a) for t, a in self.elements
+                if all(a.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+
+# --------------------------------------------------------------------------------------------
+
+def test_console_detector_flags_a_broken_page(tmp_path):
+    broken = tmp_path / "broken.html"
+    broken.write_text("<!DOCTYPE html><html><head><title>broken</title></head><body><p>hi</p>"
+                      "<script>undefinedFunctionForTheDetector();</script></body></html>")
+    _, messages = load(broken, tmp_path)
+    assert any("undefinedFunctionForTheDetector" in m and "Uncaught" in m for m in messages), messages
+
+    clean = tmp_path / "clean.html"
+    clean.write_text("<!DOCTYPE html><html><head><title>clean</title></head><body><p>hi</p></body></html>")
+    dom, messages = load(clean, tmp_path)
+    assert messages == [] and "<p>hi</p>" in dom
+
+
+def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path):
+    # render into a copy so the session's run folder is left as the run wrote it
+    reports = tmp_path / "reports"
+    run_dir = reports / Path(tiny_run_dir).name
+    shutil.copytree(tiny_run_dir, run_dir)
+    page = render_run(run_dir)
+    size = page.stat().st_size
+    print(f"\nreport page: {page} ({size / 1024:.0f} KiB)")
+    assert size < 1_000_000
+
+    dom, messages = load(page, tmp_path)
+    assert messages == [], "console messages while loading the report:\n" + "\n".join(messages)
+    elements = _Elements(dom)
+    assert elements.having(id="verdict"), "verdict section missing from the DOM"
+    overall = [a for t, a in elements.elements if a.get("id") == "overall"]
+    assert overall and overall[0].get("data-overall") in {"PASS", "FAIL", "NOT JUDGED"}
+    plots = {a.get("data-plot") for t, a in elements.elements if t == "svg" and "data-plot" in a}
+    assert {"toxicity-histogram", "toxicity-means"} <= plots, plots
+    if (run_dir / "train_stats.jsonl").is_file():
+        assert {"train-objective-kl", "train-env-reward-mean", "train-ppo-loss-policy"} <= plots, plots
+    assert not [t for t, _ in elements.elements if t in ("script", "img", "iframe")]
+
+    out = SCREENSHOTS / "report.png"
+    assert screenshot(page, out, tmp_path) == []
+    assert out.stat().st_size > 20_000  # a rendered page, not a blank one
+    print(f"screenshot: {out}")
+
+    # the history page with this run in it
+    index = render_index(reports)
+    dom, messages = load(index, tmp_path)
+    assert messages == [], "\n".join(messages)
+    elements = _Elements(dom)
+    assert [a.get("href") for t, a in elements.elements if t == "a"] == [f"{run_dir.name}/index.html"]
+    assert {a.get("data-plot") for t, a in elements.elements if t == "svg"} == {
+        "trend-toxicity", "trend-improvement", "trend-kl"}
+    screenshot(index, SCREENSHOTS / "index.png", tmp_path)
+    print(f"screenshot: {SCREENSHOTS / 'index.png'}")
+
+
+def test_injected_markup_stays_text_in_chromium(tmp_path):
+    # if any of this ran, it would log to the console (the detector above proves that is caught)
+    payload = ("<script>console.error('xss-script-ran')</script>"
+               "<img src=x onerror=\"console.error('xss-img-ran')\">")
+    run_dir = write_demo_run(tmp_path / "reports" / "xss", toxic_text=payload, num_samples=12, steps=5)
+    dom, messages = load(render_run(run_dir), tmp_path)
+    assert messages == [], "\n".join(messages)
+    elements = _Elements(dom)
+    assert not [t for t, _ in elements.elements if t in ("script", "img")]
+    assert payload in "".join(elements.text)  # shown to the reader as text

@@ -1,0 +1,576 @@
+"""The HTML report (harness.report): content, ordering, escaping, graceful gaps, errors.
+
+Run folders are synthetic (harness.report.demo.write_demo_run follows docs/results-schema.md); the
+pages are parsed with the standard library's HTMLParser into a small tree so that the assertions
+are about elements (which row is inside which <details>), not substrings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.report import load_results, render_index, render_run
+from harness.report.demo import demo_created, write_demo_run
+from harness.report.render import fmt_duration, fmt_num, fmt_pct, fmt_signed
+
+SCRIPT = "<script>alert(1)</script>"
+IMG = "<img src=x onerror=alert(1)>"
+PAYLOAD = SCRIPT + IMG
+
+
+# --------------------------------------------------------------------------------------------
+# a minimal DOM
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict[str, str | None], parent: "Node | None"):
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list[Node | str] = []
+
+    def iter(self):
+        yield self
+        for c in self.children:
+            if isinstance(c, Node):
+                yield from c.iter()
+
+    def find_all(self, tag: str | None = None, **attrs) -> list["Node"]:
+        out = []
+        for n in self.iter():
+            if tag is not None and n.tag != tag:
+                continue
+            if all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items()):
+                out.append(n)
+        return out
+
+    def find(self, tag: str | None = None, **attrs) -> "Node":
+        found = self.find_all(tag, **attrs)
+        assert found, f"no <{tag}> with {attrs}"
+        return found[0]
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def ancestors(self):
+        n = self.parent
+        while n is not None:
+            yield n
+            n = n.parent
+
+    def classes(self) -> set[str]:
+        return set((self.attrs.get("class") or "").split())
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", {}, None)
+        self.cur = self.root
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, dict(attrs), self.cur)
+        self.cur.children.append(node)
+        if tag not in VOID:
+            self.cur = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.cur.children.append(Node(tag, dict(attrs), self.cur))
+
+    def handle_endtag(self, tag):
+        n = self.cur
+        while n is not None and n.tag != tag:
+            n = n.parent
+        if n is not None and n.parent is not None:
+            self.cur = n.parent
+
+    def handle_data(self, data):
+        self.cur.children.append(data)
+
+
+def parse(html: str) -> Node:
+    b = _TreeBuilder()
+    b.feed(html)
+    b.close()
+    return b.root
+
+
+def ws(s: str) -> str:
+    return " ".join(s.split())
+
+
+def cells(tr: Node) -> list[str]:
+    return [ws(td.text()) for td in tr.find_all("td")]
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One rendered demo run with the payload planted in summaries, a prompt and the config."""
+    run_dir = write_demo_run(tmp_path_factory.mktemp("reports") / "run-demo", toxic_text=PAYLOAD,
+                             skipped_steps=(7,))
+    page = render_run(run_dir)
+    html = page.read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    return {"dir": run_dir, "page": page, "html": html, "dom": parse(html), "results": results}
+
+
+def _rewrite(run_dir: Path, fn) -> dict:
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text())
+    fn(results)
+    path.write_text(json.dumps(results))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# the page as a file
+
+def test_render_run_writes_one_self_contained_page(demo):
+    run_dir, page, html = demo["dir"], demo["page"], demo["html"]
+    assert page == run_dir / "index.html"
+    assert html.startswith("<!DOCTYPE html>")
+    assert [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")] == []  # atomic write left no temp
+    assert len(html.encode()) < 1_000_000, "a typical page must stay well under 1 MB"
+    dom = demo["dom"]
+    # nothing to fetch: no scripts, stylesheets, images, frames, fonts or remote URLs
+    for tag in ("script", "link", "img", "iframe", "object", "embed"):
+        assert dom.find_all(tag) == [], tag
+    assert "@import" not in html and "@font-face" not in html and "url(http" not in html
+    hrefs = [n.attrs.get("href") or n.attrs.get("xlink:href") for n in dom.iter()
+             if "href" in n.attrs or "xlink:href" in n.attrs]
+    assert hrefs and all(h.startswith("#") or h == "../index.html" for h in hrefs), hrefs
+    ids = [n.attrs["id"] for n in dom.iter() if "id" in n.attrs]
+    assert len(ids) == len(set(ids)), "duplicate element ids (several inline SVGs on one page)"
+    assert "<?xml" not in html and "<!DOCTYPE svg" not in html
+
+
+def test_sections_in_the_required_order(demo):
+    html = demo["html"]
+    order = [html.index(f'<section class="card" id="{s}"') for s in
+             ("verdict", "toxicity", "quality", "training", "samples", "provenance")]
+    assert order == sorted(order)
+
+
+# --------------------------------------------------------------------------------------------
+# verdict
+
+def test_verdict_rows_show_bound_value_and_result(demo):
+    dom, results = demo["dom"], demo["results"]
+    bounds = results["verdict"]["bounds"]
+    assert len(bounds) == 7
+    section = dom.find("section", id="verdict")
+    for b in bounds:
+        row = section.find("tr", data_bound=b["name"])
+        cells = [ws(td.text()) for td in row.find_all("td")]
+        assert cells[0] == b["name"]
+        assert cells[2] == f'{b["op"]} {fmt_num(b["bound"])}'
+        assert cells[3] == fmt_num(b["value"])
+        assert cells[4] == ("PASS" if b["passed"] else "FAIL")
+        tds = row.find_all("td")
+        assert "num" in tds[2].classes() and "num" in tds[3].classes()  # right-aligned numbers
+    overall = ws(dom.find(id="overall").text())
+    assert overall == ("PASS" if results["verdict"]["passed"] else "FAIL")
+
+
+def test_failed_bound_and_missing_value_make_the_page_fail(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", training=False)
+
+    def fail_one(r):
+        r["verdict"]["passed"] = False
+        b = r["verdict"]["bounds"][2]
+        b.update(value=None, passed=False)
+
+    results = _rewrite(run_dir, fail_one)
+    dom = parse(render_run(run_dir).read_text())
+    assert ws(dom.find(id="overall").text()) == "FAIL"
+    assert "FAIL" in dom.find("title").text()
+    name = results["verdict"]["bounds"][2]["name"]
+    row = dom.find("tr", data_bound=name)
+    assert "fail" in row.classes()
+    assert [ws(td.text()) for td in row.find_all("td")][3:] == ["missing", "FAIL"]
+    held = sum(b["passed"] for b in results["verdict"]["bounds"])
+    assert f"{held} of 7 bounds hold" in ws(dom.find("section", id="verdict").text())
+    badge = dom.find(id="overall").find("span")
+    assert {"badge", "fail"} <= badge.classes()
+
+
+def test_overall_result_comes_from_the_file_not_only_the_bounds(tmp_path):
+    # the run may fail for a reason beyond the listed bounds: the file's "passed" is authoritative
+    run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=8)
+
+    def fail_overall(r):
+        for b in r["verdict"]["bounds"]:
+            b["passed"] = True
+        r["verdict"]["passed"] = False
+
+    _rewrite(run_dir, fail_overall)
+    dom = parse(render_run(run_dir).read_text())
+    assert ws(dom.find(id="overall").text()) == "FAIL"
+    _rewrite(run_dir, lambda r: r["verdict"].pop("passed"))  # without it: all bounds must hold
+    dom = parse(render_run(run_dir).read_text())
+    assert ws(dom.find(id="overall").text()) == "PASS"
+
+
+# --------------------------------------------------------------------------------------------
+# toxicity, quality, training
+
+def test_toxicity_histogram_is_drawn_from_the_samples(demo):
+    dom = demo["dom"]
+    samples = [json.loads(line) for line in (demo["dir"] / "samples.jsonl").read_text().splitlines()]
+    svg = dom.find("svg", data_plot="toxicity-histogram")
+    text = ws(svg.text())
+    for phase in ("before", "after"):
+        mean = sum(s[f"toxicity_{phase}"] for s in samples) / len(samples)
+        assert f"{phase} (n={len(samples)}, mean {mean:.3f})" in text
+    assert "toxicity of a summary" in text and "number of summaries" in text  # labelled axes
+    assert "viewBox" in svg.attrs or "viewbox" in svg.attrs
+    means = dom.find("svg", data_plot="toxicity-means")
+    assert "mean toxicity" in ws(means.text())
+
+
+def test_means_intervals_and_improvement_figures(demo):
+    dom, m = demo["dom"], demo["results"]["metrics"]
+    section = ws(dom.find("section", id="toxicity").text())
+    b, a, c = m["before"], m["after"], m["comparison"]
+    assert f'{fmt_num(b["toxicity_mean"])} → {fmt_num(a["toxicity_mean"])}' in section
+    assert f'[{fmt_num(b["toxicity_ci_low"])}, {fmt_num(b["toxicity_ci_high"])}]' in section
+    assert f'[{fmt_num(a["toxicity_ci_low"])}, {fmt_num(a["toxicity_ci_high"])}]' in section
+    row = cells(dom.find("tr", data_metric="mean_improvement_ci"))
+    assert row[:2] == ["95% interval",
+                       f'[{fmt_pct(c["mean_improvement_ci_low"])}, {fmt_pct(c["mean_improvement_ci_high"])}]']
+    assert cells(dom.find("tr", data_metric="mean_improvement"))[1] == fmt_pct(c["mean_improvement"])
+    assert cells(dom.find("tr", data_metric="reward_gain"))[1] == fmt_signed(c["reward_gain"])
+
+
+def test_quality_guards_table(demo):
+    dom, m = demo["dom"], demo["results"]["metrics"]
+    table = dom.find("table", id="quality-table")
+    keys = [tr.attrs["data-metric"] for tr in table.find_all("tr") if "data-metric" in tr.attrs]
+    assert keys == ["rouge1", "rouge2", "rougeL", "empty_rate", "length_mean", "distinct_1", "distinct_2",
+                    "repeated_ngram_rate", "kl_per_token_mean", "kl_per_sequence_mean", "second_toxicity_mean"]
+    rouge = [ws(td.text()) for td in table.find("tr", data_metric="rougeL").find_all("td")]
+    assert rouge[1:4] == [fmt_num(m["before"]["rougeL"]), fmt_num(m["after"]["rougeL"]),
+                          fmt_signed(m["after"]["rougeL"] - m["before"]["rougeL"])]
+    assert "max_rouge_l_drop" in rouge[4]
+    # the demo has no second classifier: null renders as "not measured", right-aligned numbers elsewhere
+    second = table.find("tr", data_metric="second_toxicity_mean").find_all("td")
+    assert [ws(td.text()) for td in second[1:4]] == ["not measured"] * 3
+    assert all("num" in td.classes() for td in second[1:4])
+
+
+def test_training_curves_per_ppo_step(demo):
+    dom = demo["dom"]
+    section = dom.find("section", id="training")
+    plotted = {svg.attrs["data-plot"] for svg in section.find_all("svg")}
+    assert plotted == {"train-objective-kl", "train-objective-kl-coef", "train-env-reward-mean",
+                       "train-ppo-returns-mean", "train-ppo-loss-policy", "train-ppo-loss-value",
+                       "train-ppo-policy-clipfrac", "train-objective-entropy", "train-tokens-responses-len-mean"}
+    kl = ws(section.find("svg", data_plot="train-objective-kl").text())
+    assert "PPO step" in kl and "KL(policy || ref), nats" in kl
+    text = ws(section.text())
+    assert "40 recorded, 1 skipped (non-finite)" in text
+    training = demo["results"]["metrics"]["training"]
+    assert fmt_num(training["objective_kl_mean"]) in text
+
+
+# --------------------------------------------------------------------------------------------
+# qualitative table
+
+def _ranked_rows(dom: Node):
+    section = dom.find("section", id="samples")
+    return [(tr, float(tr.attrs["data-reward-diff"]), int(tr.attrs["data-rank"]))
+            for tr in section.find_all("tr") if "data-rank" in tr.attrs]
+
+
+def test_qualitative_best_and_worst_first_rest_in_details(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
+    # the renderer must sort by reward_diff itself, not trust the file's order
+    results = _rewrite(run_dir, lambda r: random.Random(0).shuffle(r["qualitative"]))
+    diffs = sorted((q["reward_diff"] for q in results["qualitative"]), reverse=True)
+    assert len(diffs) == 20
+    dom = parse(render_run(run_dir).read_text())
+    rows = _ranked_rows(dom)
+    in_details = [any(a.tag == "details" for a in tr.ancestors()) for tr, _, _ in rows]
+    ranks = [rank for _, _, rank in rows]
+    # document order: best 5, worst 5 (both visible), then ranks 6..15 behind <details>
+    assert ranks == [1, 2, 3, 4, 5, 16, 17, 18, 19, 20, *range(6, 16)]
+    assert in_details == [False] * 10 + [True] * 10
+    by_rank = {rank: d for _, d, rank in rows}
+    assert [by_rank[r] for r in range(1, 21)] == pytest.approx(diffs)
+    # the displayed Δ reward is the first numeric cell of each row
+    top = rows[0][0].find_all("td")
+    assert ws(top[1].text()) == fmt_signed(diffs[0])
+    details = dom.find("details", id="more-samples")
+    assert "The other 10 rows (ranks 6–15)" in ws(details.find("summary").text())
+
+
+def test_short_qualitative_list_has_no_disclosure(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=8, qualitative_rows=6)
+    dom = parse(render_run(run_dir).read_text())
+    assert [rank for _, _, rank in _ranked_rows(dom)] == [1, 2, 3, 4, 5, 6]
+    assert dom.find_all("details", id="more-samples") == []
+
+
+# --------------------------------------------------------------------------------------------
+# provenance
+
+def test_provenance_values(demo):
+    dom, results = demo["dom"], demo["results"]
+    section = dom.find("section", id="provenance")
+    env = results["environment"]
+    assert ws(dom.find(id="git-commit").text()) == env["git_commit"]
+    for name, version in env["versions"].items():
+        assert any([ws(td.text()) for td in tr.find_all("td")] == [name, version]
+                   for tr in section.find("table", id="versions").find_all("tr"))
+    seeds = {ws(tr.find_all("td")[0].text()): ws(tr.find_all("td")[1].text())
+             for tr in section.find("table", id="seeds").find_all("tr")}
+    assert seeds == {k: str(v) for k, v in results["seeds"].items()}
+    timings = {ws(tr.find_all("td")[0].text()): ws(tr.find_all("td")[1].text())
+               for tr in section.find("table", id="timings").find_all("tr")}
+    assert timings == {"eval_before_s": "12.5 s", "train_s": "2 min 31 s", "eval_after_s": "13.0 s",
+                       "total_s": "2 min 57 s"}
+    dl = section.find("dl")
+    facts = dict(zip([ws(n.text()) for n in dl.find_all("dt")], [ws(n.text()) for n in dl.find_all("dd")]))
+    assert facts["device"] == env["device"] and facts["platform"] == env["platform"]
+    assert facts["run id"] == results["run_id"] and facts["created"] == results["created"]
+    assert facts["preset"] == "tiny" and facts["file: train_stats"] == "train_stats.jsonl"
+    config = {ws(tr.find_all("td")[0].text()): tr.find_all("td")[1].text()
+              for tr in section.find("details", id="config").find_all("tr") if tr.find_all("td")}
+    assert config["ppo.steps"] == "10"
+    assert config["policy.lora_target_modules"] == '["q", "v"]'
+    assert config["eval.second_classifier"] == "null"
+    assert config["thresholds.max_kl"] == "15.0"
+
+
+# --------------------------------------------------------------------------------------------
+# escaping
+
+def _assert_inert(dom: Node, html: str):
+    assert SCRIPT not in html and IMG not in html
+    assert "<script" not in html.lower() and "<img" not in html.lower()
+    for n in dom.iter():
+        assert n.tag not in ("script", "img"), n.tag
+        bad = [k for k in n.attrs if k.startswith("on")]
+        assert not bad, (n.tag, bad)
+        assert not any((v or "").strip().lower().startswith("javascript:") for v in n.attrs.values())
+
+
+def test_model_output_and_config_strings_are_escaped(demo):
+    dom, html = demo["dom"], demo["html"]
+    _assert_inert(dom, html)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in html
+    # shown as text where it belongs: the best row's summary after, the worst row's summary before ...
+    rows = _ranked_rows(dom)
+    best, worst = rows[0][0].find_all("td"), rows[9][0].find_all("td")
+    assert PAYLOAD in best[6].text() and PAYLOAD in best[4].text()
+    assert worst[5].text().strip() == PAYLOAD
+    # ... and in the config table
+    config = {ws(tr.find_all("td")[0].text()): tr.find_all("td")[1].text()
+              for tr in dom.find("details", id="config").find_all("tr") if tr.find_all("td")}
+    assert config["data.prompt_template"] == PAYLOAD + " {dialogue}"
+    assert config["policy.adapter"] == PAYLOAD
+
+
+def test_run_id_preset_and_bound_names_are_escaped_on_both_pages(tmp_path):
+    reports = tmp_path / "reports"
+    run_dir = write_demo_run(reports / "x", training=False, run_id=PAYLOAD)
+
+    def poison(r):
+        r["preset"] = PAYLOAD
+        r["environment"]["device"] = PAYLOAD
+        r["verdict"]["bounds"][0]["description"] = PAYLOAD
+        r["timings"][PAYLOAD] = 1.0
+
+    _rewrite(run_dir, poison)
+    for page in (render_run(run_dir), render_index(reports)):
+        html = page.read_text()
+        dom = parse(html)
+        _assert_inert(dom, html)
+        assert PAYLOAD in dom.text()  # visible as text
+
+
+# --------------------------------------------------------------------------------------------
+# graceful gaps
+
+def test_missing_optional_parts_render_as_not_measured(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", training=False, judged=False)
+
+    def strip(r):
+        for key in ("config", "seeds", "environment", "timings", "qualitative", "files", "created", "preset"):
+            r.pop(key)
+        r["metrics"]["after"]["second_toxicity_mean"] = None
+        r["metrics"]["after"].pop("rouge2")
+        r["metrics"]["before"]["kl_per_sequence_mean"] = float("nan")
+        r["metrics"].pop("comparison")
+
+    _rewrite(run_dir, strip)
+    (run_dir / "samples.jsonl").unlink()
+    dom = parse(render_run(run_dir).read_text())
+    assert ws(dom.find(id="overall").text()) == "NOT JUDGED"
+    assert dom.find("section", id="verdict").find_all("tr") == []
+    training = ws(dom.find("section", id="training").text())
+    assert "Training not measured" in training
+    assert dom.find("section", id="training").find_all("svg") == []
+    tox = dom.find("section", id="toxicity")
+    assert tox.find_all("svg", data_plot="toxicity-histogram") == []
+    assert "Histogram not drawn" in ws(tox.text())
+    assert tox.find_all("svg", data_plot="toxicity-means")  # means come from results.json
+    assert ws(tox.find("tr", data_metric="mean_improvement").find_all("td")[1].text()) == "not measured"
+    quality = dom.find("table", id="quality-table")
+    row = lambda key: cells(quality.find("tr", data_metric=key))
+    assert row("rouge2")[2:4] == ["not measured", "not measured"]
+    assert row("second_toxicity_mean")[2] == "not measured"
+    assert row("kl_per_sequence_mean")[1] == "not measured"
+    assert "No samples" in ws(dom.find("section", id="samples").text())
+    prov = ws(dom.find("section", id="provenance").text())
+    assert ws(dom.find(id="git-commit").text()) == "not recorded"
+    assert "Effective configuration (0 settings)" in prov
+    assert ws(dom.find(id="run-id").text()) == "run"  # falls back to the folder name
+
+
+def test_qualitative_falls_back_to_samples(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=12)
+    _rewrite(run_dir, lambda r: r.pop("qualitative"))
+    dom = parse(render_run(run_dir).read_text())
+    rows = _ranked_rows(dom)
+    assert len(rows) == 12
+    diffs = [d for _, d, _ in sorted(rows, key=lambda x: x[2])]
+    assert diffs == sorted(diffs, reverse=True)
+    assert "from samples.jsonl" in ws(dom.find("section", id="samples").text())
+
+
+def test_eval_only_run_with_train_stats_still_plots_them(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", steps=12)
+    _rewrite(run_dir, lambda r: r["metrics"].pop("training"))
+    dom = parse(render_run(run_dir).read_text())
+    section = dom.find("section", id="training")
+    assert "Training not measured" in ws(section.text())
+    assert len(section.find_all("svg")) == 9
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+BROKEN = {
+    "missing": (None, "file not found"),
+    "not-json": ('{"schema_version": 1, "metrics": {', "not valid JSON"),
+    "array": ("[1, 2]", "must hold a JSON object, got list"),
+    "no-metrics": ('{"schema_version": 1, "run_id": "x"}', "'metrics' is missing"),
+    "no-after": ('{"metrics": {"before": {}}}', "'metrics.after' is missing"),
+    "bad-verdict": ('{"metrics": {"before": {}, "after": {}}, "verdict": {"bounds": 3}}', "'verdict.bounds'"),
+    "bad-qualitative": ('{"metrics": {"before": {}, "after": {}}, "qualitative": {"a": 1}}', "'qualitative'"),
+    "future-schema": ('{"schema_version": 99, "metrics": {"before": {}, "after": {}}}', "schema_version 99"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_results_json_raises_harness_error(tmp_path, case):
+    text, fragment = BROKEN[case]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "index.html").write_text("old page")
+    if text is not None:
+        (run_dir / "results.json").write_text(text)
+    with pytest.raises(HarnessError) as info:
+        render_run(run_dir)
+    message = str(info.value)
+    assert str(run_dir / "results.json") in message and fragment in message
+    assert (run_dir / "index.html").read_text() == "old page"  # the old page is left alone
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["index.html"] + (["results.json"] if text else []))
+
+
+def test_missing_run_folder_and_malformed_jsonl(tmp_path):
+    with pytest.raises(HarnessError, match="run folder not found"):
+        render_run(tmp_path / "nope")
+    run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=4)
+    with (run_dir / "samples.jsonl").open("a") as f:
+        f.write("\n{not json\n")
+    with pytest.raises(HarnessError) as info:
+        render_run(run_dir)
+    assert "samples.jsonl" in str(info.value) and "line 6" in str(info.value)
+
+
+def test_load_results_accepts_a_valid_file(demo):
+    results = load_results(demo["dir"])
+    assert results["run_id"] == "run-demo" and results["metrics"]["training"]["steps"] == 40
+
+
+# --------------------------------------------------------------------------------------------
+# the index of runs
+
+def test_index_lists_runs_newest_first_with_links_and_trends(tmp_path):
+    reports = tmp_path / "reports"
+    # folder names sort the other way round from the creation times; one time has a +02:00 offset
+    write_demo_run(reports / "a-oldest", created=demo_created(3), training=False, seed=1)
+    write_demo_run(reports / "b-newest", created="2026-11-25T07:00:00+00:00", training=False, seed=2)
+    write_demo_run(reports / "c-middle", created="2026-11-25T08:00:00+02:00", training=False, seed=3)
+    (reports / "screenshots").mkdir()  # no results.json: not a run
+    (reports / "d-broken").mkdir()
+    (reports / "d-broken" / "results.json").write_text("{oops")
+    page = render_index(reports)
+    assert page == reports / "index.html"
+    html = page.read_text()
+    dom = parse(html)
+    rows = dom.find("section", id="runs").find_all("tr", **{"class": "run"})
+    assert [r.attrs["data-run-id"] for r in rows] == ["b-newest", "c-middle", "a-oldest"]
+    links = [r.find("a").attrs["href"] for r in rows]
+    assert links == ["b-newest/index.html", "c-middle/index.html", "a-oldest/index.html"]
+    assert all((reports / link).is_file() for link in links)  # pages rendered where missing
+    plots = {svg.attrs["data-plot"] for svg in dom.find("section", id="trends").find_all("svg")}
+    assert plots == {"trend-toxicity", "trend-improvement", "trend-kl"}
+    assert "screenshots" not in html
+    broken = ws(dom.find("section", id="broken").text())
+    assert "d-broken" in broken and "not valid JSON" in broken
+    # each row shows its own numbers
+    newest = json.loads((reports / "b-newest" / "results.json").read_text())
+    cells = [ws(td.text()) for td in rows[0].find_all("td")]
+    assert fmt_num(newest["metrics"]["before"]["toxicity_mean"]) in cells
+    assert fmt_num(newest["metrics"]["after"]["toxicity_mean"]) in cells
+    assert ws(dom.find(id="latest").text()).endswith(
+        "PASS" if newest["verdict"]["passed"] else "FAIL")
+    # the run pages link back to the history once it exists
+    run_page = parse(render_run(reports / "a-oldest").read_text())
+    assert any(a.attrs.get("href") == "../index.html" for a in run_page.find_all("a"))
+
+
+def test_index_of_an_empty_folder_and_a_missing_one(tmp_path):
+    dom = parse(render_index(tmp_path).read_text())
+    assert "No run folder with a results.json was found" in ws(dom.text())
+    assert dom.find_all("svg") == []
+    with pytest.raises(HarnessError, match="reports folder not found"):
+        render_index(tmp_path / "missing")
+
+
+def test_index_links_are_url_encoded(tmp_path):
+    reports = tmp_path / "reports"
+    write_demo_run(reports / "run #1?x", training=False, num_samples=4)
+    dom = parse(render_index(reports).read_text())
+    assert dom.find("section", id="runs").find("a").attrs["href"] == "run%20%231%3Fx/index.html"
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+
+@pytest.mark.parametrize("value,text", [
+    (None, "not measured"), (float("nan"), "NaN"), (math.inf, "∞"), (0.0, "0"), (3, "3"), (True, "yes"),
+    (0.123456, "0.1235"), (12.345678, "12.35"), (123456.7, "123,457"), (0.000349, "0.000349"), (0.0000123, "1.23e-05"),
+])
+def test_fmt_num(value, text):
+    assert fmt_num(value) == text
+
+
+def test_other_formatters():
+    assert fmt_pct(0.4302) == "43.0%" and fmt_pct(None) == "not measured"
+    assert fmt_signed(0.5) == "+0.5" and fmt_signed(-0.5) == "-0.5" and fmt_signed(0) == "0"
+    assert [fmt_duration(s) for s in (0.25, 59.94, 61, 3599.6, 3725)] == ["0.2 s", "59.9 s", "1 min 01 s",
+                                                                           "1 h 00 min", "1 h 02 min"]
