@@ -191,8 +191,11 @@ def ppo_step(policy, optimizer, kl_ctl, queries: Sequence[torch.Tensor], respons
             if not grads_finite:
                 skipped_reason = "non-finite gradient"
                 break
-            if config.max_grad_norm is not None:
+            if config.max_grad_norm is not None and not (config.trl_compat and getattr(optimizer, "_trl_clipped", False)):
                 torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
+                # TRL 0.11.4 clips with a one-shot filter() iterator: only the first mini-batch of the
+                # trainer's life is ever clipped (ppo_trainer.py:227, 1105). trl_compat copies that.
+                optimizer._trl_clipped = True
             if any(p.grad is not None for p in policy.trainable_parameters()):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)

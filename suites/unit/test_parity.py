@@ -30,12 +30,9 @@ FX = REPO / "fixtures" / "parity"
 GOLDEN = FX / "golden"
 CASES = ["kl_adaptive", "full_fixed", "abs_fixed", "mse_adaptive",  # kl penalties x KL controllers
          "ratio_skip_fixed", "early_stop_fixed", "whiten_fixed", "gradclip_fixed"]  # the other trl_compat paths
-# Cases where TRL 0.11.4 does something the harness does not copy (yet): expected to fail, not strictly.
-KNOWN_DIFFERENCES = {
-    "gradclip_fixed": "TRL 0.11.4 clips gradients only on the first mini-batch of the trainer's life: "
-                      "self.model_params = filter(...) (ppo_trainer.py:227) is a one-shot iterator that "
-                      "clip_grad_norm_ (ppo_trainer.py:1105) exhausts; the harness clips every mini-batch",
-}
+# Every TRL 0.11.4 quirk the harness does not copy by default has a trl_compat switch (docs/ppo.md), so no
+# case is expected to fail. (gradclip_fixed: TRL clips only the first mini-batch of the trainer's life.)
+KNOWN_DIFFERENCES: dict[str, str] = {}
 N_STEPS = 2  # make_golden.py runs PPOTrainer.step twice per case on the same batch
 
 # A harness number passes when it is within TOL of TRL's either absolutely OR relatively, whichever is
