@@ -37,6 +37,7 @@ PROMPT_TOKENS = 128  # the tiny policy reads at most this many prompt tokens (th
 POLICY_STEPS, POLICY_BATCH, POLICY_LR = 300, 24, 4e-3
 CLASSIFIER_STEPS = 160
 MANIFEST = "manifest.json"
+CLASSIFIER_MIN_ACCURACY = 0.95  # the tiny classifier must tell toxic from clean text this well (issue 2)
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +131,28 @@ def classifier_examples(rng: random.Random, rows: list[dict], template: str) -> 
 
 # ------------------------------------------------------------------------------------ training
 
-def _train_policy(corpus, directory: Path, seed: int, template: str) -> dict:
+def train_t5_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A T5 tokenizer from a SentencePiece unigram model trained on ``texts`` (pad 0, eos 1, unk 2)."""
     import sentencepiece as spm
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+    from transformers import T5Tokenizer
 
-    texts = [template.format(dialogue=r["dialogue"]) for r in corpus["train"]] + [r["summary"] for r in corpus["train"]]
     model_io = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model_io, vocab_size=512, model_type="unigram",
+        sentence_iterator=iter(texts), model_writer=model_io, vocab_size=vocab_size, model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
-        num_threads=1, seed_sentencepiece_size=100000,
-        minloglevel=2, shuffle_input_sentence=False)
+        num_threads=1, seed_sentencepiece_size=100000, minloglevel=2, shuffle_input_sentence=False)
     with tempfile.TemporaryDirectory() as raw:
         (Path(raw) / "spiece.model").write_bytes(model_io.getvalue())
-        tok = T5Tokenizer.from_pretrained(raw, extra_ids=0, model_max_length=512)
+        # from_pretrained converts the SentencePiece model (this needs protobuf)
+        return T5Tokenizer.from_pretrained(raw, extra_ids=0, model_max_length=512)
+
+
+def _train_policy(corpus, directory: Path, seed: int, template: str) -> dict:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    texts = [template.format(dialogue=r["dialogue"]) for r in corpus["train"]] + [r["summary"] for r in corpus["train"]]
+    tok = train_t5_tokenizer(texts)
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
                       num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=64,

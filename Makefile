@@ -1,0 +1,46 @@
+# The README's two commands: `make demo` (install + the main job on the tiny world) and `make test`
+# (install + the test suites). Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first, pinned, so that pip never resolves a multi-GB CUDA build on a CPU machine.
+# On a GPU runner: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+ifneq ($(wildcard ../shared/data/dialogsum),)
+export DIALOGSUM_DIR ?= $(abspath ../shared/data/dialogsum)
+endif
+
+.PHONY: install demo test unit integration gpu bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/detox-harness run --preset tiny
+
+test: install
+	$(BIN)/python -m pytest suites/unit suites/integration suites/gpu $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest suites/unit $(PYTEST_ARGS)
+
+integration: install
+	$(BIN)/python -m pytest suites/integration $(PYTEST_ARGS)
+
+gpu: install
+	$(BIN)/python -m pytest suites/gpu --run-gpu $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/bench_rollout.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,52 @@
+"""Root pytest configuration: the ``--run-gpu`` option, ``--report-dir``, and hermetic defaults.
+
+Follows pytest's documented pattern for opt-in tests ("Control skipping of tests according to command
+line option"): tests marked ``gpu`` are skipped unless ``--run-gpu`` is given; with ``--run-gpu`` on a
+machine without CUDA they *fail* with a clear message, so a nightly GPU job can never pass by silently
+skipping everything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+GPU_SKIP_REASON = "needs --run-gpu (and a CUDA device)"
+NO_CUDA_MESSAGE = ("--run-gpu was given but no CUDA device is available (torch.cuda.is_available() is False): "
+                   "run the GPU suite on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --run-gpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-gpu", action="store_true", default=False,
+                     help="run tests marked gpu (real models on CUDA); fails if no CUDA device is available")
+    parser.addoption("--report-dir", action="store", default=None,
+                     help="where suites that run the harness write their run folders and HTML reports "
+                          "(default: reports/ at the repository root)")
+
+
+def pytest_configure(config):
+    if not config.getoption("--run-gpu"):
+        # Unit and integration suites never touch the network: a hub lookup fails at once.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-gpu"):
+        return
+    skip_gpu = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def pytest_runtest_setup(item):
+    if "gpu" in item.keywords and item.config.getoption("--run-gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.fail(NO_CUDA_MESSAGE, pytrace=False)

@@ -1,0 +1,164 @@
+"""``detox-harness``: run | eval | report | build-tiny | presets.
+
+Exit codes: 0 when every bound holds, 1 when one fails, 2 for usage or input errors (a one-line
+message naming the field and the fix, no traceback), 130 when interrupted (a checkpoint is saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import HarnessError
+
+EPILOG = """examples:
+  detox-harness run --preset tiny                      # the whole job on the offline tiny world
+  detox-harness run --preset flan-t5-base ppo.steps=20 policy.model=/models/flan-t5-base
+  detox-harness run --preset tiny --output reports/my-run --resume
+  detox-harness eval --preset tiny --target reports/<run>/checkpoints/step-000030
+  detox-harness report reports/<run>
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (default), flan-t5-base, flan-t5-small, flan-t5-large")
+    p.add_argument("--config", help="a YAML file of settings applied on top of the preset")
+    p.add_argument("--seed", type=int, help="run seed (overrides the config's seed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="do not render the HTML report")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="settings, e.g. ppo.batch_size=32 policy.model=/path thresholds.max_kl=10")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detox-harness", description="Make a seq2seq summarizer less toxic "
+                                     "with PPO, and prove it.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="evaluate before, train with PPO, evaluate after, verdict, report")
+    _add_config_args(run)
+    run.add_argument("--output", help="run directory (default: <output.dir>/<time>-<preset>-s<seed>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+
+    ev = sub.add_parser("eval", help="evaluate a base model, an adapter directory or a checkpoint")
+    _add_config_args(ev)
+    ev.add_argument("--target", help="adapter or checkpoint directory (default: the base model itself)")
+    ev.add_argument("--output", help="run directory for results.json / samples.jsonl")
+
+    rep = sub.add_parser("report", help="re-render the HTML report of a run directory")
+    rep.add_argument("run_dir", help="a run directory holding results.json")
+
+    tiny = sub.add_parser("build-tiny", help="build (or show) the offline tiny world")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    sub.add_parser("presets", help="list the presets and their bounds")
+    return parser
+
+
+def _load(args):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if getattr(args, "no_report", False):
+        overrides.append("output.report=false")
+    return load_config(args.preset, args.config, overrides)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run, summary_table
+    from .thresholds import format_table
+
+    cfg = _load(args)
+    outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress)
+    if outcome.interrupted:
+        return outcome.exit_code
+    print()
+    print(summary_table(outcome.results))
+    print()
+    print(format_table(outcome.bounds))
+    failed = [b.name for b in outcome.bounds if not b.passed]
+    if failed:
+        print(f"failed bounds: {', '.join(failed)}")
+    print(f"\nresults: {outcome.run_dir / 'results.json'}")
+    print(f"samples: {outcome.run_dir / 'samples.jsonl'}")
+    if outcome.report:
+        print(f"report:  {outcome.report}")
+    return outcome.exit_code
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import cli_eval
+    from .pipeline import default_run_id
+
+    cfg = _load(args)
+    out = Path(args.output) if args.output else Path(cfg.output.dir) / f"{default_run_id(cfg)}-eval"
+    run_dir = cli_eval(cfg, args.target, out, progress=not args.no_progress)
+    if cfg.output.report:
+        from .report import render_index, render_run
+
+        print(f"report:  {render_run(run_dir)}")
+        render_index(run_dir.parent)
+    print(f"results: {run_dir / 'results.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import render_index, render_run
+
+    run_dir = Path(args.run_dir)
+    page = render_run(run_dir)
+    index = render_index(run_dir.parent)
+    print(f"report: {page}\nindex:  {index}")
+    return 0
+
+
+def cmd_build_tiny(args) -> int:
+    import json
+
+    from . import tiny
+
+    path = tiny.build(seed=args.seed, force=args.force, verbose=True)
+    manifest = json.loads((path / tiny.MANIFEST).read_text())
+    print(f"tiny world: {path} (built in {manifest['build_seconds']:.1f}s, classifier held-out accuracy "
+          f"{manifest['classifier']['heldout_accuracy']:.3f})")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import load_config, preset_names
+
+    for name in preset_names():
+        cfg = load_config(name)
+        bounds = ", ".join(f"{k}={v:g}" for k, v in cfg.thresholds.items()) or "none"
+        print(f"{name}: policy {cfg.policy.model}, reward {cfg.reward.model}, data {cfg.data.path}\n  bounds: {bounds}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "build-tiny": cmd_build_tiny,
+            "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except HarnessError as e:
+        print(f"detox-harness: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("detox-harness: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

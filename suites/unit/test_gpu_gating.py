@@ -1,0 +1,45 @@
+"""The --run-gpu option: skipped without it, a clear failure with it on a machine without CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_TEST = """
+import pytest
+
+@pytest.mark.gpu
+def test_on_gpu():
+    assert True
+
+def test_plain():
+    assert True
+"""
+
+
+# The project's root conftest, plus a line that hides any CUDA device (so the test means the same on a
+# GPU machine). Runs in a subprocess: torch cannot be re-imported inside one interpreter.
+HIDE_CUDA = "\nimport torch\ntorch.cuda.is_available = lambda: False\n"
+
+
+@pytest.fixture
+def gated(pytester):
+    pytester.makeconftest((ROOT / "conftest.py").read_text() + HIDE_CUDA)
+    pytester.makeini("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
+    pytester.makepyfile(test_gpu=GPU_TEST)
+    return pytester
+
+
+def test_gpu_tests_are_skipped_without_the_option(gated):
+    result = gated.runpytest_subprocess("-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*SKIPPED*needs --run-gpu*"])
+
+
+def test_gpu_tests_fail_clearly_with_the_option_and_no_cuda(gated):
+    result = gated.runpytest_subprocess("--run-gpu")
+    result.assert_outcomes(passed=1, errors=1)  # pytest.fail in setup: reported as an error, run fails
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*--run-gpu was given but no CUDA device is available*"])
