@@ -25,6 +25,19 @@ def pytest_addoption(parser):
     parser.addoption("--report-dir", action="store", default=None,
                      help="where suites that run the harness write their run folders and HTML reports "
                           "(default: reports/ at the repository root)")
+    group = parser.getgroup("detox-harness GPU suite")
+    group.addoption("--gpu-presets", default="flan-t5-base",
+                    help="comma-separated presets the GPU suite runs (e.g. tiny,flan-t5-base)")
+    group.addoption("--gpu-seeds", default="0", help="comma-separated seeds the GPU suite runs")
+    group.addoption("--policy-model", default=os.environ.get("DETOX_POLICY_MODEL"),
+                    help="local directory (or hub id) replacing the preset's policy model [$DETOX_POLICY_MODEL]")
+    group.addoption("--policy-adapter", default=os.environ.get("DETOX_POLICY_ADAPTER"),
+                    help="LoRA adapter directory to start from [$DETOX_POLICY_ADAPTER]")
+    group.addoption("--reward-model", default=os.environ.get("DETOX_REWARD_MODEL"),
+                    help="local directory (or hub id) replacing the preset's reward classifier [$DETOX_REWARD_MODEL]")
+    group.addoption("--data-path", default=os.environ.get("DETOX_DATA_PATH"),
+                    help="local DialogSum file/directory (or hub id) replacing the preset's data [$DETOX_DATA_PATH]")
+    group.addoption("--gpu-overrides", default="", help="extra space-separated key=value overrides for GPU runs")
 
 
 def pytest_configure(config):

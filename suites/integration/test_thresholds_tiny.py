@@ -1,0 +1,56 @@
+"""The threshold suite on the tiny preset, CPU, parameterized by seed.
+
+Every bound of harness/thresholds.toml's [tiny] table is asserted through the same ``verdict`` function
+the CLI uses; each (seed) training runs once per session (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from harness.thresholds import load_bounds, verdict
+from tiny_cli import run_cli
+
+SEEDS = [0, 1]
+BOUNDS = load_bounds("tiny")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("bound", sorted(BOUNDS))
+def test_bound_holds(tiny_run, seed, bound):
+    run = tiny_run(seed)
+    assert (run.run_dir / "results.json").exists(), f"run failed (exit {run.exit_code}): {run.stderr[-2000:]}"
+    result = {b.name: b for b in verdict(run.results, BOUNDS)}[bound]
+    assert result.passed, f"seed {seed}: {bound} measured {result.value} but must be {result.op} {result.bound}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cli_exit_code_and_printed_verdict_match_the_bounds(tiny_run, seed):
+    run = tiny_run(seed)
+    results = run.results
+    bounds = verdict(results, BOUNDS)
+    assert results["verdict"]["bounds"] == [b.to_dict() for b in bounds]
+    assert run.exit_code == (0 if all(b.passed for b in bounds) else 1)
+    assert "verdict:" in run.stdout
+    for b in bounds:
+        assert b.name in run.stdout
+    for name in ("results.json", "samples.jsonl", "train_stats.jsonl", "config.yaml", "index.html"):
+        assert (run.run_dir / name).is_file(), name
+
+
+def test_an_impossible_bound_fails_the_run_and_is_named(report_dir):
+    code, out, err = run_cli(["run", "--preset", "tiny", "--output", str(report_dir / f"pytest-impossible-bound-{time.time_ns()}"),
+                              "--no-progress", "--no-report", "ppo.steps=2", "eval.num_samples=16",
+                              "thresholds.max_kl=-1"])
+    assert code == 1, err
+    assert "failed bounds: max_kl" in out
+
+
+def test_bad_input_exits_2_with_one_line(report_dir):
+    code, out, err = run_cli(["run", "--preset", "tiny", "ppo.batchsize=3"])
+    assert code == 2
+    assert err.count("\n") == 1 and "ppo.batch_size" in err and "Traceback" not in err

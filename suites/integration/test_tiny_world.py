@@ -1,0 +1,106 @@
+"""The tiny world: built offline, deterministic, cached, and fit for purpose (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from harness import tiny
+from harness.config import REFERENCE_PROMPT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def world():
+    return tiny.build()
+
+
+def test_corpus_is_deterministic_and_in_dialogsum_format():
+    a, b = tiny.make_corpus(seed=0), tiny.make_corpus(seed=0)
+    assert a == b
+    assert tiny.make_corpus(seed=1)["train"][:5] != a["train"][:5]
+    assert {k: len(v) for k, v in a.items()} == tiny.ROWS
+    for row in a["train"][:50]:
+        assert set(row) == {"id", "dialogue", "summary", "topic"}
+        lines = row["dialogue"].split("\n")
+        assert all(line.startswith(f"#Person{1 + i % 2}#: ") for i, line in enumerate(lines))
+
+
+def test_known_fraction_of_reference_summaries_is_toxic():
+    rows = tiny.make_corpus(seed=0)["train"]
+    toxic = sum(tiny.is_toxic_text(r["summary"]) for r in rows)
+    p, n = tiny.TOXIC_FRACTION, len(rows)
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(toxic / n - p) < 4 * sigma  # binomial: 4 standard errors
+    # dialogues themselves are clean: toxicity lives in the summaries only
+    assert not any(tiny.is_toxic_text(r["dialogue"]) for r in rows)
+
+
+def test_length_filter_has_work_to_do():
+    rows = tiny.make_corpus(seed=0)["train"]
+    inside = sum(200 < len(r["dialogue"]) < 1000 for r in rows)
+    assert 0 < len(rows) - inside and inside > 0.8 * len(rows)
+
+
+def test_artifacts_load_through_from_pretrained(world):
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    policy = AutoModelForSeq2SeqLM.from_pretrained(world / "policy")
+    clf = AutoModelForSequenceClassification.from_pretrained(world / "classifier")
+    assert policy.config.model_type == "t5" and sum(p.numel() for p in policy.parameters()) < 5_000_000
+    assert clf.config.model_type == "roberta" and clf.config.id2label == {0: "nothate", 1: "hate"}
+    assert AutoTokenizer.from_pretrained(world / "policy").eos_token_id == policy.config.eos_token_id
+    assert AutoTokenizer.from_pretrained(world / "classifier").pad_token_id == clf.config.pad_token_id
+
+
+def test_classifier_tells_toxic_from_clean_on_held_out_sentences(world):
+    """Recomputed here on sentences the classifier never saw (the test split), not read from the manifest."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(world / "classifier").eval()
+    tok = AutoTokenizer.from_pretrained(world / "classifier")
+    rows = tiny.make_corpus(seed=0)["test"]
+    held = tiny.classifier_examples(random.Random(123), rows, REFERENCE_PROMPT)
+    assert {y for _, y in held} == {0, 1}
+    acc = tiny.classifier_accuracy(model, tok, held)
+    assert acc >= tiny.CLASSIFIER_MIN_ACCURACY, f"held-out accuracy {acc:.3f}"
+
+
+def test_policy_writes_summaries_part_of_them_toxic(world):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from harness.ppo.rollout import generate
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(world / "policy").eval()
+    tok = AutoTokenizer.from_pretrained(world / "policy")
+    rows = tiny.make_corpus(seed=0)["test"][:64]
+    ids = tok([REFERENCE_PROMPT.format(dialogue=r["dialogue"]) for r in rows], truncation=True,
+              max_length=tiny.PROMPT_TOKENS).input_ids
+    out = generate(model, tok, ids, max_new_tokens=48, seeds=range(len(ids)))
+    assert sum(t.startswith("#Person") for t in out.texts) > 0.8 * len(rows)  # summary-like
+    toxic = sum(tiny.is_toxic_text(t) for t in out.texts) / len(rows)
+    assert 0.05 < toxic < 0.8, toxic  # part of it toxic: something for PPO to remove
+    del torch
+
+
+def test_cache_is_reused_and_rebuilt_when_the_builder_changes(world, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cache hit must not train anything")
+
+    monkeypatch.setattr(tiny, "_train_policy", no_training)
+    monkeypatch.setattr(tiny, "_train_classifier", no_training)
+    assert tiny.build() == world
+    manifest = json.loads((world / tiny.MANIFEST).read_text())
+    assert manifest["builder_version"] == tiny.BUILDER_VERSION
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / tiny.MANIFEST).write_text(json.dumps({**manifest, "builder_version": "0"}))
+    assert not tiny.is_built(stale)
+    assert tiny.is_built(world)
+    monkeypatch.setenv("DETOX_HARNESS_CACHE", str(tmp_path / "elsewhere"))
+    assert tiny.world_dir(0) == tmp_path / "elsewhere" / f"tiny-v{tiny.BUILDER_VERSION}-s0"
