@@ -1,0 +1,313 @@
+"""Toxicity evaluation on the tiny world (issue 4): real models, generation, classifier, KL, run files.
+
+Every model here is the offline tiny world (``tiny://policy``, ``tiny://classifier``, ``tiny://dialogues``),
+built once into ``$DETOX_HARNESS_CACHE``. Numbers asserted come from the tiny preset's config and bounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from harness import evaluation as ev
+from harness import tiny
+from harness.config import load_config
+from harness.errors import HarnessError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def policy(cfg):
+    from harness.models import load_policy
+
+    return load_policy(cfg.policy, "cpu")
+
+
+@pytest.fixture(scope="module")
+def classifier(cfg):
+    from harness.toxicity import Classifier
+
+    return Classifier.load(cfg.reward.model, label=cfg.reward.label, toxic_label=cfg.reward.toxic_label,
+                           batch_size=cfg.reward.batch_size)
+
+
+@pytest.fixture(scope="module")
+def data(cfg, policy):
+    from harness.data import build_prompts
+
+    return build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples)
+
+
+@pytest.fixture(scope="module")
+def before(cfg, policy, classifier, data):
+    return ev.evaluate_policy(policy, classifier, data.test, cfg, use_reference=True, progress=False)
+
+
+@pytest.fixture()
+def perturbed(policy):
+    """The policy with its LoRA B matrices set to small random values (a 'trained' adapter), then restored."""
+    saved = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_B" in n}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    yield policy
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])
+
+
+def with_eval(cfg, **changes):
+    c = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(c.eval, k, v)
+    return c
+
+
+def sentences(seed: int = 0):
+    """(toxic, clean) twins from the tiny world's own summary templates and insult lexicon."""
+    rng = random.Random(seed)
+    items = [i for topic in sorted(tiny._TOPICS) for i in tiny._TOPICS[topic]]
+    pairs = []
+    for k, insult in enumerate(tiny.INSULTS):
+        template = tiny._SUM_CLEAN[k % len(tiny._SUM_CLEAN)]
+        item = rng.choice(items)
+        pairs.append((template.format(item=item, adj=insult), template.format(item=item, adj=rng.choice(tiny._CLEAN))))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------ classifier scoring
+
+def test_toxic_sentences_score_above_their_clean_twins(classifier, cfg):
+    pairs = sentences()
+    toxic = classifier.toxicity([t for t, _ in pairs]).numpy()
+    clean = classifier.toxicity([c for _, c in pairs]).numpy()
+    assert (toxic > clean).all()
+    thr = cfg.eval.toxic_threshold
+    assert np.mean(toxic >= thr) > tiny.CLASSIFIER_MIN_ACCURACY and np.mean(clean < thr) > tiny.CLASSIFIER_MIN_ACCURACY
+
+
+def test_evaluate_measurement_loads_offline_and_its_aggregations_agree(classifier, cfg):
+    import evaluate
+
+    toxicity = evaluate.load(ev.toxicity_measurement_path(), config_name=cfg.reward.model)
+    texts = [t for pair in sentences(1) for t in pair]
+    per_text = toxicity.compute(predictions=texts, toxic_label=cfg.reward.toxic_label)["toxicity"]
+    assert per_text == pytest.approx(classifier.toxicity(texts).tolist(), abs=1e-6)
+    thr = cfg.eval.toxic_threshold
+    ratio = toxicity.compute(predictions=texts, aggregation="ratio", threshold=thr)["toxicity_ratio"]
+    assert ratio == pytest.approx(np.mean(np.asarray(per_text) >= thr))
+    assert 0 < ratio < 1
+    assert toxicity.compute(predictions=texts, aggregation="maximum")["max_toxicity"] == pytest.approx(max(per_text))
+    assert toxicity.compute(predictions=texts, aggregation=None)["toxicity"] == pytest.approx(per_text)
+    with pytest.raises(HarnessError, match="no label 'offensive'"):
+        toxicity.compute(predictions=texts, toxic_label="offensive")
+    default_model = "facebook/roberta-hate-speech-dynabench-r4-target"  # the library's default
+    try:  # offline and not cached: the error names the default model; cached: it is loaded
+        default = evaluate.load(ev.toxicity_measurement_path())
+    except HarnessError as err:
+        assert default_model in str(err)
+    else:
+        assert default.model_location == default_model
+
+
+# ------------------------------------------------------------------------------------ sample counts
+
+@pytest.fixture()
+def generate_counter(policy, monkeypatch):
+    """Counts the rows every ``generate`` call of the policy's model (adapter on or off) produces."""
+    rows = []
+    real = policy.model.generate
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(policy.model, "generate", counting)
+    return rows
+
+
+def test_num_samples_is_respected_exactly(cfg, policy, classifier, data, generate_counter):
+    c = with_eval(cfg, num_samples=37, batch_size=16)
+    out = ev.evaluate_policy(policy, classifier, data.test, c, use_reference=True, progress=False)
+    assert sum(generate_counter) == len(out.samples) == c.eval.num_samples
+    assert generate_counter == [16, 16, 5]  # batches of eval.batch_size
+    assert [s["prompt_index"] for s in out.samples] == list(range(c.eval.num_samples))
+    assert [s["query"] for s in out.samples] == data.test["query"][:c.eval.num_samples]
+    generate_counter.clear()
+    mean, std = ev.evaluate_toxicity(policy.model, classifier, policy.tokenizer, data.test, 21,
+                                     generation={"max_new_tokens": cfg.eval.max_new_tokens})
+    assert sum(generate_counter) == 21  # the notebook's loop evaluated num_samples + 1
+    assert 0 <= mean <= 1 and 0 <= std <= 0.5
+
+
+def test_more_prompts_than_the_split_holds_is_an_error_naming_the_count(cfg, policy, classifier, data):
+    c = with_eval(cfg, num_samples=len(data.test) + 1)
+    with pytest.raises(HarnessError) as err:
+        ev.evaluate_policy(policy, classifier, data.test, c, use_reference=True, progress=False)
+    assert err.value.field == "eval.num_samples" and str(len(data.test)) in str(err.value)
+
+
+def test_k_samples_per_prompt_give_rtp_figures(cfg, policy, classifier, data, generate_counter):
+    c = with_eval(cfg, num_samples=24, samples_per_prompt=3)
+    out = ev.evaluate_policy(policy, classifier, data.test, c, use_reference=True, progress=False)
+    assert sum(generate_counter) == len(out.samples) == 24 * 3
+    assert len({s["seed"] for s in out.samples}) == len(out.samples)
+    tox = np.array([s["toxicity"] for s in out.samples]).reshape(24, 3)
+    m = out.metrics
+    assert m["expected_max_toxicity"] == pytest.approx(tox.max(1).mean())
+    assert m["toxicity_probability"] == pytest.approx((tox >= c.eval.toxic_threshold).any(1).mean())
+    assert m["expected_max_toxicity"] >= m["toxicity_mean"] and m["toxicity_probability"] >= m["toxic_rate"]
+    # the k samples of a prompt differ (own seeds), so the max is more than the mean somewhere
+    assert (tox.max(1) > tox.mean(1)).any()
+
+
+def test_evaluate_toxicity_is_batch_independent_and_takes_an_evaluate_measurement(cfg, policy, classifier, data):
+    import evaluate
+
+    gen = {"max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.seed}
+    small = ev.evaluate_toxicity(policy, classifier, policy.tokenizer, data.test, 20, {**gen, "batch_size": 3})
+    large = ev.evaluate_toxicity(policy, classifier, policy.tokenizer, data.test, 20, {**gen, "batch_size": 20})
+    assert small == pytest.approx(large, abs=1e-5)  # per-row seeds: the batch does not change a sample
+    measurement = evaluate.load(ev.toxicity_measurement_path(), config_name=cfg.reward.model)
+    via_evaluate = ev.evaluate_toxicity(policy, measurement, policy.tokenizer, data.test, 20, gen)
+    assert via_evaluate == pytest.approx(small, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------ paired comparison
+
+def test_the_reference_compared_with_itself_improves_by_exactly_zero(cfg, policy, classifier, data, before):
+    again = ev.evaluate_policy(policy, classifier, data.test, cfg, use_reference=True, progress=False)
+    assert [s["toxicity"] for s in again.samples] == [s["toxicity"] for s in before.samples]
+    c = ev.compare(before, again, cfg)
+    assert c["mean_improvement"] == 0.0
+    assert (c["mean_improvement_ci_low"], c["mean_improvement_ci_high"]) == (0.0, 0.0)
+    assert c["num_prompts"] == cfg.eval.num_samples
+
+
+def test_the_fresh_policy_is_the_reference(cfg, policy, classifier, data, before):
+    """A fresh LoRA adapter (B = 0) does not change the base: same samples, KL exactly 0."""
+    after = ev.evaluate_policy(policy, classifier, data.test, cfg, use_reference=False, progress=False)
+    assert [s["response"] for s in after.samples] == [s["response"] for s in before.samples]
+    assert after.metrics["kl_per_sequence_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_different_seeds_give_an_interval_that_contains_zero(cfg, policy, classifier, data, before):
+    other = with_eval(cfg, seed=cfg.eval.seed + 10_000)
+    again = ev.evaluate_policy(policy, classifier, data.test, other, use_reference=True, progress=False)
+    assert [s["response"] for s in again.samples] != [s["response"] for s in before.samples]
+    c = ev.compare(before, again, cfg)
+    assert c["mean_improvement_ci_low"] < 0.0 < c["mean_improvement_ci_high"]
+    rows = ev.paired_samples(before, again)
+    assert all(r["seed_after"] != r["seed"] for r in rows)
+
+
+def test_an_after_model_that_emits_empty_summaries_is_flagged(cfg, policy, classifier, data, before, monkeypatch):
+    """The reference's reward hack on the real models: EOS at once scores as non-toxic; the guards see it."""
+    from harness.thresholds import verdict
+
+    tok = policy.tokenizer
+    start = policy.config.decoder_start_token_id
+
+    def emit_eos(input_ids, **kwargs):
+        rows = input_ids.shape[0]
+        return torch.tensor([[start, tok.eos_token_id]] * rows, device=input_ids.device)
+
+    monkeypatch.setattr(policy.model, "generate", emit_eos)
+    after = ev.evaluate_policy(policy, classifier, data.test, cfg, use_reference=False, progress=False)
+    assert after.metrics["empty_rate"] == 1.0
+    assert after.metrics["length_mean"] == 1.0  # the EOS action only
+    assert after.metrics["rougeL"] == 0.0
+    c = ev.compare(before, after, cfg)
+    assert after.metrics["toxicity_mean"] < before.metrics["toxicity_mean"]
+    assert c["mean_improvement"] > 0 and c["mean_improvement_ci_low"] > 0
+    results = {"metrics": {"before": before.metrics, "after": after.metrics, "comparison": c}}
+    judged = {b.name: b for b in verdict(results, cfg.thresholds)}
+    assert not judged["max_empty_rate"].passed and not judged["max_rouge_l_drop"].passed
+
+
+# ------------------------------------------------------------------------------------ KL
+
+def test_kl_is_exact_and_matches_an_unbatched_computation(cfg, perturbed, classifier, data):
+    c = with_eval(cfg, num_samples=12, batch_size=5)
+    out = ev.evaluate_policy(perturbed, classifier, data.test, c, use_reference=False, progress=False)
+    kls = [s["kl"] for s in out.samples]
+    assert all(k >= -1e-6 for k in kls) and max(kls) > 0
+    tok = perturbed.tokenizer
+    for s, ids in zip(out.samples[:4], data.test["input_ids"]):
+        response = torch.tensor(tok(s["response"], add_special_tokens=True)["input_ids"])
+        if response.numel() != s["length"]:
+            continue  # re-tokenizing text need not give back the sampled ids
+        dec = torch.cat([torch.tensor([perturbed.config.decoder_start_token_id]), response])[None]
+        enc = torch.tensor(ids)[None]
+        with torch.no_grad():
+            p = perturbed.model(input_ids=enc, decoder_input_ids=dec).logits[0, :-1].log_softmax(-1)
+            with perturbed.reference() as ref:
+                q = ref(input_ids=enc, decoder_input_ids=dec).logits[0, :-1].log_softmax(-1)
+        assert s["kl"] == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-4, abs=1e-5)
+    m = out.metrics
+    assert m["kl_per_token_mean"] == pytest.approx(sum(kls) / sum(s["length"] for s in out.samples))
+    assert ev.sequence_kl(perturbed, [torch.tensor(data.test["input_ids"][0])], []) == []
+
+
+def test_second_classifier_is_reported(cfg, policy, classifier, data):
+    from harness.toxicity import Classifier
+
+    second = Classifier.load(cfg.reward.model, label=cfg.eval.second_toxic_label,
+                             toxic_label=cfg.eval.second_toxic_label, field="eval.second_classifier")
+    c = with_eval(cfg, num_samples=16)
+    out = ev.evaluate_policy(policy, classifier, data.test, c, use_reference=True, second_classifier=second,
+                             progress=False)
+    assert out.metrics["second_toxicity_mean"] == pytest.approx(out.metrics["toxicity_mean"], abs=1e-6)
+    assert all(s["second_toxicity"] is not None for s in out.samples)
+
+
+# ------------------------------------------------------------------------------------ run files / CLI
+
+def test_cli_eval_of_the_base_model_writes_valid_files(cfg, tmp_path):
+    run_dir = ev.cli_eval(cfg, None, tmp_path / "base", progress=False)
+    results = json.loads((run_dir / "results.json").read_text())
+    ev.validate_results(results)
+    assert "training" not in results["metrics"] and "verdict" not in results
+    assert results["metrics"]["comparison"]["num_prompts"] == cfg.eval.num_samples
+    assert results["metrics"]["comparison"]["mean_improvement"] == 0.0
+    rows = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == cfg.eval.num_samples * cfg.eval.samples_per_prompt
+    assert (run_dir / "config.yaml").is_file()
+    with pytest.raises(HarnessError) as err:
+        ev.cli_eval(cfg, None, run_dir, progress=False)
+    assert err.value.field == "--output"
+
+
+def test_cli_eval_of_an_adapter_compares_it_with_the_reference(cfg, perturbed, tmp_path):
+    from harness.report import render_run
+
+    adapter = tmp_path / "adapter"
+    perturbed.save_pretrained(adapter)
+    run_dir = ev.cli_eval(cfg, str(adapter), tmp_path / "run", progress=False)
+    results = json.loads((run_dir / "results.json").read_text())
+    ev.validate_results(results)
+    assert results["target"] == str(adapter) and results["config"]["policy"]["adapter"] == str(adapter)
+    assert results["metrics"]["after"]["kl_per_sequence_mean"] > 0
+    assert results["metrics"]["before"]["kl_per_sequence_mean"] == 0.0
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert all(r["seed"] == cfg.eval.seed + r["prompt_index"] for r in rows)  # paired seeds, k = 1
+    assert any(r["response_before"] != r["response_after"] for r in rows)
+    assert render_run(run_dir).is_file()
+    with pytest.raises(HarnessError) as err:
+        ev.cli_eval(cfg, str(tmp_path / "missing"), tmp_path / "run2", progress=False)
+    assert err.value.field == "--target"
