@@ -139,16 +139,24 @@ def compute_rewards(scores: torch.Tensor, kls: torch.Tensor, mask: torch.Tensor,
 
 
 def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
-                whiten_rewards: bool = False):
+                whiten_rewards: bool = False, mask_whitened: bool = True):
     """Generalized advantage estimation, TRL-style (values and rewards zeroed outside the mask).
 
     Returns ``(values, advantages, returns)``: values masked, advantages whitened over the mask,
     returns = raw advantages + values.
+
+    With ``whiten_rewards`` the rewards are whitened over the mask and, unless ``mask_whitened`` is
+    False, zeroed again on the padding: whitening without re-centring moves a padded 0 to
+    ``-mean/std + mean``, which the reverse loop would carry into the real tokens' advantages, so a
+    response's returns would depend on how much padding the other rows force on it. TRL 0.11.4 has
+    that leak; ``mask_whitened=False`` (``ppo.trl_compat``) reproduces it.
     """
     values = values * mask
     rewards = rewards * mask
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
+        if mask_whitened:
+            rewards = rewards * mask
     gen_len = rewards.shape[-1]
     lastgaelam = torch.zeros_like(rewards[:, 0])
     advantages_reversed = []

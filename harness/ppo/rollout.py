@@ -86,14 +86,20 @@ class Rollout:
 
 
 def cut_after_eos(ids: torch.Tensor, eos_token_id: int, pad_token_id: int, limit: int | None = None) -> torch.Tensor:
-    """Drop the decoder start token's slot already removed; cut after the first EOS; drop trailing pads."""
+    """A row of generated ids (decoder start token already removed) as the actions taken.
+
+    Cut after the first EOS. Without an EOS, a row cut at its own ``limit`` is kept whole: every id in
+    it was sampled, a pad id included (T5's pad is a token the policy can sample with top_k=0). Only
+    when no limit is known are trailing pads taken for batch padding and dropped.
+    """
     ids = ids.reshape(-1)
     if limit is not None:
         ids = ids[:limit]
     hits = (ids == eos_token_id).nonzero()
     if hits.numel():
         return ids[: int(hits[0, 0]) + 1]
-    # no EOS: trailing pads come from batching (a row that stopped at its own limit)
+    if limit is not None:
+        return ids
     keep = ids.numel()
     while keep > 0 and int(ids[keep - 1]) == pad_token_id:
         keep -= 1

@@ -1,0 +1,426 @@
+"""``ppo_step`` and ``rollout.generate`` on a tiny T5 built in this file (no downloads, CPU, seconds).
+
+What is asserted here (``test_parity.py`` already proves the step's numbers against TRL's):
+
+* a step moves only the LoRA and value-head weights: every base weight stays bit-identical, and the
+  reference log-probs (adapter disabled) do not move;
+* the harness's action mask counts every generated token, ``trl_compat`` masks the first one (TRL 0.11.4);
+* a non-finite score, or a non-finite loss in a later mini-batch, skips the whole step and restores every
+  trainable weight and the optimizer state bit for bit;
+* same seed, same statistics and weights;
+* ``generate``: per-row ``max_new_tokens``, no decoder start token, cut after the first EOS, a row's
+  sample depends on its prompt and seed only, right padding of the encoder, eval mode while sampling;
+* ``count_parameters`` on the flan-t5-base architecture with the reference's LoRA gives REFERENCE.md's
+  figures.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import PolicyConfig, PPOConfig, load_config
+from harness.models import (PolicyWithValueHead, ValueHead, count_parameters, frozen_state_fingerprint, load_policy,
+                            trainable_state_dict)
+from harness.ppo import core
+from harness.ppo.rollout import SeededSampler, cut_after_eos, generate
+from harness.ppo.step import make_optimizer, pad_right, ppo_step, prepare_inputs, response_mask
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER_DIR = REPO / "fixtures" / "parity" / "model"  # a 96-token T5 tokenizer (pad 0, eos 1)
+
+# REFERENCE.md, "Pipeline" step 2: flan-t5-base + LoRA (r=32, alpha 32, q and v, dropout 0.05) as peft reports it.
+REFERENCE_TRAINABLE = 3_538_944
+REFERENCE_TOTAL = 251_116_800
+REFERENCE_PERCENT = 1.41  # "(1.41%)": two decimals
+REFERENCE_VALUE_HEAD = 769  # 768 -> 1
+# flan-t5-base's published config.json (the architecture only; the weights are never needed to count)
+FLAN_T5_BASE = dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
+                    vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128)
+
+BATCH = 8  # rows per PPO batch in these tests: two mini-batches of PPOConfig's default 4
+MAX_RESPONSE = 12  # longest response the step tests generate
+LONG_LIMIT = 40  # generate tests: long enough that the random 96-token model samples EOS in some rows
+ROWS = 16
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A 1-layer T5 (d_model 16) saved with save_pretrained next to the fixture tokenizer."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
+                      num_decoder_layers=1, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    d = tmp_path_factory.mktemp("tiny_t5")
+    T5ForConditionalGeneration(config).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def make_policy(model_dir: Path, seed: int = 0, **overrides) -> PolicyWithValueHead:
+    """The harness's loader with a fresh LoRA (its A initialised from ``seed``)."""
+    torch.manual_seed(seed)
+    fields = dict(model=str(model_dir), dtype="float32", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                  lora_target_modules=["q", "v"])
+    fields.update(overrides)
+    return load_policy(PolicyConfig(**fields), device="cpu")
+
+
+def random_prompts(n: int, seed: int, vocab: int = 96, min_len: int = 3, max_len: int = 20) -> list[list[int]]:
+    """Token-id prompts (no pad, no EOS inside) ending in EOS, of varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len, (n,), generator=g)
+    return [torch.randint(3, vocab, (int(k),), generator=g).tolist() + [1] for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_t5_dir):
+    """(queries, responses, scores) of BATCH rows: responses sampled by the harness's rollout."""
+    policy = make_policy(tiny_t5_dir)
+    prompts = random_prompts(BATCH, seed=1)
+    limits = [1 + (3 * i) % MAX_RESPONSE for i in range(BATCH)]  # includes a one-token response
+    roll = generate(policy.model, policy.tokenizer, prompts, max_new_tokens=limits, seeds=range(BATCH))
+    scores = torch.linspace(-2.0, 2.0, BATCH)
+    return [torch.tensor(p) for p in prompts], roll.responses, scores
+
+
+def run_step(policy, batch, config: PPOConfig, optimizer=None, kl_ctl=None, seed: int = 0, scores=None,
+             permutations=None):
+    queries, responses, default_scores = batch
+    optimizer = optimizer or make_optimizer(policy, config)
+    kl_ctl = kl_ctl or core.make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target,
+                                               config.horizon)
+    stats = ppo_step(policy, optimizer, kl_ctl, queries, responses,
+                     default_scores if scores is None else scores, config,
+                     pad_token_id=policy.tokenizer.pad_token_id,
+                     decoder_start_token_id=policy.config.decoder_start_token_id,
+                     generator=torch.Generator().manual_seed(seed), permutations=permutations)
+    return stats, optimizer, kl_ctl
+
+
+def step_config(**kw) -> PPOConfig:
+    return PPOConfig(batch_size=BATCH, **kw)
+
+
+def reference_logits(policy, batch) -> torch.Tensor:
+    queries, responses, _ = batch
+    inputs = prepare_inputs(queries, responses, policy.tokenizer.pad_token_id, policy.config.decoder_start_token_id,
+                            policy.device)
+    return policy.reference_logits(**inputs)
+
+
+def policy_logits(policy, batch) -> torch.Tensor:
+    queries, responses, _ = batch
+    inputs = prepare_inputs(queries, responses, policy.tokenizer.pad_token_id, policy.config.decoder_start_token_id,
+                            policy.device)
+    with torch.no_grad():
+        return policy(**inputs)[0]
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors are not bit-identical (or missing on one side)."""
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
+def optimizer_state(optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for pid, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{pid}.{name}"] = torch.as_tensor(value).clone()
+    return out
+
+
+def timeless(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if not k.startswith("time/")}
+
+
+# ------------------------------------------------------------------------------------ the step
+
+def test_step_moves_only_the_adapter_and_the_value_head(tiny_t5_dir, batch):
+    policy = make_policy(tiny_t5_dir)
+    base_before = frozen_state_fingerprint(policy)
+    trained_before = trainable_state_dict(policy)
+    ref_before = reference_logits(policy, batch)
+    logits_before = policy_logits(policy, batch)
+    assert base_before and trained_before
+    assert any("lora_A" in k for k in trained_before) and any("lora_B" in k for k in trained_before)
+    assert {k for k in trained_before if k.startswith("value_head.")} == {"value_head.summary.weight",
+                                                                          "value_head.summary.bias"}
+
+    config = step_config()
+    stats, optimizer, kl_ctl = run_step(policy, batch, config)
+    assert stats["skipped"] == 0.0
+    # a fresh LoRA has B = 0, so A gets no gradient in the first step: a second step moves every tensor
+    run_step(policy, batch, config, optimizer, kl_ctl, seed=1)
+
+    assert same_state(base_before, frozen_state_fingerprint(policy)) == [], "a base weight moved"
+    unchanged = sorted(set(trained_before) - set(same_state(trained_before, trainable_state_dict(policy))))
+    assert unchanged == [], f"trainable tensors that did not move: {unchanged}"
+    assert torch.equal(reference_logits(policy, batch), ref_before), "the reference moved with training"
+    assert not torch.equal(policy_logits(policy, batch), logits_before), "the policy's forward ignores the adapter"
+    # the optimizer holds exactly the trainable parameters, and those are LoRA + value head
+    opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert opt_params == {id(p) for p in policy.trainable_parameters()}
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or n.startswith("value_head.") for n in names), names
+
+
+def test_response_mask_counts_every_generated_token():
+    responses = [torch.tensor([5]), torch.tensor([5, 6, 7]), torch.tensor([5, 6, 7, 8, 1])]
+    lengths = torch.tensor([len(r) for r in responses])
+    queries = [torch.tensor([9, 9, 1])] * len(responses)
+    start = 0
+    inputs = prepare_inputs(queries, responses, pad_token_id=0, decoder_start_token_id=start, device="cpu")
+    dec = inputs["decoder_input_ids"]
+    assert (dec[:, 0] == start).all(), "the decoder input starts with the decoder start token"
+    for i, r in enumerate(responses):
+        assert torch.equal(dec[i, 1:1 + len(r)], r)
+    harness = response_mask(inputs["decoder_attention_mask"])
+    assert harness.shape == (len(responses), int(lengths.max()))
+    assert torch.equal(harness.sum(-1), lengths), "every generated token is an action"
+    assert (harness[:, 0] == 1).all(), "the first generated token is an action"
+    trl = response_mask(inputs["decoder_attention_mask"], trl_compat=True)
+    assert torch.equal(trl.sum(-1), lengths - 1), "TRL 0.11.4 masks the first generated token"
+    assert (trl[:, 0] == 0).all()
+    assert torch.equal(trl[:, 1:], harness[:, 1:])
+
+
+def test_one_token_responses_train_under_the_harness_mask(tiny_t5_dir, batch):
+    """TRL's mask leaves a one-token response with no action (its compute_rewards crashed); the harness trains it."""
+    queries, _, scores = batch
+    one = [torch.tensor([7]) for _ in queries]
+    policy = make_policy(tiny_t5_dir)
+    before = trainable_state_dict(policy)
+    stats, _, _ = run_step(policy, (queries, one, scores), step_config())
+    assert stats["skipped"] == 0.0 and stats["tokens/responses_len_mean"] == 1.0
+    assert math.isfinite(stats["objective/kl"]) and math.isfinite(stats["ppo/loss/total"])
+    moved = same_state(before, trainable_state_dict(policy))
+    assert "value_head.summary.weight" in moved and any("lora_B" in k for k in moved)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_score_skips_the_step(tiny_t5_dir, batch, bad):
+    policy = make_policy(tiny_t5_dir)
+    config = step_config()
+    _, optimizer, kl_ctl = run_step(policy, batch, config)  # a good step first: the optimizer has state
+    weights, opt, beta = trainable_state_dict(policy), optimizer_state(optimizer), kl_ctl.value
+    scores = batch[2].clone()
+    scores[3] = bad
+    stats, _, _ = run_step(policy, batch, config, optimizer, kl_ctl, scores=scores)
+    assert stats["skipped"] == 1.0 and stats["skip_reason"] == "non-finite score"
+    assert same_state(weights, trainable_state_dict(policy)) == []
+    assert same_state(opt, optimizer_state(optimizer)) == []
+    assert kl_ctl.value == beta
+
+
+# A finite score whose square overflows float32: the value loss of its mini-batch is inf, the others finite.
+OVERFLOWING_SCORE = math.sqrt(torch.finfo(torch.float32).max) * 10
+
+
+def test_non_finite_loss_in_a_later_minibatch_restores_everything(tiny_t5_dir, batch):
+    """The first mini-batch has already stepped Adam when the second one's loss is inf: all of it is undone."""
+    policy = make_policy(tiny_t5_dir)
+    config = step_config()
+    assert config.ppo_epochs == 1 and BATCH == 2 * config.mini_batch_size
+    _, optimizer, kl_ctl = run_step(policy, batch, config)
+    weights, opt = trainable_state_dict(policy), optimizer_state(optimizer)
+    scores = batch[2].clone()
+    scores[-1] = OVERFLOWING_SCORE  # row BATCH-1 sits in the second mini-batch of the order below
+    order = iter([list(range(BATCH))])
+    stats, _, _ = run_step(policy, batch, config, optimizer, kl_ctl, scores=scores, permutations=order)
+    assert stats["skipped"] == 1.0 and stats["skip_reason"] == "non-finite loss"
+    assert same_state(weights, trainable_state_dict(policy)) == []
+    assert same_state(opt, optimizer_state(optimizer)) == []
+    # control: the same order with a finite score does move the weights (the restore above undid a real step)
+    run_step(policy, batch, config, optimizer, kl_ctl, permutations=iter([list(range(BATCH))]))
+    assert same_state(weights, trainable_state_dict(policy)) != []
+
+
+def test_same_seed_same_statistics(tiny_t5_dir, batch):
+    config = step_config(ppo_epochs=2)
+    runs = []
+    for _ in range(2):
+        policy = make_policy(tiny_t5_dir, seed=3)
+        optimizer, kl_ctl, steps = None, None, []
+        for s in range(2):
+            stats, optimizer, kl_ctl = run_step(policy, batch, config, optimizer, kl_ctl, seed=s)
+            steps.append(timeless(stats))
+        runs.append((steps, trainable_state_dict(policy)))
+    (steps_a, weights_a), (steps_b, weights_b) = runs
+    assert steps_a == steps_b
+    assert same_state(weights_a, weights_b) == []
+    # and the statistics are not trivially constant: a different mini-batch order changes them
+    policy = make_policy(tiny_t5_dir, seed=3)
+    other, _, _ = run_step(policy, batch, config, seed=99)
+    assert timeless(other) != steps_a[0]
+
+
+# ------------------------------------------------------------------------------------ rollout
+
+def reference_sample(model, prompt: list[int], seed: int, limit: int, eos: int, start: int) -> list[int]:
+    """One prompt decoded step by step without ``generate``: the sampler's noise for ``seed``, stop at EOS."""
+    sampler = SeededSampler([seed])
+    enc = torch.tensor([prompt])
+    dec = torch.tensor([[start]])
+    with torch.no_grad():
+        for _ in range(limit):
+            logits = model(input_ids=enc, attention_mask=torch.ones_like(enc), decoder_input_ids=dec).logits[:, -1]
+            token = int(sampler(dec, logits.float()).argmax(-1))
+            dec = torch.cat([dec, torch.tensor([[token]])], dim=1)
+            if token == eos:
+                break
+    return dec[0, 1:].tolist()
+
+
+@pytest.fixture(scope="module")
+def rollout_policy(tiny_t5_dir):
+    return make_policy(tiny_t5_dir, seed=5)
+
+
+@pytest.fixture(scope="module")
+def long_rollout(rollout_policy):
+    """ROWS prompts with per-row limits up to LONG_LIMIT, one generate call."""
+    prompts = random_prompts(ROWS, seed=2)
+    limits = [LONG_LIMIT - 2 * i for i in range(ROWS)]
+    seeds = [1000 + i for i in range(ROWS)]
+    tok = rollout_policy.tokenizer
+    roll = generate(rollout_policy.model, tok, prompts, max_new_tokens=limits, seeds=seeds)
+    return prompts, limits, seeds, roll
+
+
+def test_generate_honours_per_row_limits_and_cuts_after_eos(rollout_policy, long_rollout):
+    prompts, limits, seeds, roll = long_rollout
+    eos = rollout_policy.tokenizer.eos_token_id
+    ended = 0
+    for resp, limit, n in zip(roll.responses, limits, roll.lengths):
+        ids = resp.tolist()
+        assert n == len(ids) <= limit
+        assert eos not in ids[:-1], "a response goes on after its first EOS"
+        if ids and ids[-1] == eos:
+            ended += 1
+        else:
+            assert n == limit, "a response without EOS must run to its own max_new_tokens"
+    assert 0 < ended < ROWS, "precondition: some rows end with EOS and some at their limit"
+
+
+def test_generate_equals_step_by_step_decoding(rollout_policy, long_rollout):
+    """No decoder start token, stop after the first EOS, each row its own limit and seed: as a plain loop."""
+    prompts, limits, seeds, roll = long_rollout
+    tok, cfg = rollout_policy.tokenizer, rollout_policy.config
+    for i in range(ROWS):
+        want = reference_sample(rollout_policy.model, prompts[i], seeds[i], limits[i], tok.eos_token_id,
+                                cfg.decoder_start_token_id)
+        assert roll.responses[i].tolist() == want, f"row {i}"
+    assert roll.texts == tok.batch_decode([r.tolist() for r in roll.responses], skip_special_tokens=True)
+
+
+def test_generate_without_eos_runs_to_each_limit(rollout_policy):
+    prompts = random_prompts(6, seed=4)
+    limits = [1, 2, 3, 5, 8, 13]
+    roll = generate(rollout_policy.model, rollout_policy.tokenizer, prompts, max_new_tokens=limits,
+                    seeds=range(6), min_new_tokens=max(limits))  # EOS suppressed until past every limit
+    assert roll.lengths == limits
+    assert all(rollout_policy.tokenizer.eos_token_id not in r.tolist() for r in roll.responses)
+
+
+def test_a_rows_sample_depends_only_on_its_prompt_and_seed(rollout_policy):
+    tok = rollout_policy.tokenizer
+    target, seed, limit = random_prompts(1, seed=6, min_len=8, max_len=9)[0], 4242, 30
+    short = random_prompts(2, seed=7, min_len=3, max_len=5)
+    long = random_prompts(4, seed=8, min_len=25, max_len=40)
+    a = generate(rollout_policy.model, tok, [target] + short, max_new_tokens=[limit, 3, 4], seeds=[seed, 1, 2])
+    b = generate(rollout_policy.model, tok, long[:2] + [target] + long[2:], max_new_tokens=[40, 2, limit, 9, 40],
+                 seeds=[7, 8, seed, 9, 10])
+    assert a.responses[0].tolist() == b.responses[2].tolist()
+    assert len(a.responses[0]) > 1, "precondition: a response long enough to mean something"
+    # and the seed matters
+    c = generate(rollout_policy.model, tok, [target], max_new_tokens=limit, seeds=[seed + 1])
+    assert c.responses[0].tolist() != a.responses[0].tolist()
+
+
+def test_generate_pads_the_encoder_on_the_right(rollout_policy, monkeypatch):
+    seen = {}
+    real = rollout_policy.model.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_policy.model, "generate", spy)
+    prompts = [[5, 6, 1], [7, 8, 9, 10, 11, 1], [12, 1]]
+    generate(rollout_policy.model, rollout_policy.tokenizer, prompts, max_new_tokens=2, seeds=[0, 1, 2])
+    ids, mask = seen["input_ids"].cpu(), seen["attention_mask"].cpu()
+    pad = rollout_policy.tokenizer.pad_token_id
+    for i, p in enumerate(prompts):
+        n = len(p)
+        assert ids[i, :n].tolist() == p, "prompt tokens first (right padding)"
+        assert (ids[i, n:] == pad).all() and (mask[i, :n] == 1).all() and (mask[i, n:] == 0).all()
+    # the PPO step's encoder inputs are right-padded the same way
+    inputs = prepare_inputs([torch.tensor(p) for p in prompts], [torch.tensor([3])] * 3, pad, 0, "cpu")
+    assert torch.equal(inputs["input_ids"], ids) and torch.equal(inputs["attention_mask"], mask)
+    padded, m = pad_right([torch.tensor([4, 5]), torch.tensor([6])], pad_value=pad)
+    assert padded.tolist() == [[4, 5], [6, pad]] and m.tolist() == [[1, 1], [1, 0]]
+
+
+def test_generate_samples_in_eval_mode_and_restores_the_mode(tiny_t5_dir):
+    """With LoRA dropout on, a rollout in train mode would differ from one in eval mode."""
+    policy = make_policy(tiny_t5_dir, seed=5, lora_dropout=0.5)
+    prompts, limits = random_prompts(4, seed=9), [20, 20, 20, 20]
+    policy.model.eval()
+    want = generate(policy.model, policy.tokenizer, prompts, max_new_tokens=limits, seeds=range(4)).responses
+    policy.model.train()
+    got = generate(policy.model, policy.tokenizer, prompts, max_new_tokens=limits, seeds=range(4)).responses
+    assert policy.model.training, "generate must give back the mode it found"
+    assert [r.tolist() for r in got] == [r.tolist() for r in want]
+
+
+def test_a_sampled_pad_token_is_kept(rollout_policy, long_rollout):
+    prompts, limits, seeds, roll = long_rollout
+    pad = rollout_policy.tokenizer.pad_token_id
+    hits = [(i, r.tolist().index(pad)) for i, r in enumerate(roll.responses) if pad in r.tolist()]
+    assert hits, "precondition: the random model samples the pad id somewhere"
+    i, pos = hits[0]
+    # the same prompt and seed with the limit right after the sampled pad: the pad is the last action
+    again = generate(rollout_policy.model, rollout_policy.tokenizer, [prompts[i]], max_new_tokens=pos + 1,
+                     seeds=[seeds[i]])
+    assert again.responses[0].tolist() == roll.responses[i][:pos + 1].tolist()
+    # the function itself: a row with no EOS cut at its limit keeps all its tokens
+    assert cut_after_eos(torch.tensor([7, pad, 9, 9]), eos_token_id=1, pad_token_id=pad, limit=2).tolist() == [7, pad]
+
+
+# ------------------------------------------------------------------------------------ parameter count
+
+def test_count_parameters_of_the_reference_architecture():
+    """flan-t5-base + the reference's LoRA, on the meta device (no memory, no download): REFERENCE.md's figures."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    p = load_config("flan-t5-base").policy  # the preset's LoRA is the reference's
+    assert (p.lora_r, p.lora_alpha, p.lora_target_modules, p.lora_dropout) == (32, 32, ["q", "v"], 0.05)
+    config = T5Config(**FLAN_T5_BASE)
+    with torch.device("meta"):
+        base = T5ForConditionalGeneration(config)
+        # transformers 5 builds every T5 with lm_head tied to the embeddings; flan-t5-base's checkpoint holds
+        # both, so from_pretrained leaves them untied (as google/flan-t5-base ships): untie as loading does.
+        if base.lm_head.weight is base.shared.weight:
+            base.lm_head.weight = torch.nn.Parameter(torch.empty_like(base.shared.weight))
+        lora = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=list(p.lora_target_modules),
+                          lora_dropout=p.lora_dropout, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
+        model = get_peft_model(base, lora)
+        policy = PolicyWithValueHead(model, ValueHead(config.d_model))
+    counts = count_parameters(policy)
+    assert counts["trainable"] == REFERENCE_TRAINABLE
+    assert counts["total"] == REFERENCE_TOTAL
+    assert round(counts["percent"], 2) == REFERENCE_PERCENT
+    assert counts["value_head"] == REFERENCE_VALUE_HEAD
