@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,7 @@ def _typed(cfg_section, section: str) -> None:
         base = t.replace(" | None", "")
         if base == "float":
             _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
+            _check(math.isfinite(value), name, value, "a finite number (not inf or nan)")
             setattr(cfg_section, f.name, float(value))
         elif base == "int":
             _check(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
@@ -428,6 +430,7 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     _check(e.qualitative_rows >= 0, "eval.qualitative_rows", e.qualitative_rows, "an integer >= 0")
     _check(e.top_k >= 0, "eval.top_k", e.top_k, "an integer >= 0")
     _check(0.0 < e.top_p <= 1.0, "eval.top_p", e.top_p, "a number in (0, 1]")
+    _check(e.temperature > 0, "eval.temperature", e.temperature, "a number > 0")
     from .thresholds import validate_bounds
 
     validate_bounds(cfg.thresholds)

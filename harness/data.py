@@ -9,12 +9,15 @@ list) for evaluation; rows that repeat a dialogue once per reference (the Hub's 
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, first_line
 
 SPLIT_ALIASES = {"validation": ("validation", "dev", "val"), "dev": ("dev", "validation", "val"),
                  "train": ("train",), "test": ("test",)}
@@ -46,6 +49,41 @@ def _find_split_file(directory: Path, split: str) -> Path:
                                                          "or data.path to a single file")
 
 
+def _innermost(exc: BaseException) -> BaseException:
+    """The root cause of a chained exception (datasets wraps the parser's error in its own)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = exc.__cause__ or (exc.__context__ if not exc.__suppress_context__ else None)
+        if nxt is None:
+            break
+        exc = nxt
+    return exc
+
+
+@contextmanager
+def _quiet_datasets():
+    """No progress bars and no ERROR log lines from ``datasets`` while it reads a file: a bad file must
+    end in one clear line from the harness, not in a parser's log output before it."""
+    try:
+        import datasets
+        from datasets.utils import logging as ds_logging
+
+        bars_off = datasets.are_progress_bars_disabled()
+        level = ds_logging.get_verbosity()
+        datasets.disable_progress_bars()
+        ds_logging.set_verbosity(ds_logging.CRITICAL)
+    except Exception:  # pragma: no cover - a datasets release without these helpers: stay noisy
+        yield
+        return
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if not bars_off:
+            datasets.enable_progress_bars()
+
+
 def _read_file(path: Path):
     from datasets import load_dataset
 
@@ -53,12 +91,24 @@ def _read_file(path: Path):
     if kind is None:
         raise DataError("unsupported file type", field="data.path", value=str(path),
                         fix="give a .jsonl, .json or .csv file")
+    fix = "check that it is valid JSON lines / JSON / CSV with a 'dialogue' column"
+    try:  # cheap checks first, with messages that say what is wrong
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise DataError(f"cannot read the file: {e.strerror or first_line(e)}", field="data.path", value=str(path),
+                        fix="check the path and the file's permissions") from e
+    if not head.strip():
+        raise DataError("the file is empty", field="data.path", value=str(path), fix=fix)
     try:
-        return load_dataset(kind, data_files=str(path), split="train")
+        with _quiet_datasets():
+            return load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot read the file: {first[:300]}", field="data.path", value=str(path),
-                        fix="check that it is valid JSON lines / JSON / CSV with a 'dialogue' column") from e
+        root = _innermost(e)
+        detail = first_line(root)
+        if root is not e and first_line(e) not in detail:
+            detail = f"{detail} ({type(root).__name__})"
+        raise DataError(f"cannot read the file: {detail}", field="data.path", value=str(path), fix=fix) from e
 
 
 def resolve_data_path(location: str) -> str:
@@ -81,46 +131,75 @@ def load_rows(path: str, split: str = "train"):
         raise DataError("file or directory does not exist", field="data.path", value=location)
     from datasets import load_dataset
 
+    from .models import hub_offline, offline
+
     try:
-        return load_dataset(location, split=split)
+        with hub_offline(), _quiet_datasets():
+            return load_dataset(location, split=split)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load dataset '{location}' split '{split}': {first[:300]}", field="data.path",
-                        value=location, fix="offline? download the files elsewhere and set data.path to the "
-                                            "local file or directory") from e
+        where = ("HF_HUB_OFFLINE is set and the dataset is not in the local cache" if offline()
+                 else "the machine may be offline or the id wrong")
+        raise DataError(f"cannot load dataset '{location}' split '{split}': {first_line(e)}", field="data.path",
+                        value=location, fix=f"{where}: download the files on a connected machine and set data.path "
+                                            "to the local file or directory (a local path)") from e
 
 
-def normalize(rows) -> list[dict]:
-    """Rows with ``id, dialogue, summaries (list), topic``; dialogues repeated per reference are merged."""
-    columns = list(rows.column_names)
+def _columns_and_rows(rows):
+    """Column names and an iterable of mappings, from a ``datasets.Dataset`` or a list of dicts."""
+    if hasattr(rows, "column_names"):
+        return list(rows.column_names), rows
+    rows = list(rows)
+    columns: dict[str, None] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"row {i} is a {type(row).__name__}, not a record with named columns",
+                            field="data.path", fix="every row must be an object with 'dialogue' and 'summary'")
+        for key in row:
+            columns.setdefault(str(key), None)
+    return list(columns), rows
+
+
+def normalize(rows, source: str | None = None) -> list[dict]:
+    """Rows with ``id, dialogue, summaries (list), topic``; dialogues repeated per reference are merged.
+
+    ``rows`` is a ``datasets.Dataset`` or a list of dicts (keys missing from a row read as null).
+    Anything unusable raises :class:`DataError` naming ``data.path``, the row and the column.
+    """
+    columns, rows = _columns_and_rows(rows)
+    where = f" of {source}" if source else ""
     if "dialogue" not in columns:
-        raise DataError(f"missing column 'dialogue' (found columns: {', '.join(columns) or 'none'})",
+        raise DataError(f"missing column 'dialogue'{where} (found columns: {', '.join(columns) or 'none'})",
                         field="data.path", fix="the data needs a 'dialogue' column and 'summary' or 'summary1'..")
     summary_cols = ["summary"] if "summary" in columns else sorted(c for c in columns if c.startswith("summary")
                                                                     and c[7:].isdigit())
     if not summary_cols:
-        raise DataError(f"missing column 'summary' (found columns: {', '.join(columns)})", field="data.path",
+        raise DataError(f"missing column 'summary'{where} (found columns: {', '.join(columns)})", field="data.path",
                         fix="the data needs 'summary' or 'summary1', 'summary2', ... columns")
     id_col = "id" if "id" in columns else ("fname" if "fname" in columns else None)
     topic_col = "topic" if "topic" in columns else ("topic1" if "topic1" in columns else None)
     merged: dict[str, dict] = {}
     for i, row in enumerate(rows):
-        dialogue = row["dialogue"]
-        rid = str(row[id_col]) if id_col and row[id_col] is not None else str(i)
+        dialogue = row.get("dialogue")
+        rid = row.get(id_col) if id_col else None
+        rid = str(rid) if rid is not None else str(i)
         if not isinstance(dialogue, str):
-            raise DataError(f"row {i} (id {rid}) has a non-string dialogue of type {type(dialogue).__name__}",
-                            field="dialogue", fix="every row needs a text dialogue; remove or fix that row")
+            shown = repr(dialogue)[:40] if dialogue is None or isinstance(dialogue, (int, float, bool)) \
+                else f"a {type(dialogue).__name__}"
+            raise DataError(f"row {i} (id {rid}){where}: column 'dialogue' is not text (got {shown})", field="data.path",
+                            fix="every row needs a non-empty text dialogue; remove or fix that row")
         if not dialogue.strip():
-            raise DataError(f"row {i} (id {rid}) has an empty dialogue", field="dialogue",
-                            fix="remove or fix that row")
-        summaries = [row[c] for c in summary_cols if isinstance(row[c], str) and row[c].strip()]
+            raise DataError(f"row {i} (id {rid}){where}: column 'dialogue' is empty (got {dialogue[:20]!r})",
+                            field="data.path", fix="every row needs a non-empty text dialogue; remove or fix that row")
+        summaries = [row.get(c) for c in summary_cols]
+        summaries = [s for s in summaries if isinstance(s, str) and s.strip()]
         if dialogue in merged:
             for s in summaries:
                 if s not in merged[dialogue]["summaries"]:
                     merged[dialogue]["summaries"].append(s)
             continue
+        topic = row.get(topic_col) if topic_col else None
         merged[dialogue] = {"id": rid, "dialogue": dialogue, "summaries": summaries,
-                            "topic": str(row[topic_col]) if topic_col and row[topic_col] is not None else ""}
+                            "topic": str(topic) if topic is not None else ""}
     return list(merged.values())
 
 
@@ -145,12 +224,17 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
     from datasets import Dataset
 
     raw = load_rows(cfg.path, cfg.split)
-    rows = normalize(raw)
+    rows = normalize(raw, source=resolve_data_path(cfg.path))
+    if not rows:
+        raise DataError("the data holds no rows", field="data.path", value=cfg.path,
+                        fix="give a file or split with dialogues")
     kept = filter_by_length(rows, cfg.min_chars, cfg.max_chars)
     if not kept:
+        lengths = [len(r["dialogue"]) for r in rows]
         raise DataError(f"all {len(rows)} dialogues were removed by the length filter "
-                        f"{cfg.min_chars} < len(dialogue) < {cfg.max_chars}", field="data.min_chars",
-                        fix="widen data.min_chars / data.max_chars")
+                        f"data.min_chars {cfg.min_chars} < len(dialogue) < data.max_chars {cfg.max_chars} "
+                        f"(their lengths: {min(lengths)} to {max(lengths)} characters)", field="data.min_chars",
+                        fix="widen data.min_chars / data.max_chars to include them")
     if cfg.max_rows:
         kept = kept[: cfg.max_rows]
     limit = prompt_token_limit(cfg, tokenizer)
@@ -168,7 +252,16 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
     if len(ds) < 2:
         raise DataError(f"only {len(ds)} dialogue left after filtering: too few to split 80/20", field="data.path",
                         fix="give more data or widen the length filter")
-    split = ds.train_test_split(test_size=cfg.test_fraction, shuffle=False, seed=cfg.seed)
+    n_test = math.ceil(cfg.test_fraction * len(ds))  # datasets' own rounding (train_test_split)
+    if n_test < 1 or len(ds) - n_test < 1:
+        raise DataError(f"{len(ds)} dialogues cannot be split with data.test_fraction {cfg.test_fraction}: "
+                        f"a split would be empty", field="data.test_fraction",
+                        fix="give more data or choose a fraction that leaves both splits non-empty")
+    try:
+        split = ds.train_test_split(test_size=cfg.test_fraction, shuffle=False, seed=cfg.seed)
+    except ValueError as e:  # rounding corner cases of datasets' split arithmetic
+        raise DataError(f"cannot split {len(ds)} dialogues: {first_line(e)}", field="data.test_fraction",
+                        value=cfg.test_fraction, fix="give more data or change data.test_fraction") from e
     train, test = split["train"], split["test"]
     if len(train) < min_train_rows:
         raise DataError(f"the train split has {len(train)} prompts, fewer than one batch of {min_train_rows}",

@@ -23,7 +23,23 @@ class HarnessError(ValueError):
             parts.append(f" (got {value!r})")
         if fix:
             parts.append(f"; {fix}")
-        super().__init__("".join(parts))
+        # one line, always: the CLI prints the message as is, and a log line must stay a line
+        super().__init__(one_line("".join(parts)))
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` with every line break (and run of whitespace around it) turned into one space."""
+    out = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    if limit is not None and len(out) > limit:
+        out = out[: limit - 3].rstrip() + "..."
+    return out
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The most useful one-line description of ``exc``: its first line, or its type when it has no text."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    return one_line(line, limit)
 
 
 class ConfigError(HarnessError):

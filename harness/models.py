@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -20,9 +21,11 @@ import torch
 from torch import nn
 
 from .config import PolicyConfig
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ locations
@@ -40,28 +43,72 @@ def resolve_location(location: str, field: str = "model") -> str:
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as the environment says *now*."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "0"
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """Within this block the Hub libraries honour ``HF_HUB_OFFLINE`` even when it was set after they were
+    imported (they read it once, at import): a load then finds its files locally or fails at once,
+    instead of retrying the network for minutes."""
+    if not offline():
+        yield
+        return
+    patched = []
+    for module_name in ("huggingface_hub.constants", "datasets.config", "transformers.utils.hub"):
+        import sys
+
+        module = sys.modules.get(module_name)
+        if module is not None and getattr(module, "HF_HUB_OFFLINE", True) is False:
+            patched.append(module)
+            module.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.HF_HUB_OFFLINE = False
 
 
 def _looks_local(location: str) -> bool:
     return location.startswith((".", "/", "~")) or os.path.exists(location)
 
 
+def _offline_hint(location: str, field: str) -> str:
+    why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline() else \
+        "the machine may be offline or the id wrong"
+    return (f"{why}: download it on a connected machine (huggingface-cli download {location} --local-dir DIR) "
+            f"and give the local path, {field}=DIR")
+
+
 def load_pretrained(cls, location: str, *, field: str, what: str, **kwargs):
-    """``cls.from_pretrained(location)`` with a clear error naming the config field and the fix."""
+    """``cls.from_pretrained(location)`` with a clear error naming the config field and the fix.
+
+    With ``HF_HUB_OFFLINE=1`` nothing is fetched: a hub id is looked up in the local cache only
+    (``local_files_only``), so a missing model fails at once with a message saying how to give a path.
+    """
     resolved = resolve_location(location, field)
     if _looks_local(resolved) and not os.path.exists(resolved):
         raise ModelLoadError(f"{what} directory does not exist", field=field, value=resolved,
                              fix="give an existing directory written by save_pretrained, or a hub id")
+    if offline() and not os.path.exists(resolved):
+        kwargs.setdefault("local_files_only", True)
     try:
-        return cls.from_pretrained(resolved, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        hint = ("the machine is offline or the id is wrong: download it elsewhere with "
-                f"`huggingface-cli download {resolved} --local-dir DIR` and set {field}=DIR")
+        with hub_offline():
+            return cls.from_pretrained(resolved, **kwargs)
+    except Exception as e:  # transformers, huggingface_hub and safetensors raise many types here
+        detail = first_line(e)
         if os.path.isdir(resolved):
             hint = f"the directory is not a complete {what} (config and weights written by save_pretrained)"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load {what}: {first}", field=field, value=resolved, fix=hint) from e
+            if type(e).__name__ == "SafetensorError" or "safetensors" in detail.lower():
+                detail = f"a weights file is corrupt or truncated ({detail})"
+                hint = f"re-save the {what} with save_pretrained, or download it again"
+        elif isinstance(e, (OSError, ValueError)) or "connect" in detail.lower() or "offline" in detail.lower():
+            hint = _offline_hint(resolved, field)
+        else:
+            hint = f"check that {field} names a {what}"
+        raise ModelLoadError(f"cannot load {what}: {detail}", field=field, value=resolved, fix=hint) from e
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -163,19 +210,24 @@ class PolicyWithValueHead(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
-    def load_value_head(self, directory: str | Path) -> None:
+    def load_value_head(self, directory: str | Path, field: str = "policy.adapter") -> None:
         from safetensors.torch import load_file
 
         path = Path(directory) / VALUE_HEAD_FILE
         if not path.is_file():
-            raise ModelLoadError("value head weights are missing", field="policy.adapter", value=str(path),
+            raise ModelLoadError("value head weights are missing", field=field, value=str(path),
                                  fix=f"the directory must hold {VALUE_HEAD_FILE} written by the harness")
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own SafetensorError for a corrupt file
+            raise ModelLoadError(f"value head weights are corrupt or truncated ({first_line(e)})", field=field,
+                                 value=str(path), fix="re-save the adapter with the harness") from e
         try:
             self.value_head.load_state_dict(state)
         except RuntimeError as e:
-            raise ModelLoadError(f"value head does not fit the model: {str(e).splitlines()[0]}",
-                                 field="policy.adapter", value=str(path)) from e
+            raise ModelLoadError(f"value head does not fit the model: {first_line(e)}",
+                                 field=field, value=str(path),
+                                 fix="use the base model the adapter was trained on") from e
 
 
 def load_tokenizer(location: str, *, field: str = "policy.model", trust_remote_code: bool = False):
@@ -183,6 +235,20 @@ def load_tokenizer(location: str, *, field: str = "policy.model", trust_remote_c
 
     return load_pretrained(AutoTokenizer, location, field=field, what="tokenizer",
                            trust_remote_code=trust_remote_code)
+
+
+def _check_safetensors(path: Path, field: str, what: str) -> None:
+    """Open a safetensors file's header: a truncated or foreign file fails here, with a clear message."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if keys:
+                f.get_slice(keys[-1])  # the last tensor's offsets must lie inside the file
+    except Exception as e:
+        raise ModelLoadError(f"{what} {path.name} is corrupt or truncated ({first_line(e)})", field=field,
+                             value=str(path.parent), fix="re-save it with save_pretrained, or copy it again") from e
 
 
 def _check_adapter_dir(adapter: str) -> str:
@@ -195,14 +261,40 @@ def _check_adapter_dir(adapter: str) -> str:
         raise ModelLoadError("not an adapter directory: adapter_config.json is missing", field="policy.adapter",
                              value=path, fix="give a directory written by peft's save_pretrained")
     try:
-        json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"adapter_config.json is corrupt ({e.msg})", field="policy.adapter", value=path,
+        adapter_cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ModelLoadError(f"adapter_config.json is corrupt ({msg})", field="policy.adapter", value=path,
                              fix="re-save the adapter with save_pretrained") from e
-    if not any((Path(path) / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+    if not isinstance(adapter_cfg, dict) or "peft_type" not in adapter_cfg:
+        raise ModelLoadError("adapter_config.json is not a peft adapter config (no peft_type)",
+                             field="policy.adapter", value=path, fix="re-save the adapter with save_pretrained")
+    if adapter_cfg.get("peft_type") != "LORA":
+        raise ModelLoadError(f"the adapter is a {adapter_cfg.get('peft_type')} adapter, not LoRA",
+                             field="policy.adapter", value=path, fix="give a LoRA adapter directory")
+    weights = [Path(path) / f for f in ADAPTER_WEIGHTS if (Path(path) / f).is_file()]
+    if not weights:
         raise ModelLoadError("adapter weights are missing (adapter_model.safetensors)", field="policy.adapter",
                              value=path, fix="re-save the adapter with save_pretrained")
+    if weights[0].suffix == ".safetensors":
+        _check_safetensors(weights[0], "policy.adapter", "adapter weights")
     return path
+
+
+def _adapter_base(path: str) -> str | None:
+    try:
+        return json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _mismatch_detail(e: BaseException) -> str:
+    """The informative line of a state-dict error (``size mismatch for ...``), else its first line."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith(("size mismatch", "Missing key", "Unexpected key")) or "not found in the base model" in line:
+            return line[:300]
+    return first_line(e)
 
 
 def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer=None) -> PolicyWithValueHead:
@@ -223,13 +315,19 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
     if cfg.use_lora:
         if cfg.adapter:
             path = _check_adapter_dir(cfg.adapter)
+            trained_on = _adapter_base(path)
             try:
                 model = PeftModel.from_pretrained(base, path, is_trainable=True)
-            except (RuntimeError, ValueError, KeyError, OSError) as e:
-                raise ModelLoadError(f"adapter does not fit the base model: {str(e).strip().splitlines()[0][:300]}",
+            except Exception as e:  # peft/torch raise RuntimeError, ValueError, KeyError, ... on a mismatch
+                on = f"it was trained on {trained_on!r}, " if trained_on else ""
+                raise ModelLoadError(f"adapter does not fit the base model: {_mismatch_detail(e)}",
                                      field="policy.adapter", value=path,
-                                     fix="use the base model the adapter was trained on (see base_model_name_or_path "
-                                         "in adapter_config.json)") from e
+                                     fix=f"{on}policy.model is {cfg.model!r}: set policy.model to the base model "
+                                         "the adapter was trained on (base_model_name_or_path in "
+                                         "adapter_config.json)") from e
+            if trained_on and not _same_model(trained_on, cfg.model):
+                log.warning("policy.adapter %s was trained on %r but policy.model is %r; the shapes fit, so it "
+                            "is loaded anyway", path, trained_on, cfg.model)
             if cfg.lora_dropout == 0.0:
                 _set_lora_dropout_zero(model)
         else:
@@ -254,6 +352,18 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
         policy.load_value_head(resolve_location(cfg.adapter))
     policy.eval()
     return policy
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Loosely the same model: equal ids or paths, or the same last path component (local copies of a hub id)."""
+    if str(a) == str(b):
+        return True
+    try:
+        ra, rb = resolve_location(a), resolve_location(b)
+    except Exception:
+        return False
+    name = lambda x: Path(str(x).rstrip("/")).name  # noqa: E731
+    return ra == rb or name(ra) == name(rb) or name(a) == name(b)
 
 
 def _set_lora_dropout_zero(model) -> None:

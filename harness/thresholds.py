@@ -8,6 +8,7 @@ report all judge a run the same way.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +54,8 @@ def validate_bounds(bounds: dict[str, Any]) -> None:
             near = difflib.get_close_matches(name, list(BOUNDS), n=1)
             fix = f"did you mean 'thresholds.{near[0]}'?" if near else f"known bounds: {', '.join(BOUNDS)}"
             raise ConfigError("unknown bound", field=f"thresholds.{name}", fix=fix)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"got {value!r}, accepted: a number", field=f"thresholds.{name}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"got {value!r}, accepted: a finite number", field=f"thresholds.{name}")
 
 
 def load_bounds(preset: str, path: str | Path | None = None) -> dict[str, float]:

@@ -28,14 +28,20 @@ class Classifier:
         if positions and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
             positions -= 2  # RoBERTa reserves two positions for the padding offset
         self.max_length = int(max_length or min(limit, positions or 512, 512))
-        self.label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
-        self.label_index = self._index(label, f"{field}.label")
-        self.toxic_index = self._index(toxic_label, f"{field}.toxic_label")
+        self.label2id = _label2id(model.config)
+        self.field = field
+        label_field, toxic_field = _label_fields(field)
+        self.label_index = self._index(label, label_field)
+        self.toxic_index = self._index(toxic_label, toxic_field)
 
     def _index(self, name: str, field: str) -> int:
         if name not in self.label2id:
-            raise ModelLoadError(f"the classifier has no label '{name}' (its labels: {', '.join(self.label2id)})",
-                                 field=field, fix="set it to one of the classifier's labels")
+            labels = ", ".join(self.label2id) or "none"
+            near = [k for k in self.label2id if k.lower() == str(name).lower()]
+            fix = f"did you mean '{near[0]}'? (labels match exactly)" if near else \
+                "set it to one of the classifier's labels"
+            raise ModelLoadError(f"the classifier has no label '{name}' (its labels: {labels})",
+                                 field=field, fix=fix)
         return self.label2id[name]
 
     @property
@@ -53,9 +59,10 @@ class Classifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         device = resolve_device(device) if isinstance(device, str) else device
-        model = load_pretrained(AutoModelForSequenceClassification, location, field=f"{field}.model",
+        model_field = _model_field(field)
+        model = load_pretrained(AutoModelForSequenceClassification, location, field=model_field,
                                 what="sequence classifier", trust_remote_code=trust_remote_code)
-        tokenizer = load_pretrained(AutoTokenizer, location, field=f"{field}.model", what="classifier tokenizer",
+        tokenizer = load_pretrained(AutoTokenizer, location, field=model_field, what="classifier tokenizer",
                                     trust_remote_code=trust_remote_code)
         return cls(model.to(device), tokenizer, label=label, toxic_label=toxic_label, batch_size=batch_size,
                    max_length=max_length, field=field)
@@ -93,6 +100,32 @@ class Classifier:
         else:
             raise ValueError(f"reward.transform: unknown transform {transform!r}, accepted: logit, prob, logprob")
         return reward, probs[:, self.toxic_index]
+
+
+def _model_field(field: str) -> str:
+    """The config field that names the classifier: ``reward.model``, or ``eval.second_classifier`` itself."""
+    return field if field.startswith("eval.") else f"{field}.model"
+
+
+def _label_fields(field: str) -> tuple[str, str]:
+    """The config fields of the reward label and the toxic label for a classifier loaded under ``field``."""
+    if field == "eval.second_classifier":  # the second judge has one label setting for both
+        return "eval.second_toxic_label", "eval.second_toxic_label"
+    return f"{field}.label", f"{field}.toxic_label"
+
+
+def _label2id(config) -> dict[str, int]:
+    """Label name -> index, from ``label2id`` checked against ``id2label`` and ``num_labels``."""
+    num = int(getattr(config, "num_labels", 0) or 0)
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    # a config edited by hand can hold names in id2label only (label2id left at LABEL_0...), or vice versa:
+    # id2label is what the model's outputs mean, so it wins when the two disagree
+    if id2label and {v: k for k, v in id2label.items()} != label2id:
+        label2id = {v: k for k, v in id2label.items()}
+    if num:
+        label2id = {k: v for k, v in label2id.items() if 0 <= v < num}
+    return label2id
 
 
 def reward_texts(queries: Sequence[str], responses: Sequence[str], mode: str = "query+response") -> list[str]:

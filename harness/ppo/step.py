@@ -107,8 +107,9 @@ def ppo_step(policy, optimizer, kl_ctl, queries: Sequence[torch.Tensor], respons
 
     ``scores`` are the rewards per response (already transformed). ``permutations`` yields one index
     order per epoch (for replaying another implementation's order); otherwise ``generator`` draws them.
-    A non-finite score or loss skips the whole update: every trainable weight and the optimizer state
-    are restored to what they were before the step, and the statistics carry ``skipped = 1``.
+    A non-finite score, loss (e.g. from a NaN logit or value), gradient or updated weight skips the whole
+    update: every trainable weight, the optimizer state and the running score moments are restored to
+    what they were before the step, and the statistics carry ``skipped = 1`` and ``skip_reason``.
     """
     t0 = time.time()
     bs = len(queries)
@@ -120,6 +121,7 @@ def ppo_step(policy, optimizer, kl_ctl, queries: Sequence[torch.Tensor], respons
     stats: dict[str, float] = {}
     if not torch.isfinite(scores).all():
         return _skipped_stats(kl_ctl, raw, queries, responses, reason="non-finite score", t0=t0)
+    running_before = running.state_dict() if running is not None else None
     scores = core.transform_scores(scores, running, config_flag(config, "score_scaling"),
                                    config_flag(config, "score_norm"), getattr(config, "score_clip", None))
 
@@ -146,7 +148,7 @@ def ppo_step(policy, optimizer, kl_ctl, queries: Sequence[torch.Tensor], respons
         stats["time/ppo/compute_rewards"] = time.time() - t
         t = time.time()
         values, advantages, returns = core.compute_gae(values, rewards, masks, config.gamma, config.lam,
-                                                       config.whiten_rewards)
+                                                       config.whiten_rewards, mask_whitened=not config.trl_compat)
         stats["time/ppo/compute_advantages"] = time.time() - t
 
     snap = _snapshot(policy, optimizer)
@@ -201,8 +203,12 @@ def ppo_step(policy, optimizer, kl_ctl, queries: Sequence[torch.Tensor], respons
             optimizer.zero_grad(set_to_none=True)
         if config.early_stopping and mb_stats and mb_stats[-1]["policy/policykl"] > 1.5 * config.target_kl:
             early_stop = True
+    if not skipped_reason and not all(torch.isfinite(p).all() for p in policy.trainable_parameters()):
+        skipped_reason = "non-finite weights after the update"
     if skipped_reason:
         _restore(policy, optimizer, snap)
+        if running is not None and running_before is not None:  # the score moments saw this batch: undo
+            running.load_state_dict(running_before)
         return _skipped_stats(kl_ctl, raw, queries, responses, reason=skipped_reason, t0=t0)
     stats["time/ppo/optimize_step"] = time.time() - t
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import HarnessConfig
-from ..errors import HarnessError, TrainingError
+from ..errors import HarnessError, TrainingError, first_line
 from ..toxicity import Classifier, reward_texts
 from . import core
 from .rollout import LengthSampler, generate
@@ -35,6 +36,8 @@ from .step import make_optimizer, ppo_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+TEMP_RE = re.compile(r"^\.step-\d+-")  # a checkpoint being written (tempfile.mkdtemp prefix)
 STATE_FILE = "trainer_state.json"
 
 
@@ -133,6 +136,10 @@ class PPOTrainer:
         bar = _progress(total, self.step, progress)
         try:
             while self.step < total:
+                if self._stop_signal is not None:  # a signal came while the last checkpoint was written
+                    result.interrupted = True
+                    result.checkpoint = str(self._checkpoint_of_this_step())
+                    break
                 stats = self.train_step()
                 self._log(stats)
                 result.stats.append(stats)
@@ -189,6 +196,10 @@ class PPOTrainer:
             old[sig] = signal.signal(sig, handler)
         return old
 
+    def _checkpoint_of_this_step(self) -> Path:
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        return final if is_complete_checkpoint(final) else self.save_checkpoint()
+
     def _log(self, stats: dict) -> None:
         with open(self.stats_path, "a") as f:
             f.write(json.dumps(_jsonable(stats)) + "\n")
@@ -197,29 +208,53 @@ class PPOTrainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step atomically (temp dir, then rename)."""
+        """Write the checkpoint of the current step atomically (temp dir, then rename).
+
+        Everything is written into ``.step-NNNNNN-xxxx/`` and renamed to ``step-NNNNNN/`` only when
+        complete, so a crash (even SIGKILL) at any point leaves either the whole checkpoint or none
+        (:func:`latest_checkpoint` ignores the temporary directories, :meth:`resume` removes them).
+        """
         from safetensors.torch import save_file
 
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
-        self.policy.save_pretrained(tmp)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng_state.safetensors"))
-        state = {"step": self.step, "bad_steps": self.bad_steps, "kl_ctl": self.kl_ctl.state_dict(),
-                 "running": self.running.state_dict(), "seed": self.cfg.seed,
-                 "python_rng": _encode_random_state(random.getstate()), "config": self.cfg.to_dict()}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            self.policy.save_pretrained(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng_state.safetensors"))
+            state = {"step": self.step, "bad_steps": self.bad_steps, "kl_ctl": self.kl_ctl.state_dict(),
+                     "running": self.running.state_dict(), "seed": self.cfg.seed,
+                     "python_rng": _encode_random_state(random.getstate()), "config": self.cfg.to_dict()}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks it complete
+            _fsync_tree(tmp)
+            if final.exists():  # the same step again (e.g. saved at the end after a resume): swap, then drop
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=self.ckpt_dir))
+                os.replace(final, old / final.name)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            self._load_checkpoint(path)
+        except HarnessError:
+            raise
+        except Exception as e:
+            raise TrainingError(f"cannot load checkpoint {path}: {first_line(e)} ({type(e).__name__})",
+                                field="--resume", fix="delete that checkpoint directory to resume from the one "
+                                                      "before it, or start a new run") from e
+
+    def _load_checkpoint(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        path = Path(path)
         state = json.loads((path / STATE_FILE).read_text())
         if self.policy.is_peft:
             weights = load_file(str(path / "adapter_model.safetensors"))
@@ -229,7 +264,7 @@ class PPOTrainer:
 
             loaded = AutoModelForSeq2SeqLM.from_pretrained(path)
             self.policy.model.load_state_dict(loaded.state_dict())
-        self.policy.load_value_head(path)
+        self.policy.load_value_head(path, field="--resume")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         torch.set_rng_state(load_file(str(path / "rng_state.safetensors"))["torch_rng"])
         random.setstate(_decode_random_state(state["python_rng"]))
@@ -240,30 +275,87 @@ class PPOTrainer:
         self._truncate_stats(self.step)
 
     def _truncate_stats(self, step: int) -> None:
-        """Drop logged rows after the checkpoint's step (they will be produced again)."""
+        """Drop logged rows after the checkpoint's step (they will be produced again).
+
+        A row cut short by a crash (SIGKILL while appending) is not valid JSON: it is dropped too.
+        """
         if not self.stats_path.exists():
             return
-        rows = [line for line in self.stats_path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        tmp = self.stats_path.with_suffix(".tmp")
+        keep = []
+        for line in self.stats_path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.stats_path.with_name(f".{self.stats_path.name}.tmp")
         tmp.write_text("".join(r + "\n" for r in keep))
         os.replace(tmp, self.stats_path)
 
     def resume(self) -> Path | None:
-        """Load the last complete checkpoint under the output directory, if any."""
+        """Load the last complete checkpoint under the output directory, if any.
+
+        Half-written checkpoints (temporary ``.step-*`` directories left by a crash) are removed. Without
+        any checkpoint the run starts from step 0, so the rows a crashed run logged are dropped.
+        """
+        if self.ckpt_dir.is_dir():
+            for p in sorted(self.ckpt_dir.iterdir()):  # a crash between the two renames of a same-step re-save
+                inner = p / p.name.split("-old-")[0].lstrip(".") if "-old-" in p.name else None
+                if inner is not None and is_complete_checkpoint(inner) and not (self.ckpt_dir / inner.name).exists():
+                    os.replace(inner, self.ckpt_dir / inner.name)
+            for p in self.ckpt_dir.iterdir():
+                if p.is_dir() and TEMP_RE.match(p.name):
+                    log.warning("removing half-written checkpoint %s", p)
+                    shutil.rmtree(p, ignore_errors=True)
         last = latest_checkpoint(self.ckpt_dir)
         if last is not None:
             self.load_checkpoint(last)
+        else:
+            self._truncate_stats(0)
         return last
 
 
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """A ``step-NNNNNN`` directory with its weights and a readable ``trainer_state.json`` of that step."""
+    path = Path(path)
+    m = CHECKPOINT_RE.match(path.name)
+    if not m or not path.is_dir():
+        return False
+    if not (path / "value_head.safetensors").is_file() or not (path / "optimizer.pt").is_file():
+        return False
+    if not ((path / "adapter_model.safetensors").is_file() or (path / "model.safetensors").is_file()
+            or (path / "model.safetensors.index.json").is_file()):
+        return False
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("step") == int(m.group(1))
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``directory`` (temporary and incomplete directories never count)."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    done = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-            and (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if done else None
+    done = [p for p in directory.iterdir() if is_complete_checkpoint(p)]
+    return max(done, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1))) if done else None
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush a freshly written directory to disk, so that a rename after it publishes whole files."""
+    for p in [*directory.rglob("*"), directory]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _with_reward_options(cfg: HarnessConfig):

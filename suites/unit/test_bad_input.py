@@ -1,0 +1,592 @@
+"""Bad input gets a clear error (issue 7, part 1): one test per bad input.
+
+Every case asserts the project's exception type, the field it names (``e.value.field``, also the start of
+the message) and that the message is one line. Config cases already covered by ``test_config.py``
+(unknown keys, batch size not divisible, zero/negative learning rate, mini-batch 0, max == min new tokens)
+are not repeated here. Models are the parity fixtures (a tiny T5 + LoRA) and classifiers built in-process:
+the unit suite stays hermetic and needs neither the tiny world nor the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.config import DataConfig, PolicyConfig, load_config
+from harness.data import build_prompts, normalize
+from harness.errors import ConfigError, DataError, HarnessError, ModelLoadError
+
+REPO = Path(__file__).resolve().parents[2]
+FX = REPO / "fixtures" / "parity"
+
+
+def one_line(e: pytest.ExceptionInfo, field: str) -> str:
+    msg = str(e.value)
+    assert isinstance(e.value, HarnessError)
+    assert e.value.field == field, msg
+    assert msg.startswith(f"{field}: "), msg
+    assert "\n" not in msg and "\r" not in msg, msg
+    return msg
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def data_cfg(path: Path, **kw) -> DataConfig:
+    return DataConfig(path=str(path), **kw)
+
+
+# ============================================================================================ data
+
+def test_missing_dialogue_column_lists_the_columns_found(tmp_path, t5_tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello " * 50, "summary": "s", "topic": "t"}] * 5)
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    msg = one_line(e, "data.path")
+    assert "'dialogue'" in msg and "found columns: text, summary, topic" in msg
+
+
+def test_missing_summary_column_lists_the_columns_found(tmp_path, t5_tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"dialogue": "hello " * 50, "abstract": "s"}] * 5)
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    msg = one_line(e, "data.path")
+    assert "'summary'" in msg and "found columns: dialogue, abstract" in msg
+
+
+@pytest.mark.parametrize("bad,shown", [(5, "5"), (None, "None"), (["a", "b"], "a list"), ({"x": 1}, "a dict"),
+                                       (3.5, "3.5"), (True, "True")])
+def test_non_string_dialogue(tmp_path, corpus, t5_tokenizer, bad, shown):
+    rows = [dict(r) for r in corpus["train"][:20]]
+    rows[7] = {**rows[7], "dialogue": bad}
+    with pytest.raises(DataError) as e:
+        normalize(rows, source="dialogues.jsonl")
+    msg = one_line(e, "data.path")
+    assert "row 7" in msg and f"id {rows[7]['id']}" in msg and "'dialogue'" in msg and "not text" in msg
+    assert shown in msg and "dialogues.jsonl" in msg
+
+
+def test_non_string_dialogue_in_a_file(tmp_path, corpus, t5_tokenizer):
+    rows = [dict(r) for r in corpus["train"][:20]]
+    rows[3]["dialogue"] = 12345
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    msg = one_line(e, "data.path")
+    assert "row 3" in msg and "not text" in msg and str(f) in msg
+
+
+@pytest.mark.parametrize("empty", ["", "   ", "\n\t \n", "\u3000\u2003"])  # unicode spaces are empty too
+def test_empty_dialogue(tmp_path, corpus, t5_tokenizer, empty):
+    rows = [dict(r) for r in corpus["train"][:20]]
+    rows[11]["dialogue"] = empty
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    msg = one_line(e, "data.path")
+    assert "row 11" in msg and "'dialogue' is empty" in msg
+
+
+def test_every_row_removed_by_the_length_filter_names_the_bounds(corpus_dir, t5_tokenizer):
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(corpus_dir, min_chars=5000, max_chars=9000), t5_tokenizer)
+    msg = one_line(e, "data.min_chars")
+    assert "5000 < len(dialogue) < " in msg and "9000" in msg and "data.max_chars" in msg
+    assert "their lengths:" in msg  # what the data holds, so the user can choose bounds
+
+
+def test_split_too_small_for_one_batch(corpus_dir, t5_tokenizer):
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(corpus_dir, max_rows=20), t5_tokenizer, min_train_rows=32)
+    msg = one_line(e, "ppo.batch_size")
+    assert "fewer than one batch of 32" in msg
+
+
+def test_test_split_too_small_for_the_evaluation(corpus_dir, t5_tokenizer):
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(corpus_dir, max_rows=20), t5_tokenizer, min_test_rows=100)
+    msg = one_line(e, "eval.num_samples")
+    assert "100" in msg
+
+
+def test_a_fraction_that_leaves_a_split_empty(tmp_path, corpus, t5_tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", corpus["train"][:3])
+    with pytest.raises(DataError) as e:  # ceil(0.9 x 3) = 3 test rows: nothing left to train on
+        build_prompts(data_cfg(f, min_chars=0, max_chars=100_000, test_fraction=0.9), t5_tokenizer)
+    one_line(e, "data.test_fraction")
+
+
+def test_a_file_without_rows(tmp_path, t5_tokenizer):
+    f = tmp_path / "d.csv"
+    f.write_text("id,dialogue,summary,topic\n")
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    one_line(e, "data.path")
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("broken.jsonl", '{"dialogue": "hi", "summary": "s"}\n{"dialogue": "oops"\n', "cannot read the file"),
+    ("broken.json", '[{"dialogue": "hi", "summary": "s"}, ', "cannot read the file"),
+    ("binary.jsonl", bytes(range(256)) * 8, "cannot read the file"),
+    ("quote.csv", 'dialogue,summary\n"never closed,s\n', "cannot read the file"),
+    ("empty.jsonl", "", "the file is empty"),
+    ("blank.csv", "\n\n  \n", "the file is empty"),
+    ("notes.txt", "dialogue: hi", "unsupported file type"),
+])
+def test_unreadable_file(tmp_path, t5_tokenizer, name, content, words):
+    f = tmp_path / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    msg = one_line(e, "data.path")
+    assert words in msg and str(f) in msg
+
+
+def test_unreadable_file_names_the_parser_problem(tmp_path, t5_tokenizer):
+    f = tmp_path / "broken.jsonl"
+    f.write_text('{"dialogue": "hi", "summary": "s"}\n{"dialogue": "oops"\n')
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    # the parser's own words, not datasets' "An error occurred while generating the dataset"
+    assert "generating the dataset" not in str(e.value)
+    assert "position" in str(e.value) or "JSON" in str(e.value)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_file_without_read_permission(tmp_path, corpus, t5_tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", corpus["train"][:20])
+    f.chmod(0)
+    try:
+        with pytest.raises(DataError) as e:
+            build_prompts(data_cfg(f), t5_tokenizer)
+    finally:
+        f.chmod(0o600)
+    msg = one_line(e, "data.path")
+    assert "ermission" in msg
+
+
+def test_missing_file_or_directory(tmp_path, t5_tokenizer):
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(tmp_path / "nowhere" / "d.jsonl"), t5_tokenizer)
+    msg = one_line(e, "data.path")
+    assert "does not exist" in msg
+
+
+def test_directory_without_data_files(tmp_path, t5_tokenizer):
+    (tmp_path / "readme.md").write_text("nothing here")
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(tmp_path), t5_tokenizer)
+    one_line(e, "data.path")
+
+
+def test_rows_that_are_not_records():
+    with pytest.raises(DataError) as e:
+        normalize([{"dialogue": "a", "summary": "b"}, ["not", "a", "record"]])
+    one_line(e, "data.path")
+
+
+# ============================================================================================ models
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory) -> Path:
+    """A complete adapter written by the harness (peft adapter + value head + tokenizer) on the parity T5."""
+    from harness.models import load_policy
+
+    policy = load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32",
+                                      lora_dropout=0.0))
+    d = tmp_path_factory.mktemp("adapter") / "adapter"
+    policy.save_pretrained(d)
+    return d
+
+
+def policy_cfg(**kw) -> PolicyConfig:
+    return PolicyConfig(model=str(FX / "model"), dtype="float32", **kw)
+
+
+def broken_copy(adapter_dir: Path, tmp_path: Path, name: str) -> Path:
+    d = tmp_path / name
+    shutil.copytree(adapter_dir, d)
+    return d
+
+
+def test_the_adapter_fixture_loads(adapter_dir):
+    from harness.models import load_policy
+
+    load_policy(policy_cfg(adapter=str(adapter_dir)))
+
+
+def test_adapter_directory_missing(tmp_path):
+    from harness.models import load_policy
+
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(policy_cfg(adapter=str(tmp_path / "no-adapter")))
+    msg = one_line(e, "policy.adapter")
+    assert "does not exist" in msg and "no-adapter" in msg
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("no_config", "adapter_config.json is missing"),
+    ("config_not_json", "adapter_config.json is corrupt"),
+    ("config_a_list", "not a peft adapter config"),
+    ("config_without_peft_type", "not a peft adapter config"),
+    ("no_weights", "adapter weights are missing"),
+    ("weights_garbage", "corrupt or truncated"),
+    ("weights_truncated", "corrupt or truncated"),
+    ("weights_empty", "corrupt or truncated"),
+    ("value_head_garbage", "value head weights are corrupt"),
+    ("value_head_other_shape", "value head does not fit"),
+])
+def test_adapter_directory_corrupt(adapter_dir, tmp_path, damage, words):
+    from safetensors.torch import save_file
+    import torch
+
+    from harness.models import load_policy
+
+    d = broken_copy(adapter_dir, tmp_path, damage)
+    weights = d / "adapter_model.safetensors"
+    if damage == "no_config":
+        (d / "adapter_config.json").unlink()
+    elif damage == "config_not_json":
+        (d / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+    elif damage == "config_a_list":
+        (d / "adapter_config.json").write_text("[1, 2, 3]")
+    elif damage == "config_without_peft_type":
+        (d / "adapter_config.json").write_text('{"r": 4}')
+    elif damage == "no_weights":
+        weights.unlink()
+    elif damage == "weights_garbage":
+        weights.write_bytes(b"\x00not safetensors at all" * 20)
+    elif damage == "weights_truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "weights_empty":
+        weights.write_bytes(b"")
+    elif damage == "value_head_garbage":
+        (d / "value_head.safetensors").write_bytes(b"xx")
+    elif damage == "value_head_other_shape":
+        save_file({"summary.weight": torch.zeros(1, 7), "summary.bias": torch.zeros(1)}, str(d / "value_head.safetensors"))
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(policy_cfg(adapter=str(d)))
+    msg = one_line(e, "policy.adapter")
+    assert words in msg, msg
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory) -> Path:
+    """A T5 with another width than the parity model, with the parity tokenizer."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    fx = json.loads((FX / "model" / "config.json").read_text())
+    cfg = T5Config(vocab_size=fx["vocab_size"], d_model=fx["d_model"] + 8, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    d = tmp_path_factory.mktemp("other-base") / "other-t5"
+    T5ForConditionalGeneration(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(FX / "model").save_pretrained(d)
+    return d
+
+
+def test_adapter_whose_base_model_does_not_match(adapter_dir, other_base):
+    from harness.models import load_policy
+
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(PolicyConfig(model=str(other_base), adapter=str(adapter_dir), dtype="float32"))
+    msg = one_line(e, "policy.adapter")
+    assert "does not fit the base model" in msg and "size mismatch" in msg
+    assert str(other_base) in msg and "policy.model" in msg  # what was given, and the setting to change
+
+
+def test_adapter_for_modules_the_base_lacks(tmp_path, adapter_dir):
+    from harness.models import load_policy
+
+    d = broken_copy(adapter_dir, tmp_path, "wrong-targets")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["not_a_module"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(policy_cfg(adapter=str(d)))
+    one_line(e, "policy.adapter")
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("missing", "does not exist"),
+    ("empty_dir", "not a complete seq2seq model"),
+    ("config_not_json", "not a complete seq2seq model"),
+    ("weights_garbage", "corrupt or truncated"),
+])
+def test_policy_model_directory_missing_or_corrupt(tmp_path, damage, words):
+    from harness.models import load_policy
+
+    d = tmp_path / "model"
+    if damage != "missing":
+        d.mkdir()
+    if damage in ("config_not_json", "weights_garbage"):
+        shutil.rmtree(d)
+        shutil.copytree(FX / "model", d)
+    if damage == "config_not_json":
+        (d / "config.json").write_text("{")
+    if damage == "weights_garbage":
+        (d / "model.safetensors").write_bytes(b"garbage" * 100)
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(PolicyConfig(model=str(d), dtype="float32"))
+    msg = one_line(e, "policy.model")
+    assert words in msg, msg
+
+
+def test_policy_that_is_not_an_encoder_decoder(tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from harness.models import load_policy
+
+    d = tmp_path / "gpt"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(d)
+    AutoTokenizer.from_pretrained(FX / "model").save_pretrained(d)
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(PolicyConfig(model=str(d), dtype="float32"))
+    one_line(e, "policy.model")
+
+
+def test_lora_target_modules_the_model_lacks():
+    from harness.models import load_policy
+
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(policy_cfg(lora_target_modules=["query_proj"]))
+    msg = one_line(e, "policy.lora_target_modules")
+    assert "query_proj" in msg
+
+
+def tiny_classifier(labels: dict[int, str] | None = None):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    labels = labels or {0: "nothate", 1: "hate"}
+    cfg = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=40, num_labels=len(labels),
+                        id2label=labels, label2id={v: k for k, v in labels.items()})
+    return RobertaForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("kw,field,missing", [
+    ({"label": "non-toxic"}, "reward.label", "non-toxic"),
+    ({"toxic_label": "toxic"}, "reward.toxic_label", "toxic"),
+])
+def test_reward_label_the_classifier_does_not_have(kw, field, missing):
+    from harness.toxicity import Classifier
+
+    with pytest.raises(ModelLoadError) as e:
+        Classifier(tiny_classifier(), None, **kw)
+    msg = one_line(e, field)
+    assert f"'{missing}'" in msg and "its labels: nothate, hate" in msg
+
+
+def test_reward_label_in_the_wrong_case_suggests_the_right_one():
+    from harness.toxicity import Classifier
+
+    with pytest.raises(ModelLoadError) as e:
+        Classifier(tiny_classifier(), None, label="NotHate")
+    assert "did you mean 'nothate'" in one_line(e, "reward.label")
+
+
+def test_classifier_without_label_names(tmp_path, t5_tokenizer):
+    """A classifier saved without names (LABEL_0, LABEL_1), through Classifier.load from a directory."""
+    from harness.toxicity import Classifier
+
+    d = tmp_path / "clf"
+    tiny_classifier({0: "LABEL_0", 1: "LABEL_1"}).save_pretrained(d)
+    t5_tokenizer.save_pretrained(d)
+    with pytest.raises(ModelLoadError) as e:
+        Classifier.load(str(d), label="nothate")
+    assert "its labels: LABEL_0, LABEL_1" in one_line(e, "reward.label")
+
+
+def test_second_classifier_errors_name_its_own_settings(tmp_path, t5_tokenizer):
+    from harness.toxicity import Classifier
+
+    d = tmp_path / "clf"
+    tiny_classifier().save_pretrained(d)
+    t5_tokenizer.save_pretrained(d)
+    with pytest.raises(ModelLoadError) as e:
+        Classifier.load(str(d), label="toxic", toxic_label="toxic", field="eval.second_classifier")
+    one_line(e, "eval.second_toxic_label")
+    with pytest.raises(ModelLoadError) as e:
+        Classifier.load(str(tmp_path / "nothing"), field="eval.second_classifier")
+    one_line(e, "eval.second_classifier")
+
+
+def test_classifier_directory_corrupt(tmp_path, t5_tokenizer):
+    from harness.toxicity import Classifier
+
+    d = tmp_path / "clf"
+    tiny_classifier().save_pretrained(d)
+    t5_tokenizer.save_pretrained(d)
+    (d / "model.safetensors").write_bytes(b"\x01" * 64)
+    with pytest.raises(ModelLoadError) as e:
+        Classifier.load(str(d))
+    assert "corrupt or truncated" in one_line(e, "reward.model")
+
+
+def test_model_id_not_found_offline_says_how_to_give_a_local_path(monkeypatch):
+    """HF_HUB_OFFLINE=1, even set after the Hub libraries were imported: fails at once, naming the field."""
+    from harness.models import load_policy
+    from harness.toxicity import Classifier
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(PolicyConfig(model="no-such-org/no-such-model"))
+    msg = one_line(e, "policy.model")
+    assert "local" in msg and "policy.model=DIR" in msg and "HF_HUB_OFFLINE" in msg
+    with pytest.raises(ModelLoadError) as e:
+        Classifier.load("no-such-org/no-such-model")
+    msg = one_line(e, "reward.model")
+    assert "local" in msg and "reward.model=DIR" in msg
+
+
+def test_dataset_id_not_found_offline_says_how_to_give_a_local_path(monkeypatch, t5_tokenizer):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as e:
+        build_prompts(DataConfig(path="no-such-org/no-such-data"), t5_tokenizer)
+    msg = one_line(e, "data.path")
+    assert "local" in msg and "HF_HUB_OFFLINE" in msg
+
+
+# ============================================================================================ config
+# (test_config.py has: unknown keys with suggestions, ppo.batch_size=30 not divisible, learning_rate 0 and
+# negative, mini_batch_size 0, generation.max_new_tokens == min_new_tokens, eval.num_samples 0, ...)
+
+@pytest.mark.parametrize("override,field", [
+    ("generation.min_new_tokens=48", "generation.max_new_tokens"),  # min == max (tiny preset: max 48)
+    ("generation.min_new_tokens=60", "generation.max_new_tokens"),  # min > max
+    ("generation.max_new_tokens=10", "generation.max_new_tokens"),  # max < min (tiny preset: min 32)
+])
+def test_length_sampler_with_min_at_or_above_max(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=[override])
+    msg = one_line(e, field)
+    assert "generation.min_new_tokens" in msg and "[min, max)" in msg
+
+
+def test_length_sampler_min_above_max_in_a_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("generation:\n  min_new_tokens: 200\n  max_new_tokens: 100\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", f)
+    one_line(e, "generation.max_new_tokens")
+
+
+def test_eval_min_new_tokens_above_max():
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=["eval.min_new_tokens=100", "eval.max_new_tokens=10"])
+    one_line(e, "eval.min_new_tokens")
+
+
+@pytest.mark.parametrize("override", [
+    # sizes
+    "ppo.batch_size=0", "ppo.batch_size=-8", "ppo.mini_batch_size=-4", "ppo.gradient_accumulation_steps=0",
+    "ppo.ppo_epochs=0", "ppo.steps=0", "ppo.steps=-1", "ppo.max_bad_steps=0", "ppo.checkpoint_every=-1",
+    "reward.batch_size=0", "reward.max_length=0", "eval.batch_size=-1", "eval.samples_per_prompt=0",
+    "eval.max_new_tokens=0", "eval.bootstrap_resamples=0", "generation.min_new_tokens=0", "policy.lora_r=0",
+    "policy.lora_alpha=-16", "data.max_rows=0", "data.max_prompt_tokens=-1", "data.min_chars=-1",
+    # rates and other positive numbers
+    "ppo.learning_rate=-0.0", "ppo.init_kl_coef=-0.1", "ppo.target=0", "ppo.horizon=-1", "ppo.cliprange=0",
+    "ppo.cliprange_value=-0.2", "ppo.vf_coef=-1", "ppo.target_kl=0", "ppo.max_grad_norm=0",
+    "generation.temperature=0", "generation.temperature=-1", "generation.top_p=0", "reward.score_clip=0",
+    "data.test_fraction=0", "data.test_fraction=1", "eval.confidence=0", "policy.lora_dropout=-0.1",
+    # not numbers at all
+    "ppo.learning_rate=fast", "ppo.learning_rate=.nan", "ppo.batch_size=8.5", "ppo.steps=true",
+])
+def test_zero_negative_or_non_numeric_rates_and_sizes(override):
+    key, raw = override.split("=", 1)
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=[override])
+    msg = one_line(e, key)
+    assert "accepted:" in msg
+
+
+@pytest.mark.parametrize("override,field", [
+    ("ppo.gradient_accumulation_steps=3", "ppo.batch_size"),  # 32 is not a multiple of 8 x 3
+    ("ppo.mini_batch_size=12", "ppo.batch_size"),  # nor of 12
+])
+def test_batch_size_not_divisible_by_mini_batch_times_accumulation(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=[override])
+    assert "ppo.mini_batch_size x ppo.gradient_accumulation_steps" in one_line(e, field)
+
+
+@pytest.mark.parametrize("yaml_text,field,suggestion", [
+    ("ppo:\n  learnig_rate: 0.1\n", "ppo.learnig_rate", "ppo.learning_rate"),
+    ("genration:\n  top_k: 5\n", "genration", "generation"),
+    ("reward:\n  lable: hate\n", "reward.lable", "reward.label"),
+])
+def test_unknown_keys_in_a_yaml_file_suggest_the_nearest(tmp_path, yaml_text, field, suggestion):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", f)
+    msg = one_line(e, field)
+    # a misspelt section gets a key of that section ('generation.top_p'): the section name is in it
+    assert f"did you mean '{suggestion}" in msg and str(f) in msg
+
+
+@pytest.mark.parametrize("yaml_text,field", [
+    ("ppo: [1, 2]\n", "ppo"),
+    ("- just\n- a list\n", "--config"),
+    ("ppo:\n  steps: [\n", "--config"),
+])
+def test_malformed_yaml_files(tmp_path, yaml_text, field):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", f)
+    one_line(e, field)
+
+
+def test_config_file_not_found(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", tmp_path / "missing.yaml")
+    one_line(e, "--config")
+
+
+def test_trust_remote_code_is_off_unless_turned_on():
+    from harness.config import PRESETS
+
+    for preset in PRESETS:
+        cfg = load_config(preset)
+        assert cfg.policy.trust_remote_code is False and cfg.reward.trust_remote_code is False
+    with pytest.raises(ConfigError):
+        load_config("tiny", overrides=["policy.trust_remote_code=maybe"])
+    assert load_config("tiny", overrides=["policy.trust_remote_code=true"]).policy.trust_remote_code is True
+
+
+@pytest.mark.parametrize("override,field", [("eval.temperature=0", "eval.temperature"),
+                                            ("ppo.learning_rate=.inf", "ppo.learning_rate"),
+                                            ("ppo.cliprange=.inf", "ppo.cliprange"),
+                                            ("ppo.vf_coef=.nan", "ppo.vf_coef"),
+                                            ("thresholds.max_kl=.inf", "thresholds.max_kl")])
+def test_config_rejects_non_positive_temperature_and_non_finite_numbers(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides=[override])
+    assert str(info.value).startswith(f"{field}: ")
+
+
+# ============================================================================================ the CLI
+
+@pytest.mark.parametrize("args,field", [
+    (["run", "ppo.batchsize=8"], "ppo.batchsize"),
+    (["run", "generation.min_new_tokens=60"], "generation.max_new_tokens"),
+    (["run", "ppo.learning_rate=-1"], "ppo.learning_rate"),
+    (["eval", "ppo.ppo_epochs=0"], "ppo.ppo_epochs"),
+    (["run", "--preset", "gpt-5"], "preset"),
+])
+def test_cli_prints_one_line_without_traceback_and_exits_2(capsys, args, field):
+    from harness.cli import main
+
+    code = main(args + ["--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"detox-harness: error: {field}: ")
+    assert "Traceback" not in err + out
