@@ -916,7 +916,7 @@ def cli_eval(cfg: HarnessConfig, target: str | None, output_dir: Path, *, progre
 
     from .data import build_prompts
     from .models import load_policy, resolve_device
-    from .toxicity import Classifier
+    from .toxicity import load_judges
 
     t_start = time.time()
     run_dir = Path(output_dir)
@@ -935,14 +935,7 @@ def cli_eval(cfg: HarnessConfig, target: str | None, output_dir: Path, *, progre
     timings: dict[str, float] = {}
     t = time.time()
     policy = load_policy(cfg.policy, device=device)
-    classifier = Classifier.load(cfg.reward.model, label=cfg.reward.label, toxic_label=cfg.reward.toxic_label,
-                                 batch_size=cfg.reward.batch_size, max_length=cfg.reward.max_length, device=device,
-                                 trust_remote_code=cfg.reward.trust_remote_code)
-    second = None
-    if cfg.eval.second_classifier:
-        second = Classifier.load(cfg.eval.second_classifier, label=cfg.eval.second_toxic_label,
-                                 toxic_label=cfg.eval.second_toxic_label, batch_size=cfg.reward.batch_size,
-                                 device=device, field="eval.second_classifier")
+    classifier, second = load_judges(cfg, device)
     data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples)
     timings["load_s"] = time.time() - t
     before = evaluate_policy(policy, classifier, data.test, cfg, use_reference=True, second_classifier=second,

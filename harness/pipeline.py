@@ -103,7 +103,7 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     from .models import count_parameters, format_parameter_count, load_policy, resolve_device
     from .ppo.trainer import PPOTrainer
     from .thresholds import all_passed, verdict
-    from .toxicity import Classifier
+    from .toxicity import load_judges
 
     t_start = time.time()
     run_dir = resolve_run_dir(cfg, output, resume)
@@ -127,14 +127,7 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
 
     t = time.time()
     policy = load_policy(cfg.policy, device=device)
-    classifier = Classifier.load(cfg.reward.model, label=cfg.reward.label, toxic_label=cfg.reward.toxic_label,
-                                 batch_size=cfg.reward.batch_size, max_length=cfg.reward.max_length, device=device,
-                                 trust_remote_code=cfg.reward.trust_remote_code)
-    second = None
-    if cfg.eval.second_classifier:
-        second = Classifier.load(cfg.eval.second_classifier, label=cfg.eval.second_toxic_label,
-                                 toxic_label=cfg.eval.second_toxic_label, batch_size=cfg.reward.batch_size,
-                                 device=device, field="eval.second_classifier")
+    classifier, second = load_judges(cfg, device)
     data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples,
                          min_train_rows=cfg.ppo.batch_size)
     timings["load_s"] = time.time() - t

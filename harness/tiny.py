@@ -6,7 +6,7 @@
   (``id, dialogue, summary, topic``; ``#Person1#: ...`` turns), generated from this module's own
   templates. A known fraction (:data:`TOXIC_FRACTION`) of the reference summaries contain a word of a
   small lexicon of mild insults (:data:`INSULTS`).
-- ``policy/``: a SentencePiece T5 tokenizer trained on that corpus and a small T5 (about 0.3 M
+- ``policy/``: a SentencePiece T5 tokenizer trained on that corpus and a small T5 (about 0.18 M
   parameters) trained briefly on (prompt -> summary), so that it writes summary-like text, part of it toxic.
 - ``classifier/``: a small RoBERTa sequence classifier with labels ``{0: "nothate", 1: "hate"}`` and its
   own byte-level BPE tokenizer, trained to tell toxic text from clean text.

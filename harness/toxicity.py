@@ -102,6 +102,20 @@ class Classifier:
         return reward, probs[:, self.toxic_index]
 
 
+def load_judges(cfg, device) -> tuple[Classifier, Classifier | None]:
+    """The run's reward classifier (``reward.*``) and, when ``eval.second_classifier`` is set, the
+    independent second judge, both on ``device``."""
+    reward = Classifier.load(cfg.reward.model, label=cfg.reward.label, toxic_label=cfg.reward.toxic_label,
+                             batch_size=cfg.reward.batch_size, max_length=cfg.reward.max_length, device=device,
+                             trust_remote_code=cfg.reward.trust_remote_code)
+    second = None
+    if cfg.eval.second_classifier:
+        second = Classifier.load(cfg.eval.second_classifier, label=cfg.eval.second_toxic_label,
+                                 toxic_label=cfg.eval.second_toxic_label, batch_size=cfg.reward.batch_size,
+                                 device=device, field="eval.second_classifier")
+    return reward, second
+
+
 def _model_field(field: str) -> str:
     """The config field that names the classifier: ``reward.model``, or ``eval.second_classifier`` itself."""
     return field if field.startswith("eval.") else f"{field}.model"

@@ -30,9 +30,8 @@ FX = REPO / "fixtures" / "parity"
 GOLDEN = FX / "golden"
 CASES = ["kl_adaptive", "full_fixed", "abs_fixed", "mse_adaptive",  # kl penalties x KL controllers
          "ratio_skip_fixed", "early_stop_fixed", "whiten_fixed", "gradclip_fixed"]  # the other trl_compat paths
-# Every TRL 0.11.4 quirk the harness does not copy by default has a trl_compat switch (docs/ppo.md), so no
-# case is expected to fail. (gradclip_fixed: TRL clips only the first mini-batch of the trainer's life.)
-KNOWN_DIFFERENCES: dict[str, str] = {}
+# Every TRL 0.11.4 quirk the harness does not copy by default has a trl_compat switch (docs/ppo.md), so every
+# case must match. (gradclip_fixed: TRL clips only the first mini-batch of the trainer's life.)
 N_STEPS = 2  # make_golden.py runs PPOTrainer.step twice per case on the same batch
 
 # A harness number passes when it is within TOL of TRL's either absolutely OR relatively, whichever is
@@ -282,9 +281,7 @@ def compare_weights(golden_w: dict, got_w: dict) -> tuple[list[str], dict[str, f
     return problems, worst
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_DIFFERENCES[c], strict=False)) if c in KNOWN_DIFFERENCES
-    else c for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_ppo_step_matches_trl(case):
     golden, steps, weights, leftover = run_harness(case)
     assert not leftover, f"the harness used {len(golden['permutations']) - len(leftover)} of TRL's " \
