@@ -145,11 +145,29 @@ COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "build-tiny"
             "presets": cmd_presets}
 
 
+def _quiet_libraries(verbose: bool, progress: bool) -> None:
+    """Keep the terminal for the harness's own output: no library deprecation notices users cannot act on
+    (peft asks transformers a deprecated question on every LoRA load), and no per-file weight-loading bars
+    when progress bars are off."""
+    import warnings
+
+    if not verbose:
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not progress:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(verbose=args.verbose, progress=not getattr(args, "no_progress", False))
     try:
         return COMMANDS[args.command](args)
     except HarnessError as e:
