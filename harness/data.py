@@ -9,6 +9,7 @@ list) for evaluation; rows that repeat a dialogue once per reference (the Hub's 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -85,8 +86,12 @@ def _quiet_datasets():
 
 
 def _read_file(path: Path):
-    from datasets import load_dataset
+    """The raw rows of one local file: a list of dicts for JSON / JSON lines, a ``datasets.Dataset`` for CSV.
 
+    JSON is parsed with the standard library rather than through ``datasets``' pyarrow JSON reader: that
+    reader can crash the whole process (a segmentation fault, seen here on fuzzed files with mixed types),
+    and a bad file must end in one clear line that says where it is broken, never in a crash.
+    """
     kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix)
     if kind is None:
         raise DataError("unsupported file type", field="data.path", value=str(path),
@@ -100,6 +105,10 @@ def _read_file(path: Path):
                         fix="check the path and the file's permissions") from e
     if not head.strip():
         raise DataError("the file is empty", field="data.path", value=str(path), fix=fix)
+    if kind == "json":
+        return _read_json_records(path, fix)
+    from datasets import load_dataset
+
     try:
         with _quiet_datasets():
             return load_dataset(kind, data_files=str(path), split="train")
@@ -111,6 +120,44 @@ def _read_file(path: Path):
         raise DataError(f"cannot read the file: {detail}", field="data.path", value=str(path), fix=fix) from e
 
 
+def _read_json_records(path: Path, fix: str) -> list:
+    """Rows of a JSON file (a list of records, or a mapping of equally long columns) or of JSON lines."""
+    def bad(detail: str) -> DataError:
+        return DataError(f"cannot read the file: {detail}", field="data.path", value=str(path), fix=fix)
+
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise bad(f"not UTF-8 text (byte {e.start})") from e
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except RecursionError as e:
+            raise bad("not valid JSON: nested too deeply") from e
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": one object per line in a .json file, read as JSON lines
+                raise bad(f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        else:
+            if isinstance(data, list):
+                return data
+            columns = list(data.values()) if isinstance(data, dict) else []
+            if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
+                return [dict(zip(data, values)) for values in zip(*columns)]
+            raise bad("a JSON file must hold a list of records or a mapping of equally long columns "
+                      f"(got a {type(data).__name__})")
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except RecursionError as e:
+            raise bad(f"not valid JSON lines: line {lineno} is nested too deeply") from e
+        except json.JSONDecodeError as e:
+            raise bad(f"not valid JSON lines: line {lineno}, column {e.colno}: {e.msg}") from e
+    return rows
+
+
 def resolve_data_path(location: str) -> str:
     if str(location).startswith("tiny://"):
         from .tiny import resolve
@@ -120,7 +167,8 @@ def resolve_data_path(location: str) -> str:
 
 
 def load_rows(path: str, split: str = "train"):
-    """Raw rows of one split as a ``datasets.Dataset`` (hub id, file or directory)."""
+    """Raw rows of one split (hub id, file or directory): a ``datasets.Dataset``, or for local JSON / JSON lines
+    files a list of dicts (see :func:`_read_file`); :func:`normalize` takes either."""
     location = resolve_data_path(path)
     p = Path(location)
     if p.is_dir():

@@ -156,6 +156,34 @@ def test_unreadable_file_names_the_parser_problem(tmp_path, t5_tokenizer):
     # the parser's own words, not datasets' "An error occurred while generating the dataset"
     assert "generating the dataset" not in str(e.value)
     assert "position" in str(e.value) or "JSON" in str(e.value)
+    assert "line 2" in str(e.value)  # where the file is broken
+
+
+@pytest.mark.parametrize("name,content", [
+    ("columns.json", {"dialogue": ["a", "b"], "summary": ["s", "t"]}),  # a mapping of columns
+    ("records.json", [{"dialogue": "a", "summary": "s"}, {"dialogue": "b", "summary": "t"}]),
+    ("lines.json", None),  # JSON lines in a .json file
+])
+def test_json_layouts_read_as_records(tmp_path, name, content):
+    from harness.data import load_rows
+
+    f = tmp_path / name
+    if content is None:
+        f.write_text('{"dialogue": "a", "summary": "s"}\n{"dialogue": "b", "summary": "t"}\n')
+    else:
+        f.write_text(json.dumps(content))
+    rows = normalize(load_rows(str(f)))
+    assert [(r["dialogue"], r["summaries"]) for r in rows] == [("a", ["s"]), ("b", ["t"])]
+
+
+@pytest.mark.parametrize("content,words", [('"just a string"', "list of records"), ('{"a": [1], "b": [1, 2]}', "list of records"),
+                                           ("[" * 100_000, "nested too deeply")])
+def test_json_that_holds_no_records(tmp_path, t5_tokenizer, content, words):
+    f = tmp_path / "d.json"
+    f.write_text(content)
+    with pytest.raises(DataError) as e:
+        build_prompts(data_cfg(f), t5_tokenizer)
+    assert words in one_line(e, "data.path")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")

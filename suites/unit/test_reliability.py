@@ -154,7 +154,6 @@ def _build_or_error(tmp_path_factory, tokenizer, rows, fmt, *, min_chars=0, span
     """build_prompts on ``rows`` written as ``fmt``: a valid dataset, or a one-line HarnessError."""
     path = tmp_path_factory.mktemp("fuzz") / f"data.{fmt}"
     _write(path, rows, fmt)
-    import shutil as _sh; _sh.copy(path, "/tmp/lastfuzz." + fmt); open("/tmp/lastfuzz.fmt", "w").write(fmt)  # DEBUG
     cfg = DataConfig(path=str(path), min_chars=min_chars, max_chars=min_chars + span, test_fraction=test_fraction,
                      max_prompt_tokens=max_prompt_tokens, max_rows=max_rows)
     try:
