@@ -68,7 +68,27 @@ def _load(args):
         overrides.append(f"seed={args.seed}")
     if getattr(args, "no_report", False):
         overrides.append("output.report=false")
-    return load_config(args.preset, args.config, overrides)
+    cfg = load_config(args.preset, args.config, overrides)
+    _build_tiny_world_if_needed(cfg)
+    return cfg
+
+
+def _build_tiny_world_if_needed(cfg) -> None:
+    """A first run on the tiny world builds it (about a minute on 2 cores): say so, and show its steps."""
+    from . import tiny
+
+    locations = [cfg.data.path, cfg.policy.model, cfg.reward.model, cfg.eval.second_classifier]
+    seeds = set()
+    for location in locations:
+        if isinstance(location, str) and location.startswith("tiny://"):
+            seed = location.split("?seed=", 1)[1] if "?seed=" in location else str(tiny.DEFAULT_SEED)
+            if seed.isdigit():  # anything else fails where the location is resolved, with its own message
+                seeds.add(int(seed))
+    for seed in sorted(seeds):
+        if not tiny.is_built(tiny.world_dir(seed)):
+            print(f"tiny world: not in the cache yet, building it into {tiny.world_dir(seed)} "
+                  "(about a minute on 2 cores, once; set DETOX_HARNESS_CACHE to move it)", flush=True)
+            tiny.build(seed=seed, verbose=True)
 
 
 def cmd_run(args) -> int:
