@@ -912,11 +912,7 @@ def cli_eval(cfg: HarnessConfig, target: str | None, output_dir: Path, *, progre
     the same samples; ``timings.eval_after_s`` is 0). With a target, "before" is the reference (adapter
     off) and "after" the target, on the same prompts with the same seeds. Returns the run directory.
     """
-    import torch
-
-    from .data import build_prompts
-    from .models import load_policy, resolve_device
-    from .toxicity import load_judges
+    from .pipeline import load_inputs
 
     t_start = time.time()
     run_dir = Path(output_dir)
@@ -930,14 +926,9 @@ def cli_eval(cfg: HarnessConfig, target: str | None, output_dir: Path, *, progre
             raise HarnessError("a target adapter needs policy.use_lora=true", field="--target", value=str(target))
         adapter = resolve_target(target)
         cfg.policy.adapter = str(adapter)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-    t = time.time()
-    policy = load_policy(cfg.policy, device=device)
-    classifier, second = load_judges(cfg, device)
-    data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples)
-    timings["load_s"] = time.time() - t
+    inputs = load_inputs(cfg)
+    policy, classifier, second, data = inputs.policy, inputs.classifier, inputs.second, inputs.data
+    timings: dict[str, float] = {"load_s": inputs.seconds}
     before = evaluate_policy(policy, classifier, data.test, cfg, use_reference=True, second_classifier=second,
                              progress=progress)
     if adapter is None:

@@ -93,17 +93,44 @@ def read_stats(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = False, progress: bool = True,
-        echo=print) -> RunOutcome:
-    """Run the whole job; returns the outcome (results, bounds, exit code)."""
+@dataclass
+class RunInputs:
+    """What a run or an evaluation loads before it generates anything."""
+
+    device: object
+    policy: object
+    classifier: object
+    second: object
+    data: object
+    seconds: float
+
+
+def load_inputs(cfg: HarnessConfig, *, min_train_rows: int = 1) -> RunInputs:
+    """Seed torch with the run seed (the fresh LoRA's initialization depends on it), then load the policy, the
+    reward classifier, the optional second judge and the prompts (at least ``eval.num_samples`` test rows)."""
     import torch
 
     from .data import build_prompts
+    from .models import load_policy, resolve_device
+    from .toxicity import load_judges
+
+    t = time.time()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    policy = load_policy(cfg.policy, device=device)
+    classifier, second = load_judges(cfg, device)
+    data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples,
+                         min_train_rows=min_train_rows)
+    return RunInputs(device, policy, classifier, second, data, time.time() - t)
+
+
+def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = False, progress: bool = True,
+        echo=print) -> RunOutcome:
+    """Run the whole job; returns the outcome (results, bounds, exit code)."""
     from .evaluation import build_results, evaluate_policy, write_run_files
-    from .models import count_parameters, format_parameter_count, load_policy, resolve_device
+    from .models import count_parameters, format_parameter_count
     from .ppo.trainer import PPOTrainer
     from .thresholds import all_passed, verdict
-    from .toxicity import load_judges
 
     t_start = time.time()
     run_dir = resolve_run_dir(cfg, output, resume)
@@ -121,16 +148,10 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
             cfg = config_from_dict(yaml.safe_load(saved.read_text()))
             echo(f"resuming {run_dir} with its saved config")
     cfg.save(run_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-
-    t = time.time()
-    policy = load_policy(cfg.policy, device=device)
-    classifier, second = load_judges(cfg, device)
-    data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples,
-                         min_train_rows=cfg.ppo.batch_size)
-    timings["load_s"] = time.time() - t
+    inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size)
+    device, policy, classifier, second, data = (inputs.device, inputs.policy, inputs.classifier, inputs.second,
+                                                 inputs.data)
+    timings: dict[str, float] = {"load_s": inputs.seconds}
     echo(f"run {run_dir.name}: preset {cfg.preset}, seed {cfg.seed}, device {device}")
     echo(format_parameter_count(count_parameters(policy)))
     echo(f"data: {data.stats['kept']} dialogues kept of {data.stats['dialogues']} "

@@ -17,7 +17,6 @@ What is asserted here (``test_parity.py`` already proves the step's numbers agai
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
