@@ -51,7 +51,9 @@ class SeededSampler(LogitsProcessor):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float() / self.temperature
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
         if self.top_k and self.top_k < scores.shape[-1]:
             kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -129,10 +131,13 @@ def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_to
         kwargs["min_length"] = min_length
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
-    out = model.generate(input_ids=enc_ids.to(device), attention_mask=enc_mask.to(device), **kwargs)
+    with torch.inference_mode():  # no autograd bookkeeping at all while sampling (faster than no_grad alone)
+        out = model.generate(input_ids=enc_ids.to(device), attention_mask=enc_mask.to(device), **kwargs)
     if was_training:
         model.train()
-    out = out[:, 1:].cpu()  # drop the decoder start token: it is not an action
+    # drop the decoder start token (it is not an action); clone outside inference mode, so that the
+    # responses are ordinary tensors that a later training forward may use
+    out = out[:, 1:].cpu().clone()
     responses = [cut_after_eos(row, eos, pad, limit) for row, limit in zip(out, limits)]
     texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
     return Rollout(responses=responses, texts=texts, lengths=[int(r.numel()) for r in responses])
