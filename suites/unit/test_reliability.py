@@ -260,53 +260,44 @@ def _assert_untouched(policy, optimizer, kl_ctl, running, run):
     return stats
 
 
-def test_nan_logits_skip_the_step(trained, batch):
+def _skipped_with(trained, batch, install) -> dict:
+    """One good step (so Adam has state), then a step with the fault ``install(policy)`` puts in place (a hook
+    handle, removed afterwards): the step must be skipped and leave everything untouched. Returns its stats."""
     policy, optimizer, kl_ctl, running, config = trained
     _step(policy, optimizer, kl_ctl, batch, config, running)
-    hook = policy.base_model.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
+    handle = install(policy)
     try:
-        stats = _assert_untouched(policy, optimizer, kl_ctl, running,
-                                  lambda: _step(policy, optimizer, kl_ctl, batch, config, running))
+        return _assert_untouched(policy, optimizer, kl_ctl, running,
+                                 lambda: _step(policy, optimizer, kl_ctl, batch, config, running))
     finally:
-        hook.remove()
+        handle.remove()
+
+
+def test_nan_logits_skip_the_step(trained, batch):
+    stats = _skipped_with(trained, batch, lambda policy: policy.base_model.lm_head.register_forward_hook(
+        lambda m, i, out: out * float("nan")))
     assert stats["skip_reason"] == "non-finite loss"
+    policy, optimizer, kl_ctl, running, config = trained
     assert _step(policy, optimizer, kl_ctl, batch, config, running)["skipped"] == 0.0  # and training goes on
 
 
 def test_inf_logits_skip_the_step(trained, batch):
-    policy, optimizer, kl_ctl, running, config = trained
-    _step(policy, optimizer, kl_ctl, batch, config, running)
-    hook = policy.base_model.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, torch.tensor([3]),
-                                                                                          float("inf")))
-    try:
-        _assert_untouched(policy, optimizer, kl_ctl, running,
-                          lambda: _step(policy, optimizer, kl_ctl, batch, config, running))
-    finally:
-        hook.remove()
+    _skipped_with(trained, batch, lambda policy: policy.base_model.lm_head.register_forward_hook(
+        lambda m, i, out: out.index_fill(-1, torch.tensor([3]), float("inf"))))
 
 
 def test_nan_values_skip_the_step(trained, batch):
-    policy, optimizer, kl_ctl, running, config = trained
-    _step(policy, optimizer, kl_ctl, batch, config, running)
-    hook = policy.value_head.register_forward_hook(lambda m, i, out: out * float("nan"))
-    try:
-        stats = _assert_untouched(policy, optimizer, kl_ctl, running,
-                                  lambda: _step(policy, optimizer, kl_ctl, batch, config, running))
-    finally:
-        hook.remove()
+    stats = _skipped_with(trained, batch, lambda policy: policy.value_head.register_forward_hook(
+        lambda m, i, out: out * float("nan")))
     assert stats["skip_reason"] == "non-finite loss"
 
 
 def test_nan_gradient_skips_the_step(trained, batch):
-    policy, optimizer, kl_ctl, running, config = trained
-    _step(policy, optimizer, kl_ctl, batch, config, running)
-    param = next(p for n, p in policy.named_parameters() if "lora_A" in n and p.requires_grad)
-    handle = param.register_hook(lambda g: torch.full_like(g, float("nan")))
-    try:
-        stats = _assert_untouched(policy, optimizer, kl_ctl, running,
-                                  lambda: _step(policy, optimizer, kl_ctl, batch, config, running))
-    finally:
-        handle.remove()
+    def nan_gradient(policy):
+        param = next(p for n, p in policy.named_parameters() if "lora_A" in n and p.requires_grad)
+        return param.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    stats = _skipped_with(trained, batch, nan_gradient)
     assert stats["skip_reason"] == "non-finite gradient"
 
 
