@@ -78,12 +78,7 @@ def _build_tiny_world_if_needed(cfg) -> None:
     from . import tiny
 
     locations = [cfg.data.path, cfg.policy.model, cfg.reward.model, cfg.eval.second_classifier]
-    seeds = set()
-    for location in locations:
-        if isinstance(location, str) and location.startswith("tiny://"):
-            seed = location.split("?seed=", 1)[1] if "?seed=" in location else str(tiny.DEFAULT_SEED)
-            if seed.isdigit():  # anything else fails where the location is resolved, with its own message
-                seeds.add(int(seed))
+    seeds = {tiny.parse(x)[1] for x in locations if isinstance(x, str) and x.startswith("tiny://")}
     for seed in sorted(seeds):
         if not tiny.is_built(tiny.world_dir(seed)):
             print(f"tiny world: not in the cache yet, building it into {tiny.world_dir(seed)} "

@@ -323,17 +323,27 @@ def manifest(seed: int = DEFAULT_SEED) -> dict:
     return json.loads((build(seed) / MANIFEST).read_text())
 
 
-def resolve(location: str) -> Path:
-    """``tiny://policy``, ``tiny://classifier``, ``tiny://dialogues`` (optionally ``?seed=N``) -> a path."""
-    rest = location[len("tiny://"):]
-    seed = DEFAULT_SEED
-    if "?seed=" in rest:
-        rest, s = rest.split("?seed=", 1)
-        seed = int(s)
-    parts = {"policy": "policy", "classifier": "classifier", "dialogues": "dialogues"}
-    if rest not in parts:
-        from .errors import ConfigError
+ARTIFACTS = ("policy", "classifier", "dialogues")
 
+
+def parse(location: str) -> tuple[str, int]:
+    """``tiny://<artifact>[?seed=N]`` -> (artifact, seed); a ConfigError for anything else."""
+    from .errors import ConfigError
+
+    rest = location[len("tiny://"):]
+    seed = str(DEFAULT_SEED)
+    if "?seed=" in rest:
+        rest, seed = rest.split("?seed=", 1)
+    if rest not in ARTIFACTS:
         raise ConfigError("unknown tiny-world artifact", value=location,
                           fix="use tiny://policy, tiny://classifier or tiny://dialogues")
-    return build(seed) / parts[rest]
+    if not seed.isdigit():
+        raise ConfigError("the tiny-world seed must be a non-negative integer", value=location,
+                          fix="for example tiny://policy?seed=1")
+    return rest, int(seed)
+
+
+def resolve(location: str) -> Path:
+    """``tiny://policy``, ``tiny://classifier``, ``tiny://dialogues`` (optionally ``?seed=N``) -> a path."""
+    artifact, seed = parse(location)
+    return build(seed) / artifact
