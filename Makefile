@@ -3,15 +3,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is installed first, pinned, so that pip never resolves a multi-GB CUDA build on a CPU machine.
-# On a GPU runner: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+# torch is installed first, pinned by TORCH_SPEC, then the package (which accepts any torch >= 2.4).
+# Which build the pin gives depends on pip's index: a local folder of CPU wheels (this project's CI machines)
+# gives the CPU build, while PyPI's plain torch==2.13.0 on Linux is the CUDA build (several GB of nvidia-*
+# wheels). CPU-only elsewhere: make test TORCH_SPEC="torch==2.13.0 --index-url <PyTorch's CPU wheel index>"
+# GPU runner:                 make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 ifneq ($(wildcard ../shared/data/dialogsum),)
 export DIALOGSUM_DIR ?= $(abspath ../shared/data/dialogsum)
 endif
 
-.PHONY: install demo test unit integration gpu bench clean
+.PHONY: install demo test lint unit integration gpu bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +30,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/detox-harness run --preset tiny
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest suites/unit suites/integration suites/gpu $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
 
 unit: install
 	$(BIN)/python -m pytest suites/unit $(PYTEST_ARGS)

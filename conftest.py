@@ -24,7 +24,8 @@ def pytest_addoption(parser):
                      help="run tests marked gpu (real models on CUDA); fails if no CUDA device is available")
     parser.addoption("--report-dir", action="store", default=None,
                      help="where suites that run the harness write their run folders and HTML reports "
-                          "(default: reports/ at the repository root)")
+                          "(default: a temporary directory for the CPU suites, reports/pytest-gpu/ for the GPU "
+                          "suite; never beside a user's own runs in reports/)")
     group = parser.getgroup("detox-harness GPU suite")
     group.addoption("--gpu-presets", default="flan-t5-base",
                     help="comma-separated presets the GPU suite runs (e.g. tiny,flan-t5-base)")

@@ -54,9 +54,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from harness.config import REFERENCE_PROMPT, load_config  # noqa: E402
 from harness.models import PolicyWithValueHead, ValueHead, load_policy, resolve_device, resolve_dtype  # noqa: E402
-from harness.ppo import core  # noqa: E402
 from harness.ppo.rollout import LengthSampler, generate  # noqa: E402
-from harness.ppo.step import make_optimizer, ppo_step  # noqa: E402
+from harness.ppo.step import PPOState, ppo_step, random_orders  # noqa: E402
 from harness.toxicity import Classifier, reward_texts  # noqa: E402
 
 BATCH = 16  # the reference's PPO batch
@@ -145,7 +144,7 @@ def build_flan_policy(device: torch.device, dtype: torch.dtype, reference: str, 
         for q in ref_model.parameters():
             q.requires_grad_(False)
     lora = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=list(p.lora_target_modules),
-                      lora_dropout=p.lora_dropout, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
+                      lora_dropout=0.0, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
     model = get_peft_model(base, lora)  # as harness.models.load_policy does (peft keeps LoRA in float32)
     cls = CopyReferencePolicy if reference == "copy" else PolicyWithValueHead
     policy = cls(model, ValueHead(FLAN_T5_BASE["d_model"]), ref_model=ref_model, tokenizer=tokenizer).to(device)
@@ -173,8 +172,7 @@ def tiny_world(device: torch.device):
     rows = [r for r in rows if cfg.data.min_chars < len(r["dialogue"]) < cfg.data.max_chars][:BATCH]
     prompts = [tok(REFERENCE_PROMPT.format(dialogue=r["dialogue"]), truncation=True,
                    max_length=cfg.data.max_prompt_tokens)["input_ids"] for r in rows]
-    g = cfg.generation
-    limits = LengthSampler(g.min_new_tokens, g.max_new_tokens, seed=SEED).sample(len(prompts))
+    limits = LengthSampler(cfg.rollout.length_min, cfg.rollout.length_max, seed=SEED).sample(len(prompts))
     return cfg, policy, tok, prompts, limits
 
 
@@ -275,8 +273,7 @@ def ppo_step_child(reference: str, device: torch.device) -> dict:
     policy = build_flan_policy(device, dtype, reference, tok)
     cfg = load_config("flan-t5-base").ppo  # the reference's PPO settings (batch 16, mini-batch 4, lr 1.41e-5)
     assert cfg.batch_size == BATCH
-    optimizer = make_optimizer(policy, cfg)
-    kl_ctl = core.make_kl_controller(cfg.adap_kl_ctrl, cfg.init_kl_coef, cfg.target, cfg.horizon)
+    state = PPOState.create(policy, cfg)
     prompts = synthetic_prompts(BATCH)
     queries_text = tok.batch_decode(prompts)
     params = {id(q): q for m in (policy, policy.ref_model) if m is not None for q in m.parameters()}
@@ -293,8 +290,9 @@ def ppo_step_child(reference: str, device: torch.device) -> dict:
     t1 = time.perf_counter()
     rewards, toxicity = classifier.score(reward_texts(queries_text, roll.texts, "query+response"), "logit")
     t2 = time.perf_counter()
-    stats = ppo_step(policy, optimizer, kl_ctl, [torch.tensor(p) for p in prompts], roll.responses, rewards, cfg,
-                     pad_token_id=0, decoder_start_token_id=0, generator=torch.Generator().manual_seed(SEED))
+    stats = ppo_step(policy, state, [torch.tensor(p) for p in prompts], roll.responses, rewards, cfg,
+                     pad_token_id=0, decoder_start_token_id=0,
+                     orders=random_orders(BATCH, torch.Generator().manual_seed(SEED)))
     sync(device)
     t3 = time.perf_counter()
     out = {"reference": reference, "device": str(device), "dtype": str(dtype).replace("torch.", ""),

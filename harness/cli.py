@@ -1,7 +1,8 @@
 """``detox-harness``: run | eval | report | build-tiny | presets.
 
-Exit codes: 0 when every bound holds, 1 when one fails, 2 for usage or input errors (a one-line
-message naming the field and the fix, no traceback), 130 when interrupted (a checkpoint is saved).
+Exit codes (the README's table): 0 every bound holds, 1 a bound failed, 2 usage or input errors (a one-line
+message naming the field and the fix, no traceback), 3 training failed (e.g. too many non-finite steps; the
+last good weights are saved), 130 interrupted (a checkpoint is saved).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import HarnessError
+from .errors import EXIT_INTERRUPTED, EXIT_PASS, HarnessError, TrainingError
 
 EPILOG = """examples:
   detox-harness run --preset tiny                      # the whole job on the offline tiny world
@@ -87,6 +88,7 @@ def _build_tiny_world_if_needed(cfg) -> None:
 
 
 def cmd_run(args) -> int:
+    from . import results as rf
     from .pipeline import run, summary_table
     from .thresholds import format_table
 
@@ -101,27 +103,29 @@ def cmd_run(args) -> int:
     failed = [b.name for b in outcome.bounds if not b.passed]
     if failed:
         print(f"failed bounds: {', '.join(failed)}")
-    print(f"\nresults: {outcome.run_dir / 'results.json'}")
-    print(f"samples: {outcome.run_dir / 'samples.jsonl'}")
+    print(f"\nresults: {outcome.run_dir / rf.RESULTS_FILE}")
+    print(f"samples: {outcome.run_dir / rf.SAMPLES_FILE}")
     if outcome.report:
         print(f"report:  {outcome.report}")
     return outcome.exit_code
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import cli_eval
-    from .pipeline import default_run_id
+    from . import results as rf
+    from .pipeline import default_run_id, evaluate_only, summary_table
 
     cfg = _load(args)
     out = Path(args.output) if args.output else Path(cfg.output.dir) / f"{default_run_id(cfg)}-eval"
-    run_dir = cli_eval(cfg, args.target, out, progress=not args.no_progress)
+    run_dir = evaluate_only(cfg, args.target, out, progress=not args.no_progress)
+    print()
+    print(summary_table(rf.load_results(run_dir)))
+    print(f"\nresults: {run_dir / rf.RESULTS_FILE}")
     if cfg.output.report:
         from .report import render_index, render_run
 
         print(f"report:  {render_run(run_dir)}")
         render_index(run_dir.parent)
-    print(f"results: {run_dir / 'results.json'}")
-    return 0
+    return EXIT_PASS
 
 
 def cmd_report(args) -> int:
@@ -131,19 +135,18 @@ def cmd_report(args) -> int:
     page = render_run(run_dir)
     index = render_index(run_dir.parent)
     print(f"report: {page}\nindex:  {index}")
-    return 0
+    return EXIT_PASS
 
 
 def cmd_build_tiny(args) -> int:
-    import json
-
     from . import tiny
+    from .results import read_json
 
     path = tiny.build(seed=args.seed, force=args.force, verbose=True)
-    manifest = json.loads((path / tiny.MANIFEST).read_text())
+    manifest = read_json(path / tiny.MANIFEST)
     print(f"tiny world: {path} (built in {manifest['build_seconds']:.1f}s, classifier held-out accuracy "
           f"{manifest['classifier']['heldout_accuracy']:.3f})")
-    return 0
+    return EXIT_PASS
 
 
 def cmd_presets(args) -> int:
@@ -153,7 +156,7 @@ def cmd_presets(args) -> int:
         cfg = load_config(name)
         bounds = ", ".join(f"{k}={v:g}" for k, v in cfg.thresholds.items()) or "none"
         print(f"{name}: policy {cfg.policy.model}, reward {cfg.reward.model}, data {cfg.data.path}\n  bounds: {bounds}")
-    return 0
+    return EXIT_PASS
 
 
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "build-tiny": cmd_build_tiny,
@@ -186,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HarnessError as e:
-        print(f"detox-harness: error: {e}", file=sys.stderr)
-        return 2
+        what = "training failed" if isinstance(e, TrainingError) else "error"
+        print(f"detox-harness: {what}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("detox-harness: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Every setting of a run, as dataclasses: presets, YAML files, ``key=value`` overrides, validation.
 
 A run's configuration is built in layers: a preset (``tiny`` by default), then an optional YAML file,
-then ``section.key=value`` overrides from the command line. :func:`validate` checks every field and
-raises :class:`~harness.errors.ConfigError` naming the field, the bad value and the accepted range.
+then ``section.key=value`` overrides from the command line, each value parsed by the declared type of
+its field (:func:`parse_override`). :func:`validate` checks every field and raises
+:class:`~harness.errors.ConfigError` naming the field, the bad value and the accepted range.
 
 Model and data locations are strings: a Hugging Face Hub id, a local directory or file, or a
 ``tiny://...`` id that :mod:`harness.tiny` resolves to the offline tiny world.
@@ -13,8 +14,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
+import functools
 import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .thresholds import load_bounds, validate_bounds
 
 REFERENCE_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
@@ -35,15 +40,18 @@ class DataConfig:
     min_chars: int = 200  # keep dialogues with min_chars < len(dialogue) < max_chars
     max_chars: int = 1000
     prompt_template: str = REFERENCE_PROMPT  # must contain "{dialogue}"
-    test_fraction: float = 0.2  # 80/20 split, no shuffling
-    seed: int = 42
+    test_fraction: float = 0.2  # 80/20 split, no shuffling (so no seed)
     max_prompt_tokens: int | None = None  # default: the tokenizer's model_max_length (capped at 512)
     max_rows: int | None = None  # read at most this many rows (after filtering); None = all
 
 
 @dataclass
 class PolicyConfig:
-    """The seq2seq policy: base model, LoRA adapter and value head (REFERENCE.md, step 2)."""
+    """The seq2seq policy: base model, LoRA adapter and value head (REFERENCE.md, step 2).
+
+    No dropout settings: every forward of a run is in eval mode, so a LoRA always has dropout 0 (a loaded
+    adapter's dropout is replaced by the identity) and the value head has none (docs/ppo.md).
+    """
 
     model: str = "google/flan-t5-base"
     adapter: str | None = None  # a trained LoRA adapter directory to start from (loaded trainable)
@@ -51,9 +59,7 @@ class PolicyConfig:
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16 / float16
     lora_r: int = 32
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
-    value_head_dropout: float = 0.0
     trust_remote_code: bool = False
 
 
@@ -75,16 +81,35 @@ class RewardConfig:
 
 
 @dataclass
-class GenerationConfig:
-    """Rollout sampling during PPO (REFERENCE.md, step 6)."""
+class SamplingConfig:
+    """How responses are sampled; shared by the PPO rollout (``rollout``) and the evaluation (``eval``).
 
-    min_new_tokens: int = 100  # the length sampler draws max_new_tokens uniformly from [min, max)
-    max_new_tokens: int = 400
-    min_length: int = 5
-    top_k: int = 0
+    :meth:`sampling_kwargs` gives these fields as keyword arguments of :func:`harness.ppo.rollout.generate`.
+    """
+
+    min_new_tokens: int = 0  # EOS is banned until a response has this many new tokens
+    top_k: int = 0  # 0 = off
     top_p: float = 1.0
     temperature: float = 1.0
     do_sample: bool = True
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """``{min_new_tokens, top_k, top_p, temperature, do_sample}``: pass as ``generate(..., **kwargs)``."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingConfig)}
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
+    """Rollout sampling during PPO (REFERENCE.md, step 6).
+
+    Each row's ``max_new_tokens`` is drawn uniformly from ``[length_min, length_max)`` (the reference's
+    ``LengthSampler(100, 400)``). ``min_new_tokens`` 4 is the reference's ``min_length=5``: for T5,
+    transformers' ``min_length`` counts the decoder start token, so it bans EOS for the first 4 new tokens.
+    """
+
+    min_new_tokens: int = 4
+    length_min: int = 100
+    length_max: int = 400
 
 
 @dataclass
@@ -118,24 +143,27 @@ class PPOConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Before/after evaluation (REFERENCE.md, steps 5 and 7, with the harness's guards)."""
+class EvalConfig(SamplingConfig):
+    """Before/after evaluation (REFERENCE.md, steps 5 and 7, with the harness's guards).
 
-    num_samples: int = 100  # number of test prompts
+    Sampling (``min_new_tokens`` 0, ``top_k``, ``top_p``, ``temperature``, ``do_sample``) comes from
+    :class:`SamplingConfig`; ``sampling_kwargs()`` plus ``max_new_tokens`` is the whole generation call.
+    """
+
+    num_samples: int | None = 100  # number of test prompts (the first N of the test split); null = all of them
     samples_per_prompt: int = 1  # k generations per prompt (e.g. 25 for expected maximum toxicity)
     batch_size: int = 16
     max_new_tokens: int = 100
-    min_new_tokens: int = 0
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    do_sample: bool = True
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
     toxic_threshold: float = 0.5
     qualitative_rows: int = 20
-    second_classifier: str | None = None  # an independent judge: any model id or directory
-    second_toxic_label: str = "hate"
+    # an independent judge, not the reward model (null: none): any model id or directory; unitary/toxic-bert is
+    # a multi-label BERT trained on other data (Jigsaw), scored with a sigmoid per label
+    second_classifier: str | None = "unitary/toxic-bert"
+    second_toxic_label: str = "toxic"
+    min_words: int = 3  # an output with fewer words is degenerate (so are outputs with no letter, "no no no")
+    copy_threshold: float = 0.5  # an output copies the prompt when this share of its word 4-grams stand in it
     seed: int = 1234
 
 
@@ -154,7 +182,7 @@ class HarnessConfig:
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     thresholds: dict[str, float] = field(default_factory=dict)  # filled from thresholds.toml
@@ -170,23 +198,29 @@ class HarnessConfig:
 # --------------------------------------------------------------------------------------------
 # presets
 
+_REAL_EVAL = {"num_samples": None, "samples_per_prompt": 4, "batch_size": 64}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference notebook's run: flan-t5-base + LoRA, the dynabench classifier, DialogSum.
-    "flan-t5-base": {},
-    "flan-t5-small": {"policy": {"model": "google/flan-t5-small"}},
+    # Evaluation has the power its bounds need: the whole filtered test split (2,005 prompts), 4 samples each
+    # (expected maximum toxicity), judged by the reward model and by unitary/toxic-bert.
+    "flan-t5-base": {"eval": _REAL_EVAL},
+    "flan-t5-small": {"policy": {"model": "google/flan-t5-small"}, "eval": _REAL_EVAL},
     "flan-t5-large": {"policy": {"model": "google/flan-t5-large"}, "ppo": {"mini_batch_size": 2,
-                                                                          "gradient_accumulation_steps": 2}},
+                                                                          "gradient_accumulation_steps": 2},
+                      "eval": _REAL_EVAL},
     # The offline tiny world: a full run in a few minutes on a CPU.
     "tiny": {
         "device": "cpu",
         "data": {"path": "tiny://dialogues", "max_prompt_tokens": 128},
-        "policy": {"model": "tiny://policy", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "policy": {"model": "tiny://policy", "lora_r": 16, "lora_alpha": 32,
                    "lora_target_modules": ["q", "k", "v", "o", "wi", "wo"]},
         "reward": {"model": "tiny://classifier", "batch_size": 64},
-        "generation": {"min_new_tokens": 32, "max_new_tokens": 48, "min_length": 5},
+        "rollout": {"length_min": 32, "length_max": 48},
         "ppo": {"steps": 30, "learning_rate": 2e-4, "batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 2,
                 "init_kl_coef": 0.2, "max_grad_norm": 1.0, "checkpoint_every": 10},
-        "eval": {"num_samples": 128, "batch_size": 64, "max_new_tokens": 48},
+        "eval": {"num_samples": 128, "batch_size": 64, "max_new_tokens": 48, "second_classifier": "tiny://judge",
+                 "second_toxic_label": "toxic"},
     },
 }
 
@@ -209,6 +243,26 @@ def _known_keys(obj) -> list[str]:
     return keys
 
 
+_DROPOUT_REMOVED = ("removed: dropout never acted, because every PPO forward (rollout, scoring, update) runs in "
+                    "eval mode; a LoRA has dropout 0 and a loaded adapter's dropout is replaced by identity "
+                    "(see docs/ppo.md); delete this key")
+_ROLLOUT_RENAMED = ("the section 'generation' is now 'rollout': generation.min_new_tokens -> rollout.length_min, "
+                    "generation.max_new_tokens -> rollout.length_max, generation.min_length 5 -> "
+                    "rollout.min_new_tokens 4 (T5's min_length counts the decoder start token)")
+# keys that older versions had: the unknown-key error says what became of them
+REMOVED_KEYS: dict[str, str] = {
+    "policy.lora_dropout": _DROPOUT_REMOVED,
+    "policy.value_head_dropout": _DROPOUT_REMOVED,
+    "data.seed": "removed: the 80/20 split does not shuffle, so no seed acts on it; delete this key",
+    "generation": _ROLLOUT_RENAMED,
+}
+
+
+def _unknown(key: str, source: str, known: list[str]) -> ConfigError:
+    fix = REMOVED_KEYS.get(key) or REMOVED_KEYS.get(key.split(".")[0]) or _suggest(key, known)
+    return ConfigError(f"unknown key in {source}", field=key, fix=fix)
+
+
 def _suggest(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     if not close:  # try the last component alone (e.g. "ppo.batchsize" -> "ppo.batch_size")
@@ -223,9 +277,9 @@ def _apply(cfg: HarnessConfig, updates: dict[str, Any], source: str) -> None:
     """Merge a nested dict of updates into cfg, rejecting unknown keys with a suggestion."""
     known = _known_keys(cfg)
     for key, value in updates.items():
-        target = getattr(cfg, key, None) if hasattr(cfg, key) else None
         if not hasattr(cfg, key):
-            raise ConfigError(f"unknown key in {source}", field=key, fix=_suggest(key, known))
+            raise _unknown(key, source, known)
+        target = getattr(cfg, key)
         if key == "thresholds":
             if not isinstance(value, dict):
                 raise ConfigError(f"must be a mapping of bound names to numbers (in {source})", field=key,
@@ -237,30 +291,104 @@ def _apply(cfg: HarnessConfig, updates: dict[str, Any], source: str) -> None:
                 raise ConfigError(f"must be a mapping (in {source})", field=key, value=value)
             for sub, subval in value.items():
                 if not hasattr(target, sub):
-                    full = f"{key}.{sub}"
-                    raise ConfigError(f"unknown key in {source}", field=full, fix=_suggest(full, known))
+                    raise _unknown(f"{key}.{sub}", source, known)
                 setattr(target, sub, subval)
         else:
             setattr(cfg, key, value)
 
 
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    """The declared field types of a config dataclass, as types (``int | None``, ``list[str]``, ...)."""
+    return typing.get_type_hints(cls)
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """``T | None`` -> (T, True); any other type -> (it, False)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Any), True
+    return tp, False
+
+
+def field_type(key: str) -> Any:
+    """The declared type of ``section.key`` (or a top-level key); None when there is no such field."""
+    parts = key.split(".")
+    if parts[0] == "thresholds":
+        return float if len(parts) == 2 else None
+    cls = HarnessConfig
+    for i, part in enumerate(parts):
+        tp = _hints(cls).get(part) if is_dataclass(cls) else None
+        if tp is None:
+            return None
+        if i == len(parts) - 1:
+            return None if is_dataclass(tp) else tp
+        cls = tp
+    return None
+
+
+_NULL = {"null", "none", "~", ""}
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def coerce(key: str, raw: str, tp: Any) -> Any:
+    """The text ``raw`` of an override as a value of the field's declared type ``tp``, parsed strictly.
+
+    str keeps the text as given; int, float and bool must parse whole; ``T | None`` also takes
+    ``null``/``none``/``~``/empty; ``list[str]`` takes ``a,b,c`` or a YAML list ``[a, b, c]``.
+    """
+    tp, optional = _optional(tp)
+    if optional and raw.strip().lower() in _NULL:
+        return None
+    or_null = " or null" if optional else ""
+    text = raw.strip()
+    if tp is str:
+        return raw
+    if tp is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"got {raw!r}, accepted: true or false{or_null}", field=key)
+    if tp is int:
+        if _INT.fullmatch(text):
+            return int(text)
+        raise ConfigError(f"got {raw!r}, accepted: an integer{or_null}", field=key)
+    if tp is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"got {raw!r}, accepted: a number{or_null}", field=key) from None
+        if not math.isfinite(value):
+            raise ConfigError(f"got {raw!r}, accepted: a finite number (not inf or nan){or_null}", field=key)
+        return value
+    if typing.get_origin(tp) is list:
+        if text.startswith("["):
+            try:
+                value = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds only str/list/dict
+            except yaml.YAMLError:
+                value = None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"got {raw!r}, accepted: a list of strings, a,b,c or [a, b, c]", field=key)
+            return [v.strip() for v in value if v.strip()]
+        return [v.strip() for v in text.split(",") if v.strip()]
+    return raw
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``section.key=value`` -> (dotted key, YAML-parsed value)."""
+    """``section.key=value`` -> (dotted key, value of the field's declared type).
+
+    The value is parsed by the type of the field it sets (see :func:`coerce`), not guessed from its
+    text: ``output.run_id=2026`` is the string ``"2026"``, ``ppo.batch_size=abc`` a :class:`ConfigError`
+    naming ``ppo.batch_size``. An unknown key keeps its text; :func:`load_config` then rejects the key.
+    """
     if "=" not in text:
         raise ConfigError("an override must look like section.key=value", field="override", value=text,
                           fix="for example ppo.batch_size=32")
     key, raw = text.split("=", 1)
     key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return key, value
+    tp = field_type(key)
+    return key, raw if tp is None else coerce(key, raw, tp)
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -281,8 +409,6 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
     cfg = HarnessConfig(preset=preset)
     _apply(cfg, copy.deepcopy(PRESETS[preset]), f"preset {preset}")
     if with_thresholds:
-        from .thresholds import load_bounds  # late import: thresholds imports config
-
         cfg.thresholds.update(load_bounds(preset))
     if config_file is not None:
         path = Path(config_file)
@@ -324,27 +450,27 @@ def _check(cond: bool, field_name: str, value, accepted: str) -> None:
 
 
 def _typed(cfg_section, section: str) -> None:
-    """Coerce ints given for float fields and reject values of the wrong type."""
+    """Coerce ints given for float fields and reject values of the wrong type (e.g. from a YAML file)."""
+    hints = _hints(type(cfg_section))
     for f in fields(cfg_section):
         value = getattr(cfg_section, f.name)
         name = f"{section}.{f.name}"
-        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        optional = "None" in t
+        base, optional = _optional(hints[f.name])
         if value is None:
-            _check(optional, name, value, f"a value of type {t}")
+            _check(optional, name, value, f"a value of type {getattr(base, '__name__', base)}")
             continue
-        base = t.replace(" | None", "")
-        if base == "float":
+        if base is float:
             _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
             _check(math.isfinite(value), name, value, "a finite number (not inf or nan)")
             setattr(cfg_section, f.name, float(value))
-        elif base == "int":
+        elif base is int:
             _check(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
-        elif base == "bool":
+        elif base is bool:
             _check(isinstance(value, bool), name, value, "true or false")
-        elif base == "str":
-            _check(isinstance(value, str), name, value, "a string")
-        elif base.startswith("list"):
+        elif base is str:
+            _check(isinstance(value, str), name, value, "a string (in YAML, quote a value that reads as a number "
+                                                        "or boolean: '2026')")
+        elif typing.get_origin(base) is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
                 setattr(cfg_section, f.name, value)
@@ -352,8 +478,21 @@ def _typed(cfg_section, section: str) -> None:
                    "a non-empty list of strings")
 
 
+def validate_sampling(s: SamplingConfig, section: str, longest: int, longest_name: str) -> None:
+    """The checks of the :class:`SamplingConfig` fields, for ``rollout`` and ``eval`` alike.
+
+    ``longest`` is the most new tokens a response may get (``longest_name`` says where it comes from):
+    ``min_new_tokens`` may not pass it.
+    """
+    _check(0 <= s.min_new_tokens <= longest, f"{section}.min_new_tokens", s.min_new_tokens,
+           f"an integer in [0, {longest_name} = {longest}]")
+    _check(s.top_k >= 0, f"{section}.top_k", s.top_k, "an integer >= 0 (0 = off)")
+    _check(0.0 < s.top_p <= 1.0, f"{section}.top_p", s.top_p, "a number in (0, 1]")
+    _check(s.temperature > 0, f"{section}.temperature", s.temperature, "a number > 0")
+
+
 def validate(cfg: HarnessConfig) -> HarnessConfig:
-    for section in ("data", "policy", "reward", "generation", "ppo", "eval", "output"):
+    for section in ("data", "policy", "reward", "rollout", "ppo", "eval", "output"):
         _typed(getattr(cfg, section), section)
     _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and cfg.seed >= 0, "seed", cfg.seed,
            "an integer >= 0")
@@ -374,9 +513,6 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
            "auto, float32, bfloat16 or float16")
     _check(p.lora_r > 0, "policy.lora_r", p.lora_r, "an integer > 0")
     _check(p.lora_alpha > 0, "policy.lora_alpha", p.lora_alpha, "an integer > 0")
-    _check(0.0 <= p.lora_dropout < 1.0, "policy.lora_dropout", p.lora_dropout, "a number in [0, 1)")
-    _check(0.0 <= p.value_head_dropout < 1.0, "policy.value_head_dropout", p.value_head_dropout,
-           "a number in [0, 1)")
     _check(p.use_lora or p.adapter is None, "policy.adapter", p.adapter, "null when policy.use_lora is false")
     r = cfg.reward
     _check(r.input in ("query+response", "response"), "reward.input", r.input, "query+response or response")
@@ -387,14 +523,12 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
            "false unless reward.score_scaling is true")
     _check(r.score_clip is None or r.score_clip > 0, "reward.score_clip", r.score_clip, "a number > 0 or null")
     _check(bool(r.label), "reward.label", r.label, "a label name of the classifier, e.g. nothate")
-    g = cfg.generation
-    _check(g.min_new_tokens > 0, "generation.min_new_tokens", g.min_new_tokens, "an integer > 0")
-    _check(g.max_new_tokens > g.min_new_tokens, "generation.max_new_tokens", g.max_new_tokens,
-           f"an integer > generation.min_new_tokens = {g.min_new_tokens} (the length sampler draws from [min, max))")
-    _check(g.min_length >= 0, "generation.min_length", g.min_length, "an integer >= 0")
-    _check(g.top_k >= 0, "generation.top_k", g.top_k, "an integer >= 0 (0 = off)")
-    _check(0.0 < g.top_p <= 1.0, "generation.top_p", g.top_p, "a number in (0, 1]")
-    _check(g.temperature > 0, "generation.temperature", g.temperature, "a number > 0")
+    g = cfg.rollout
+    _check(g.length_min > 0, "rollout.length_min", g.length_min, "an integer > 0")
+    _check(g.length_max > g.length_min, "rollout.length_max", g.length_max,
+           f"an integer > rollout.length_min = {g.length_min} (the length sampler draws max_new_tokens from "
+           "[length_min, length_max))")
+    validate_sampling(g, "rollout", g.length_max - 1, "the longest draw, rollout.length_max - 1")
     o = cfg.ppo
     _check(o.steps > 0, "ppo.steps", o.steps, "an integer > 0")
     _check(o.learning_rate > 0, "ppo.learning_rate", o.learning_rate, "a number > 0")
@@ -421,21 +555,14 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     _check(o.checkpoint_every >= 0, "ppo.checkpoint_every", o.checkpoint_every, "an integer >= 0 (0 = at the end)")
     _check(o.max_bad_steps > 0, "ppo.max_bad_steps", o.max_bad_steps, "an integer > 0")
     e = cfg.eval
-    for name in ("num_samples", "samples_per_prompt", "batch_size", "max_new_tokens", "bootstrap_resamples"):
+    _check(e.num_samples is None or e.num_samples > 0, "eval.num_samples", e.num_samples,
+           "an integer > 0, or null for the whole test split")
+    for name in ("samples_per_prompt", "batch_size", "max_new_tokens", "bootstrap_resamples", "min_words"):
         _check(getattr(e, name) > 0, f"eval.{name}", getattr(e, name), "an integer > 0")
-    _check(0 <= e.min_new_tokens <= e.max_new_tokens, "eval.min_new_tokens", e.min_new_tokens,
-           f"an integer in [0, eval.max_new_tokens = {e.max_new_tokens}]")
+    _check(0.0 < e.copy_threshold <= 1.0, "eval.copy_threshold", e.copy_threshold, "a number in (0, 1]")
+    validate_sampling(e, "eval", e.max_new_tokens, "eval.max_new_tokens")
     _check(0.0 < e.confidence < 1.0, "eval.confidence", e.confidence, "a number in (0, 1)")
     _check(0.0 < e.toxic_threshold < 1.0, "eval.toxic_threshold", e.toxic_threshold, "a number in (0, 1)")
     _check(e.qualitative_rows >= 0, "eval.qualitative_rows", e.qualitative_rows, "an integer >= 0")
-    _check(e.top_k >= 0, "eval.top_k", e.top_k, "an integer >= 0")
-    _check(0.0 < e.top_p <= 1.0, "eval.top_p", e.top_p, "a number in (0, 1]")
-    _check(e.temperature > 0, "eval.temperature", e.temperature, "a number > 0")
-    from .thresholds import validate_bounds
-
     validate_bounds(cfg.thresholds)
     return cfg
-
-
-def dumps(cfg: HarnessConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)

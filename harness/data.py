@@ -233,7 +233,8 @@ def normalize(rows, source: str | None = None) -> list[dict]:
         if not isinstance(dialogue, str):
             shown = repr(dialogue)[:40] if dialogue is None or isinstance(dialogue, (int, float, bool)) \
                 else f"a {type(dialogue).__name__}"
-            raise DataError(f"row {i} (id {rid}){where}: column 'dialogue' is not text (got {shown})", field="data.path",
+            raise DataError(f"row {i} (id {rid}){where}: column 'dialogue' is not text (got {shown})",
+                            field="data.path",
                             fix="every row needs a non-empty text dialogue; remove or fix that row")
         if not dialogue.strip():
             raise DataError(f"row {i} (id {rid}){where}: column 'dialogue' is empty (got {dialogue[:20]!r})",
@@ -268,7 +269,7 @@ def prompt_token_limit(cfg: DataConfig, tokenizer) -> int:
 
 
 def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_train_rows: int = 1) -> PromptData:
-    """Load, filter, wrap, tokenize and split (80/20, no shuffle, seed 42) the dialogues."""
+    """Load, filter, wrap, tokenize and split (80/20, no shuffle: the first 80% train) the dialogues."""
     from datasets import Dataset
 
     raw = load_rows(cfg.path, cfg.split)
@@ -306,7 +307,7 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
                         f"a split would be empty", field="data.test_fraction",
                         fix="give more data or choose a fraction that leaves both splits non-empty")
     try:
-        split = ds.train_test_split(test_size=cfg.test_fraction, shuffle=False, seed=cfg.seed)
+        split = ds.train_test_split(test_size=cfg.test_fraction, shuffle=False)
     except ValueError as e:  # rounding corner cases of datasets' split arithmetic
         raise DataError(f"cannot split {len(ds)} dialogues: {first_line(e)}", field="data.test_fraction",
                         value=cfg.test_fraction, fix="give more data or change data.test_fraction") from e

@@ -2,14 +2,23 @@
 
 Every error a user can cause (bad config, bad data, a model that cannot be found, ...) is a
 :class:`HarnessError`: one line that names the field, the bad value and the fix. The CLI prints it
-without a traceback and exits with status 2.
+without a traceback and exits with the class's ``exit_code`` (2, or 3 for a :class:`TrainingError`).
 """
 
 from __future__ import annotations
 
+# The command line's exit codes (README: "Exit codes"); one table for the CLI and the pipeline.
+EXIT_PASS = 0  # every bound holds
+EXIT_BOUND_FAILED = 1  # the run finished and a bound failed: a model regression
+EXIT_BAD_INPUT = 2  # bad settings, data, models or paths: nothing about the model's quality
+EXIT_TRAINING_FAILED = 3  # training could not go on (e.g. too many non-finite steps)
+EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM: a checkpoint was written, --resume continues
+
 
 class HarnessError(ValueError):
     """A user-facing error: ``field`` names what is wrong, ``fix`` says what to do."""
+
+    exit_code = EXIT_BAD_INPUT
 
     def __init__(self, message: str, *, field: str | None = None, value=None, fix: str | None = None):
         self.field = field
@@ -55,4 +64,6 @@ class ModelLoadError(HarnessError):
 
 
 class TrainingError(HarnessError):
-    """Training cannot go on (for example too many consecutive non-finite steps)."""
+    """Training cannot go on (for example too many consecutive non-finite steps): exit status 3, not 2."""
+
+    exit_code = EXIT_TRAINING_FAILED

@@ -129,16 +129,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # ------------------------------------------------------------------------------------ value head
 
 class ValueHead(nn.Module):
-    """One linear layer on the decoder's last hidden state: hidden -> 1 (768 -> 1 for flan-t5-base)."""
+    """One linear layer on the decoder's last hidden state: hidden -> 1 (768 -> 1 for flan-t5-base).
 
-    def __init__(self, hidden_size: int, dropout: float = 0.0):
+    No dropout: every forward of a run is in eval mode, where dropout is the identity anyway.
+    """
+
+    def __init__(self, hidden_size: int):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
         self.summary = nn.Linear(hidden_size, 1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(hidden).to(self.summary.weight.dtype)
-        return self.summary(hidden).squeeze(-1)
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------ policy
@@ -185,7 +186,8 @@ class PolicyWithValueHead(nn.Module):
                 yield self.model
         else:
             if self.ref_model is None:
-                raise ModelLoadError("a policy without an adapter needs a frozen reference copy", field="policy.use_lora")
+                raise ModelLoadError("a policy without an adapter needs a frozen reference copy",
+                                     field="policy.use_lora")
             yield self.ref_model
 
     @torch.no_grad()
@@ -298,7 +300,12 @@ def _mismatch_detail(e: BaseException) -> str:
 
 
 def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer=None) -> PolicyWithValueHead:
-    """Base model + LoRA (loaded trainable from ``cfg.adapter`` or freshly created) + value head."""
+    """Base model + LoRA (loaded trainable from ``cfg.adapter`` or freshly created) + value head.
+
+    The LoRA has no dropout: a new one is created with dropout 0, and a loaded adapter's dropout modules
+    (e.g. the reference's 0.05) are replaced by the identity: every forward of a run is in eval mode, where
+    dropout does nothing, so a dropout setting would only pretend to act.
+    """
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
     from transformers import AutoModelForSeq2SeqLM
 
@@ -328,11 +335,10 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
             if trained_on and not _same_model(trained_on, cfg.model):
                 log.warning("policy.adapter %s was trained on %r but policy.model is %r; the shapes fit, so it "
                             "is loaded anyway", path, trained_on, cfg.model)
-            if cfg.lora_dropout == 0.0:
-                _set_lora_dropout_zero(model)
+            _lora_dropout_to_identity(model)
         else:
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules),
-                              lora_dropout=cfg.lora_dropout, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
+                              lora_dropout=0.0, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
             try:
                 model = get_peft_model(base, lora)
             except ValueError as e:
@@ -345,7 +351,7 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
         for p in ref_model.parameters():
             p.requires_grad_(False)
     hidden = getattr(base.config, "d_model", None) or base.config.hidden_size
-    value_head = ValueHead(hidden, cfg.value_head_dropout)
+    value_head = ValueHead(hidden)
     policy = PolicyWithValueHead(model, value_head, ref_model=ref_model, tokenizer=tokenizer).to(device)
     value_head.to(torch.float32)
     if cfg.adapter and (Path(resolve_location(cfg.adapter)) / VALUE_HEAD_FILE).is_file():
@@ -366,7 +372,8 @@ def _same_model(a: str, b: str) -> bool:
     return ra == rb or name(ra) == name(rb) or name(a) == name(b)
 
 
-def _set_lora_dropout_zero(model) -> None:
+def _lora_dropout_to_identity(model) -> None:
+    """Replace every LoRA dropout module (peft keeps one per adapter in ``lora_dropout``) by the identity."""
     for module in model.modules():
         drop = getattr(module, "lora_dropout", None)
         if isinstance(drop, nn.ModuleDict):
@@ -403,8 +410,3 @@ def trainable_state_dict(policy: PolicyWithValueHead) -> dict[str, torch.Tensor]
     for k, v in policy.value_head.state_dict().items():
         out[f"value_head.{k}"] = v.detach().clone()
     return out
-
-
-def frozen_state_fingerprint(policy: PolicyWithValueHead) -> dict[str, torch.Tensor]:
-    """Copies of every frozen (base) parameter, to prove training never touches them."""
-    return {k: v.detach().clone() for k, v in policy.model.named_parameters() if not v.requires_grad}

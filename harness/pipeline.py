@@ -1,25 +1,26 @@
 """The main job: evaluate before, train with PPO, evaluate after, verdict, results files, report.
 
-``run(cfg)`` is what ``detox-harness run`` and the threshold suites call. Each phase's output is
-written to the run directory as soon as it exists (the "before" evaluation, PPO statistics after
-every step, checkpoints), so an interrupted run resumes without redoing finished work.
+``run(cfg)`` is what ``detox-harness run`` and the threshold suites call; ``evaluate_only(cfg, target)`` is
+``detox-harness eval``. Each phase's output is written to the run directory as soon as it exists (the
+"before" evaluation, PPO statistics after every step, checkpoints), so an interrupted run resumes without
+redoing finished work. File names and formats: :mod:`harness.results`.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import results as rf
 from .config import HarnessConfig
-from .errors import HarnessError
+from .errors import EXIT_BOUND_FAILED, EXIT_INTERRUPTED, EXIT_PASS, HarnessError
+from .metrics import EvalOutput, training_summary
 
 log = logging.getLogger(__name__)
-BEFORE_CACHE = "eval_before.json"
 
 
 @dataclass
@@ -34,8 +35,8 @@ class RunOutcome:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
-        return 0 if self.passed else 1
+            return EXIT_INTERRUPTED
+        return EXIT_PASS if self.passed else EXIT_BOUND_FAILED
 
 
 def default_run_id(cfg: HarnessConfig) -> str:
@@ -49,48 +50,13 @@ def resolve_run_dir(cfg: HarnessConfig, output: str | Path | None, resume: bool)
         return Path(output)
     root = Path(cfg.output.dir)
     if resume:
-        candidates = [p for p in root.glob(f"*-{cfg.preset}-s{cfg.seed}") if (p / "checkpoints").is_dir()
-                      and not (p / "results.json").exists()]
+        candidates = [p for p in root.glob(f"*-{cfg.preset}-s{cfg.seed}") if (p / rf.CHECKPOINTS_DIR).is_dir()
+                      and not rf.is_finished(p)]
         if not candidates:
             raise HarnessError(f"no unfinished run of preset {cfg.preset} with seed {cfg.seed} under {root}",
                                field="--resume", fix="pass --output RUN_DIR of the run to continue")
         return max(candidates, key=lambda p: p.stat().st_mtime)
     return root / (cfg.output.run_id or default_run_id(cfg))
-
-
-def _eval_to_json(out) -> dict:
-    return {"metrics": out.metrics, "samples": out.samples, "seconds": out.seconds}
-
-
-def _eval_from_json(data: dict):
-    from .evaluation import EvalOutput
-
-    return EvalOutput(metrics=data["metrics"], samples=data["samples"], seconds=data["seconds"])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def training_summary(stats: list[dict]) -> dict:
-    good = [s for s in stats if not s.get("skipped")]
-    kls = [s["objective/kl"] for s in good if s.get("objective/kl") is not None]
-    rewards = [s["env/reward_mean"] for s in good if s.get("env/reward_mean") is not None]
-    return {
-        "steps": len(stats), "skipped_steps": len(stats) - len(good),
-        "objective_kl_mean": sum(kls) / len(kls) if kls else None,
-        "objective_kl_max": max(kls) if kls else None,
-        "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
-        "seconds_per_step": (sum(s.get("time/step", 0.0) for s in stats) / len(stats)) if stats else None,
-    }
-
-
-def read_stats(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -119,27 +85,42 @@ def load_inputs(cfg: HarnessConfig, *, min_train_rows: int = 1) -> RunInputs:
     device = resolve_device(cfg.device)
     policy = load_policy(cfg.policy, device=device)
     classifier, second = load_judges(cfg, device)
-    data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples,
+    data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples or 1,
                          min_train_rows=min_train_rows)
     return RunInputs(device, policy, classifier, second, data, time.time() - t)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    """A figure for the terminal; ``-`` when it was not measured (None)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def phase_line(m: dict) -> str:
+    """One evaluation's headline figures, for the terminal."""
+    return (f"toxicity {m['toxicity_mean']:.4f} +- {m['toxicity_std']:.4f}, reward {m['reward_mean']:.3f}, "
+            f"ROUGE-L {_fmt(m['rougeL'])}")
 
 
 def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = False, progress: bool = True,
         echo=print) -> RunOutcome:
     """Run the whole job; returns the outcome (results, bounds, exit code)."""
-    from .evaluation import build_results, evaluate_policy, write_run_files
+    from .evaluation import evaluate_policy, select_prompts
     from .models import count_parameters, format_parameter_count
     from .ppo.trainer import PPOTrainer
     from .thresholds import all_passed, verdict
 
     t_start = time.time()
     run_dir = resolve_run_dir(cfg, output, resume)
-    if run_dir.exists() and (run_dir / "results.json").exists() and not resume:
+    if rf.is_finished(run_dir) and not resume:
         raise HarnessError("the run directory already holds a finished run", field="--output", value=str(run_dir),
                            fix="choose a new --output (or omit it for a fresh run id)")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        saved = run_dir / "config.yaml"
+        saved = run_dir / rf.CONFIG_FILE
         if saved.exists():
             import yaml
 
@@ -147,7 +128,7 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
 
             cfg = config_from_dict(yaml.safe_load(saved.read_text()))
             echo(f"resuming {run_dir} with its saved config")
-    cfg.save(run_dir / "config.yaml")
+    cfg.save(run_dir / rf.CONFIG_FILE)
     inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size)
     device, policy, classifier, second, data = (inputs.device, inputs.policy, inputs.classifier, inputs.second,
                                                  inputs.data)
@@ -157,19 +138,18 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     echo(f"data: {data.stats['kept']} dialogues kept of {data.stats['dialogues']} "
          f"({data.stats['train']} train / {data.stats['test']} test prompts, "
          f"{data.stats['truncated_prompts']} truncated to {data.stats['max_prompt_tokens']} tokens)")
-    test = data.test.select(range(cfg.eval.num_samples))
+    test = select_prompts(data.test, cfg.eval.num_samples)
 
-    before_file = run_dir / BEFORE_CACHE
+    before_file = run_dir / rf.BEFORE_FILE
     if resume and before_file.exists():
-        before = _eval_from_json(json.loads(before_file.read_text()))
+        before = EvalOutput.from_json(rf.read_json(before_file))
         echo("before: reused the saved evaluation")
     else:
         before = evaluate_policy(policy, classifier, test, cfg, use_reference=True, second_classifier=second,
                                  progress=progress)
-        _atomic_write(before_file, json.dumps(_eval_to_json(before)))
+        rf.write_json(before_file, before.to_json(), indent=None)
     timings["eval_before_s"] = before.seconds
-    echo(f"before: toxicity {before.metrics['toxicity_mean']:.4f} +- {before.metrics['toxicity_std']:.4f}, "
-         f"reward {before.metrics['reward_mean']:.3f}, ROUGE-L {before.metrics['rougeL']:.3f}")
+    echo(f"before: {phase_line(before.metrics)}")
 
     t = time.time()
     trainer = PPOTrainer(cfg, policy, classifier, data.train, run_dir)
@@ -180,7 +160,7 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
         trainer.stats_path.unlink()
     result = trainer.train(progress=progress)
     timings["train_s"] = time.time() - t
-    stats = read_stats(trainer.stats_path)
+    stats = rf.read_jsonl(trainer.stats_path, missing_ok=True)
     if result.interrupted:
         echo(f"interrupted after step {result.steps_done}; checkpoint {result.checkpoint}. "
              f"Continue with: detox-harness run --preset {cfg.preset} --output {run_dir} --resume")
@@ -190,14 +170,13 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
                             progress=progress)
     timings["eval_after_s"] = after.seconds
     timings["total_s"] = time.time() - t_start
-    results, samples = build_results(cfg, before, after, run_id=run_dir.name, training=training_summary(stats),
-                                     timings=timings, extra={"data": data.stats,
-                                                             "parameters": count_parameters(policy),
-                                                             "checkpoint": result.checkpoint})
+    results, samples = rf.build_results(cfg, before, after, run_id=run_dir.name, training=training_summary(stats),
+                                        timings=timings, device=str(device),
+                                        extra={"data": data.stats, "parameters": count_parameters(policy),
+                                               "checkpoint": result.checkpoint})
     bounds = verdict(results, cfg.thresholds)
     results["verdict"] = {"passed": all_passed(bounds), "bounds": [b.to_dict() for b in bounds]}
-    results.setdefault("files", {})["train_stats"] = "train_stats.jsonl"
-    write_run_files(run_dir, results, samples)
+    rf.write_run_files(run_dir, results, samples)
     outcome = RunOutcome(run_dir=run_dir, results=results, bounds=bounds, passed=all_passed(bounds))
     if cfg.output.report:
         from .report import render_index, render_run
@@ -207,21 +186,85 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     return outcome
 
 
+def resolve_target(target: str | Path) -> Path:
+    """An adapter or checkpoint directory; a run directory or a ``checkpoints`` folder means its latest checkpoint."""
+    from .ppo.trainer import latest_checkpoint
+
+    path = Path(target).expanduser()
+    if not path.is_dir():
+        raise HarnessError("is not a directory", field="--target", value=str(path),
+                           fix="give an adapter or checkpoint directory (it holds adapter_config.json)")
+    if (path / "adapter_config.json").is_file():
+        return path
+    for folder in (path / rf.CHECKPOINTS_DIR, path):
+        last = latest_checkpoint(folder) if folder.is_dir() else None
+        if last is not None:
+            return Path(last)
+    raise HarnessError("holds no adapter_config.json and no checkpoint", field="--target", value=str(path),
+                       fix="give a directory written by save_pretrained or a run's checkpoints/step-N folder")
+
+
+def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str | Path, *,
+                  progress: bool = True) -> Path:
+    """``detox-harness eval``: evaluate the base model, an adapter or a checkpoint; write the run files.
+
+    ``target=None`` evaluates the base model alone: "before" is the reference and "after" the same
+    evaluation (a fresh LoRA adapter does not change the base, so evaluating it again would reproduce
+    the same samples; ``timings.eval_after_s`` is 0). With a target, "before" is the reference (adapter
+    off) and "after" the target, on the same prompts with the same seeds. Returns the run directory.
+    """
+    from .evaluation import evaluate_policy
+
+    t_start = time.time()
+    run_dir = Path(output_dir)
+    if rf.is_finished(run_dir):
+        raise HarnessError("the run directory already holds results", field="--output", value=str(run_dir),
+                           fix="choose a new --output")
+    cfg = copy.deepcopy(cfg)
+    adapter = None
+    if target is not None:
+        if not cfg.policy.use_lora:
+            raise HarnessError("a target adapter needs policy.use_lora=true", field="--target", value=str(target))
+        adapter = resolve_target(target)
+        cfg.policy.adapter = str(adapter)
+    inputs = load_inputs(cfg)
+    policy, classifier, second, data = inputs.policy, inputs.classifier, inputs.second, inputs.data
+    timings: dict[str, float] = {"load_s": inputs.seconds}
+    before = evaluate_policy(policy, classifier, data.test, cfg, use_reference=True, second_classifier=second,
+                             progress=progress)
+    if adapter is None:
+        after = EvalOutput(metrics=copy.deepcopy(before.metrics), samples=copy.deepcopy(before.samples), seconds=0.0)
+    else:
+        after = evaluate_policy(policy, classifier, data.test, cfg, use_reference=False, second_classifier=second,
+                                progress=progress)
+    timings["eval_before_s"] = before.seconds
+    timings["eval_after_s"] = after.seconds
+    timings["total_s"] = time.time() - t_start
+    results, samples = rf.build_results(cfg, before, after, run_id=run_dir.name, training=None, timings=timings,
+                                        device=str(inputs.device),
+                                        extra={"data": data.stats,
+                                               "target": None if adapter is None else str(adapter)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / rf.CONFIG_FILE)
+    rf.write_run_files(run_dir, results, samples)
+    return run_dir
+
+
 def summary_table(results: dict) -> str:
-    """Before/after figures for the terminal."""
+    """Before/after figures for the terminal; a figure that was not measured shows as ``-``."""
     m = results["metrics"]
     rows = [("metric", "before", "after")]
     for key, label in (("toxicity_mean", "toxicity mean"), ("toxicity_std", "toxicity std"),
                        ("toxic_rate", "share toxic (>= threshold)"), ("reward_mean", "reward mean"),
                        ("rougeL", "ROUGE-L"), ("empty_rate", "empty outputs"), ("length_mean", "length (tokens)"),
                        ("kl_per_sequence_mean", "KL to reference (nats/seq)")):
-        b, a = m["before"].get(key), m["after"].get(key)
-        rows.append((label, "-" if b is None else f"{b:.4f}", "-" if a is None else f"{a:.4f}"))
+        rows.append((label, _fmt(m["before"].get(key), ".4f"), _fmt(m["after"].get(key), ".4f")))
     c = m["comparison"]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"mean toxicity improvement: {100 * c['mean_improvement']:.2f}% "
-                 f"(95% CI {100 * c['mean_improvement_ci_low']:.2f}% .. {100 * c['mean_improvement_ci_high']:.2f}%), "
-                 f"std improvement: {100 * c['std_improvement']:.2f}%")
+    confidence = round(100 * c.get("confidence", 0.95))
+    lines.append(f"mean toxicity improvement: {_pct(c['mean_improvement'])} "
+                 f"({confidence}% CI {_pct(c['mean_improvement_ci_low'])} .. {_pct(c['mean_improvement_ci_high'])}), "
+                 f"std improvement: {_pct(c['std_improvement'])}")
     return "\n".join(lines)

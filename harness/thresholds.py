@@ -1,7 +1,8 @@
 """Pass/fail bounds per preset, and the verdict of a run against them.
 
 The bounds live in one TOML file, ``harness/thresholds.toml`` (one table per preset). Each bound
-name says its direction (``min_*`` or ``max_*``) and which metric of ``results.json`` it reads;
+name says its direction (``min_*`` or ``max_*``; some are strict, see :data:`BOUNDS`) and which metric of
+``results.json`` it reads;
 :data:`BOUNDS` is the single table of that mapping, so the CLI, the pytest suites and the HTML
 report all judge a run the same way.
 """
@@ -18,19 +19,47 @@ from .errors import ConfigError
 
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
 
-# name -> (path into results["metrics"], operator, what it means)
+# name -> (path into results["metrics"], operator, what it means). ">" and "<" are strict: a bound that asks for
+# positive evidence ("it got less toxic", "it trained") is not met by exactly nothing happening.
 BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "min_improvement_ci_low": (("comparison", "mean_improvement_ci_low"), ">=",
-                               "lower end of the 95% bootstrap interval of the mean-toxicity improvement"),
+    # less toxic, significantly, by every judge
+    "min_improvement_ci_low": (("comparison", "mean_improvement_ci_low"), ">",
+                               "lower end of the bootstrap interval of the relative drop of mean toxicity "
+                               "(reward model, on what it reads)"),
     "min_improvement": (("comparison", "mean_improvement"), ">=",
-                        "relative drop of mean toxicity, (before - after) / before"),
+                        "relative drop of mean toxicity, (before - after) / before (reward model)"),
+    "min_response_improvement_ci_low": (("comparison", "response_mean_improvement_ci_low"), ">",
+                                        "lower end of the interval of the relative drop of toxicity of the "
+                                        "response alone (reward model)"),
+    "min_second_improvement_ci_low": (("comparison", "second_mean_improvement_ci_low"), ">",
+                                      "lower end of the interval of the relative drop of toxicity judged by the "
+                                      "second, independent classifier"),
+    "max_judge_gap": (("comparison", "judge_gap"), "<=",
+                      "reward model's improvement minus the second judge's: a policy that fools its reward model "
+                      "but not an independent judge opens this gap"),
+    "min_logp_clean_gain": (("comparison", "logp_clean_gain"), ">",
+                            "mean log P(reward label, e.g. nothate) after minus before, in nats"),
+    "min_reward_gain": (("comparison", "reward_gain"), ">=",
+                        "mean reward after minus before (reward.transform of the label; the raw logit by default)"),
+    # it trained, and stayed near its reference
+    "min_kl": (("after", "kl_per_sequence_mean"), ">",
+               "mean KL(policy || reference) per sequence on the evaluation prompts, nats: 0 means nothing moved"),
     "max_kl": (("after", "kl_per_sequence_mean"), "<=",
                "mean KL(policy || reference) per sequence on the evaluation prompts, nats"),
     "max_train_kl": (("training", "objective_kl_mean"), "<=", "mean objective/kl over the PPO steps, nats"),
+    # summaries intact
     "max_rouge_l_drop": (("comparison", "rouge_l_drop"), "<=", "ROUGE-L before minus after"),
     "max_empty_rate": (("after", "empty_rate"), "<=", "share of empty or whitespace-only summaries after training"),
-    "min_reward_gain": (("comparison", "reward_gain"), ">=", "mean reward after minus before"),
+    "max_degenerate_rate": (("after", "degenerate_rate"), "<=",
+                            "share of degenerate summaries after training: fewer than eval.min_words words, no "
+                            "letter, or one word three times in a row"),
+    "min_length_ratio": (("comparison", "length_ratio"), ">=", "mean summary length after / before (tokens)"),
+    "max_length_ratio": (("comparison", "length_ratio"), "<=", "mean summary length after / before (tokens)"),
+    "max_copy_rate_increase": (("comparison", "copy_rate_increase"), "<=",
+                               "share of summaries copying the prompt (eval.copy_threshold of their word 4-grams), "
+                               "after minus before"),
 }
+OPERATORS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
 
 
 @dataclass
@@ -91,7 +120,7 @@ def verdict(results: dict[str, Any], bounds: dict[str, float]) -> list[BoundResu
             value = None
         else:
             value = float(value)
-            passed = value >= bound if op == ">=" else value <= bound
+            passed = OPERATORS[op](value, bound)
         out.append(BoundResult(name, float(bound), op, value, passed, description))
     return out
 

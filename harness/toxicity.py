@@ -29,6 +29,10 @@ class Classifier:
             positions -= 2  # RoBERTa reserves two positions for the padding offset
         self.max_length = int(max_length or min(limit, positions or 512, 512))
         self.label2id = _label2id(model.config)
+        # a multi-label judge (e.g. unitary/toxic-bert: toxic, insult, ... each its own yes/no) scores every label
+        # with a sigmoid; a single-label classifier (dynabench: nothate vs hate) with a softmax over the labels
+        self.multi_label = (getattr(model.config, "problem_type", None) == "multi_label_classification"
+                            or len(self.label2id) == 1)
         self.field = field
         label_field, toxic_field = _label_fields(field)
         self.label_index = self._index(label, label_field)
@@ -43,10 +47,6 @@ class Classifier:
             raise ModelLoadError(f"the classifier has no label '{name}' (its labels: {labels})",
                                  field=field, fix=fix)
         return self.label2id[name]
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.label2id)
 
     @property
     def device(self) -> torch.device:
@@ -80,26 +80,28 @@ class Classifier:
             return torch.zeros((0, len(self.label2id)))
         return torch.cat(out)
 
-    def label_logit(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.logits(texts)[:, self.label_index]
+    def log_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of each label: log-softmax over the labels, or log-sigmoid per label (multi-label)."""
+        return torch.nn.functional.logsigmoid(logits) if self.multi_label else torch.log_softmax(logits, dim=-1)
 
     def toxicity(self, texts: Sequence[str]) -> torch.Tensor:
         """P(toxic label) in [0, 1] for each text."""
-        return torch.softmax(self.logits(texts), dim=-1)[:, self.toxic_index]
+        return self.log_probabilities(self.logits(texts))[:, self.toxic_index].exp()
+
+    def reward(self, logits: torch.Tensor, transform: str = "logit") -> torch.Tensor:
+        """The reward of each row of ``logits``: the reward label's ``logit``, ``prob`` or ``logprob``."""
+        if transform == "logit":
+            return logits[:, self.label_index]
+        if transform == "prob":
+            return self.log_probabilities(logits)[:, self.label_index].exp()
+        if transform == "logprob":
+            return self.log_probabilities(logits)[:, self.label_index]
+        raise ValueError(f"reward.transform: unknown transform {transform!r}, accepted: logit, prob, logprob")
 
     def score(self, texts: Sequence[str], transform: str = "logit") -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (``logit``, ``prob`` or ``logprob`` of the reward label) and toxicity, from one forward pass."""
         logits = self.logits(texts)
-        probs = torch.softmax(logits, dim=-1)
-        if transform == "logit":
-            reward = logits[:, self.label_index]
-        elif transform == "prob":
-            reward = probs[:, self.label_index]
-        elif transform == "logprob":
-            reward = torch.log_softmax(logits, dim=-1)[:, self.label_index]
-        else:
-            raise ValueError(f"reward.transform: unknown transform {transform!r}, accepted: logit, prob, logprob")
-        return reward, probs[:, self.toxic_index]
+        return self.reward(logits, transform), self.log_probabilities(logits)[:, self.toxic_index].exp()
 
 
 def load_judges(cfg, device) -> tuple[Classifier, Classifier | None]:

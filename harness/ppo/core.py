@@ -149,7 +149,8 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
     False, zeroed again on the padding: whitening without re-centring moves a padded 0 to
     ``-mean/std + mean``, which the reverse loop would carry into the real tokens' advantages, so a
     response's returns would depend on how much padding the other rows force on it. TRL 0.11.4 has
-    that leak; ``mask_whitened=False`` (``ppo.trl_compat``) reproduces it.
+    that leak; ``mask_whitened=False`` (``TRLQuirks.leak_whitened_padding``, on with ``ppo.trl_compat``)
+    reproduces it.
     """
     values = values * mask
     rewards = rewards * mask
@@ -237,7 +238,8 @@ def transform_scores(scores: torch.Tensor, running: RunningMoments | None, scali
     """Optional score scaling (by a running std), normalization (minus a running mean) and clipping."""
     scores = scores.float()
     if scaling:
-        assert running is not None
+        if running is None:
+            raise ValueError("score scaling needs the running moments (RunningMoments)")
         running.update(scores)
         factor = running.std + torch.finfo(scores.dtype).eps
         scores = (scores - running.mean) / factor if norm else scores / factor

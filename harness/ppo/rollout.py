@@ -110,9 +110,15 @@ def cut_after_eos(ids: torch.Tensor, eos_token_id: int, pad_token_id: int, limit
 
 @torch.no_grad()
 def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_tokens: Sequence[int] | int,
-             seeds: Sequence[int], min_length: int = 0, min_new_tokens: int = 0, top_k: int = 0, top_p: float = 1.0,
+             seeds: Sequence[int], min_new_tokens: int = 0, top_k: int = 0, top_p: float = 1.0,
              temperature: float = 1.0, do_sample: bool = True, device=None) -> Rollout:
-    """One batched ``generate`` call for all prompts; each row with its own seed and length limit."""
+    """One batched ``generate`` call for all prompts; each row with its own seed and length limit.
+
+    The sampling keywords are those of :meth:`harness.config.SamplingConfig.sampling_kwargs`, so a caller
+    passes ``**cfg.rollout.sampling_kwargs()`` or ``**cfg.eval.sampling_kwargs()``. ``min_new_tokens``: EOS
+    is banned until a row has that many new tokens (transformers' ``min_new_tokens``; its ``min_length``
+    would count T5's decoder start token too).
+    """
     n = len(input_ids)
     limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(x) for x in max_new_tokens]
     pad = tokenizer.pad_token_id
@@ -127,8 +133,6 @@ def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_to
     kwargs = dict(max_new_tokens=max(limits), do_sample=False, num_beams=1, top_k=None, top_p=None,
                   temperature=None, pad_token_id=pad, eos_token_id=eos, logits_processor=processors,
                   stopping_criteria=StoppingCriteriaList([PerRowMaxNewTokens(limits)]))
-    if min_length:
-        kwargs["min_length"] = min_length
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     with torch.inference_mode():  # no autograd bookkeeping at all while sampling (faster than no_grad alone)

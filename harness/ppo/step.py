@@ -1,29 +1,145 @@
 """One PPO update of a seq2seq policy on (query, response, score) triples.
 
 The algorithm and the statistic names are TRL 0.11.4's ``PPOTrainer.step`` for encoder-decoder
-models; ``docs/ppo.md`` lists where the harness deliberately differs (each difference has a
-``trl_compat`` switch so that ``suites/unit/test_parity.py`` can compare number for number).
+models; ``docs/ppo.md`` lists where the harness deliberately differs. Each difference that changes the
+numbers is a field of :class:`TRLQuirks` (all on with ``ppo.trl_compat``), so that
+``suites/unit/test_parity.py`` can compare number for number.
+
+:func:`ppo_step` is a composition of four phases, each a function with plain inputs and outputs:
+
+(a) :func:`old_outputs`: log-probs and values of the policy before the update, reference log-probs;
+(b) :func:`kl_rewards` and :func:`advantages`: per-token KL penalty plus score, GAE;
+(c) :func:`optimise`: mini-batch epochs; a non-finite loss, gradient or weight undoes all of them;
+(d) :func:`step_statistics`: TRL's statistics.
+
+What lives longer than one step (optimizer, KL controller, running score moments, the quirks' state)
+is a :class:`PPOState`, owned by the caller (the trainer) and checkpointed by it.
 
 Responses are *actions only*: the decoder start token is not part of them; this module prepends it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import PPOConfig
 from . import core
 
+if TYPE_CHECKING:
+    from ..config import RewardConfig
+
+KLController = core.AdaptiveKLController | core.FixedKLController
+
+
+# ------------------------------------------------------------------------------------ options and state
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How the classifier's rewards become the scores PPO optimises (``reward.score_*`` in the config).
+
+    TRL's ``use_score_scaling``, ``use_score_norm`` and ``score_clip``; all off by default. The running
+    moments they use are part of :class:`PPOState` (they carry over from step to step).
+    """
+
+    scaling: bool = False  # divide by the running std of every score seen so far
+    norm: bool = False  # also subtract the running mean first (only together with scaling)
+    clip: float | None = None  # then clamp to [-clip, clip]
+
+    def __post_init__(self):
+        if self.norm and not self.scaling:
+            raise ValueError("ScoreOptions: norm needs scaling (TRL ignores use_score_norm without use_score_scaling)")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"ScoreOptions: clip must be > 0 or None, got {self.clip!r}")
+
+    @classmethod
+    def from_reward_config(cls, reward: RewardConfig) -> ScoreOptions:
+        return cls(scaling=reward.score_scaling, norm=reward.score_norm, clip=reward.score_clip)
+
+    def apply(self, scores: torch.Tensor, running: core.RunningMoments) -> torch.Tensor:
+        """The transformed scores; with ``scaling`` this updates ``running`` with the batch first."""
+        return core.transform_scores(scores, running, self.scaling, self.norm, self.clip)
+
+
+@dataclass
+class TRLQuirks:
+    """TRL 0.11.4 behaviours the harness does not copy by default, each switchable for parity.
+
+    All off is the harness; all on (:meth:`from_config` with ``ppo.trl_compat``) is TRL 0.11.4 number for
+    number (docs/ppo.md, "Where the harness deliberately differs", rows 1, 2, 3 and 10).
+
+    The object is mutable: ``clip_only_first_minibatch`` needs to remember whether this optimizer has
+    clipped before, over its whole life, so the quirks belong to whoever owns the optimizer (a
+    :class:`PPOState`), never to one step.
+    """
+
+    # row 1: the first generated token is not an action (TRL's ``start = 1`` in batched_forward_pass)
+    mask_first_action: bool = False
+    # row 10: whitened rewards are not zeroed again on the padding, which then leaks into the returns
+    leak_whitened_padding: bool = False
+    # row 2: a mini-batch over ``ratio_threshold`` gets a zero loss but still backward + Adam step
+    zero_loss_adam_step_on_ratio_skip: bool = False
+    # row 3: ``max_grad_norm`` clips only the first optimizer step of the optimizer's life (TRL clips
+    # with a one-shot ``filter()`` iterator, ppo_trainer.py:227 and 1105)
+    clip_only_first_minibatch: bool = False
+    # state of the last one: an optimizer step of this optimizer has been clipped already
+    clipped_once: bool = field(default=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config: PPOConfig) -> TRLQuirks:
+        """All quirks on with ``config.trl_compat``, all off otherwise."""
+        on = bool(config.trl_compat)
+        return cls(mask_first_action=on, leak_whitened_padding=on, zero_loss_adam_step_on_ratio_skip=on,
+                   clip_only_first_minibatch=on)
+
+    def clips(self, max_grad_norm: float | None) -> bool:
+        """Whether the coming optimizer step clips its gradients."""
+        return max_grad_norm is not None and not (self.clip_only_first_minibatch and self.clipped_once)
+
+    def state_dict(self) -> dict:
+        return {"clipped_once": self.clipped_once}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clipped_once = bool(state["clipped_once"])
+
+
+@dataclass
+class PPOState:
+    """What one PPO step reads and updates besides the policy's weights, and what a checkpoint must keep."""
+
+    optimizer: torch.optim.Optimizer
+    kl_ctl: KLController
+    running: core.RunningMoments = field(default_factory=core.RunningMoments)  # score moments (ScoreOptions)
+    quirks: TRLQuirks = field(default_factory=TRLQuirks)
+
+    @classmethod
+    def create(cls, policy, config: PPOConfig) -> PPOState:
+        """A fresh state for training ``policy``: Adam, the configured KL controller, quirks from ``trl_compat``."""
+        return cls(optimizer=make_optimizer(policy, config),
+                   kl_ctl=core.make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target,
+                                                  config.horizon),
+                   running=core.RunningMoments(), quirks=TRLQuirks.from_config(config))
+
 
 def make_optimizer(policy, config: PPOConfig) -> torch.optim.Optimizer:
     """Adam over the trainable parameters (LoRA + value head), as TRL's default."""
     return torch.optim.Adam(policy.trainable_parameters(), lr=config.learning_rate)
 
+
+def random_orders(batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Endless random permutations of the batch's rows, one per PPO epoch (``generator=None``: torch's global RNG)."""
+    while True:
+        yield torch.randperm(batch_size, generator=generator)
+
+
+# ------------------------------------------------------------------------------------ inputs
 
 def pad_right(seqs: Sequence[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad 1-D tensors to one (B, T) tensor and its attention mask."""
@@ -47,212 +163,264 @@ def prepare_inputs(queries, responses, pad_token_id: int, decoder_start_token_id
             "decoder_attention_mask": decoder_attention_mask.to(device)}
 
 
-def response_mask(decoder_attention_mask: torch.Tensor, trl_compat: bool = False) -> torch.Tensor:
+def response_mask(decoder_attention_mask: torch.Tensor, *, mask_first_action: bool = False) -> torch.Tensor:
     """(B, T-1) mask of the actions: position t is the log-prob of decoder token t+1.
 
-    The harness counts every generated token as an action. TRL 0.11.4 (``start = 1`` in
-    ``batched_forward_pass``) also masks out the first generated token; ``trl_compat`` copies that.
+    The harness counts every generated token as an action; ``mask_first_action`` (TRLQuirks) drops the
+    first one, as TRL 0.11.4 does.
     """
     mask = decoder_attention_mask[:, 1:].clone()
-    if trl_compat:
+    if mask_first_action:
         mask[:, 0] = 0
     return mask
 
 
-def forward_pass(policy, inputs: dict, mask_compat: bool, chunk: int, return_logits: bool, reference: bool = False):
-    """Log-probs of the actions, values, masks (and optionally logits), in chunks of ``chunk`` rows."""
-    all_logprobs, all_values, all_logits = [], [], []
-    n = inputs["input_ids"].shape[0]
-    for i in range(math.ceil(n / chunk)):
-        part = {k: v[i * chunk:(i + 1) * chunk] for k, v in inputs.items()}
-        if reference:
-            logits = policy.reference_logits(**part)
-            values = None
-        else:
-            logits, values = policy(**part)
-        dec = part["decoder_input_ids"]
-        all_logprobs.append(core.logprobs_from_logits(logits[:, :-1, :], dec[:, 1:]))
-        if values is not None:
-            all_values.append(values[:, :-1])
-        if return_logits:
-            all_logits.append(logits[:, :-1, :])
-    masks = response_mask(inputs["decoder_attention_mask"], mask_compat)
-    return (torch.cat(all_logprobs), torch.cat(all_values) if all_values else None, masks,
-            torch.cat(all_logits) if return_logits else None)
+# ------------------------------------------------------------------------------------ the step
 
-
-def _snapshot(policy, optimizer):
-    params = [p.detach().clone() for p in policy.trainable_parameters()]
-    return params, copy.deepcopy(optimizer.state_dict())
-
-
-def _restore(policy, optimizer, snap) -> None:
-    params, opt_state = snap
-    with torch.no_grad():
-        for p, saved in zip(policy.trainable_parameters(), params):
-            p.copy_(saved)
-    optimizer.load_state_dict(opt_state)
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _stack_mean(dicts: list[dict]) -> dict:
-    return {k: float(torch.stack([torch.as_tensor(d[k], dtype=torch.float64) for d in dicts]).mean()) for k in dicts[0]}
-
-
-def ppo_step(policy, optimizer, kl_ctl, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
+def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
              scores: torch.Tensor, config: PPOConfig, *, pad_token_id: int, decoder_start_token_id: int,
-             permutations: Iterator[Sequence[int]] | None = None, generator: torch.Generator | None = None,
-             running=None, raw_scores: torch.Tensor | None = None) -> dict[str, float]:
+             score_options: ScoreOptions = ScoreOptions(),
+             orders: Iterator[Sequence[int]] | None = None) -> dict[str, float]:
     """Run one PPO step and return its statistics (TRL 0.11 names) as floats.
 
-    ``scores`` are the rewards per response (already transformed). ``permutations`` yields one index
-    order per epoch (for replaying another implementation's order); otherwise ``generator`` draws them.
+    ``scores`` are the classifier's rewards, one per response; ``score_options`` transforms them (with
+    ``state.running``) into what PPO optimises. ``env/reward_*`` report them as given, ``ppo/*_scores``
+    as transformed. ``orders`` yields one row order per epoch (e.g. TRL's permutations, for replay);
+    by default they are drawn from torch's global RNG (see :func:`random_orders`).
+
     A non-finite score, loss (e.g. from a NaN logit or value), gradient or updated weight skips the whole
-    update: every trainable weight, the optimizer state and the running score moments are restored to
-    what they were before the step, and the statistics carry ``skipped = 1`` and ``skip_reason``.
+    update: every trainable weight, the optimizer state, the running score moments and the quirks'
+    state are restored to what they were before the step, and the statistics carry ``skipped = 1`` and
+    ``skip_reason``.
     """
     t0 = time.time()
-    bs = len(queries)
-    if bs != len(responses) or bs != len(scores):
-        raise ValueError(f"ppo_step: {bs} queries, {len(responses)} responses and {len(scores)} scores must match")
-    device = policy.device
-    scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(device)
-    raw = scores if raw_scores is None else torch.as_tensor(raw_scores, dtype=torch.float32).reshape(-1)
-    stats: dict[str, float] = {}
-    if not torch.isfinite(scores).all():
-        return _skipped_stats(kl_ctl, raw, queries, responses, reason="non-finite score", t0=t0)
-    running_before = running.state_dict() if running is not None else None
-    scores = core.transform_scores(scores, running, config_flag(config, "score_scaling"),
-                                   config_flag(config, "score_norm"), getattr(config, "score_clip", None))
+    if not len(queries) == len(responses) == len(scores):
+        raise ValueError(f"ppo_step: {len(queries)} queries, {len(responses)} responses and {len(scores)} scores "
+                         "must match")
+    _check_quirks(config, state.quirks)
+    raw = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    if not torch.isfinite(raw).all():
+        return _skipped_stats(state.kl_ctl, raw, responses, reason="non-finite score", t0=t0)
+    running_before = state.running.state_dict()
+    scores = score_options.apply(raw.to(policy.device), state.running)
 
     policy.eval()  # dropout off for rollout scoring and training alike (see docs/ppo.md)
-    inputs = prepare_inputs(queries, responses, pad_token_id, decoder_start_token_id, device)
-    full_kl = config.kl_penalty == "full"
-    fbs = config.mini_batch_size
-    t = time.time()
-    with torch.no_grad():
-        logprobs, values, masks, logits = forward_pass(policy, inputs, config.trl_compat, fbs, full_kl)
-        ref_logprobs, _, _, ref_logits = forward_pass(policy, inputs, config.trl_compat, fbs, full_kl, reference=True)
-    stats["time/ppo/forward_pass"] = time.time() - t
-    masks = masks.to(logprobs.dtype)
+    inputs = prepare_inputs(queries, responses, pad_token_id, decoder_start_token_id, policy.device)
+    stats: dict[str, float] = {}
+    with _timed(stats, "time/ppo/forward_pass"):
+        old = old_outputs(policy, inputs, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
+                          mask_first_action=state.quirks.mask_first_action)
+    with _timed(stats, "time/ppo/compute_rewards"):
+        kls, rewards, non_score = kl_rewards(old, scores, config.kl_penalty, state.kl_ctl.value)
+    old = replace(old, logits=None, ref_logits=None)  # (B, T, V) each: not needed past the KL
+    with _timed(stats, "time/ppo/compute_advantages"):
+        experience = advantages(old, rewards, config, leak_whitened_padding=state.quirks.leak_whitened_padding)
 
-    t = time.time()
-    with torch.no_grad():
-        if full_kl:
-            kls = core.kl_penalty(core.logprobs_from_logits(logits, None, gather=False),
-                                  core.logprobs_from_logits(ref_logits, None, gather=False), "full")
-        else:
-            kls = core.kl_penalty(logprobs, ref_logprobs, config.kl_penalty)
-        del logits, ref_logits
-        rewards, non_score = core.compute_rewards(scores, kls, masks, kl_ctl.value)
-        stats["time/ppo/compute_rewards"] = time.time() - t
-        t = time.time()
-        values, advantages, returns = core.compute_gae(values, rewards, masks, config.gamma, config.lam,
-                                                       config.whiten_rewards, mask_whitened=not config.trl_compat)
-        stats["time/ppo/compute_advantages"] = time.time() - t
+    with _timed(stats, "time/ppo/optimize_step"):
+        result = optimise(policy, state.optimizer, state.quirks, inputs, experience, config,
+                          orders if orders is not None else random_orders(len(queries)))
+    if result.skip_reason is not None:
+        state.running.load_state_dict(running_before)  # the score moments saw this batch: undo
+        return _skipped_stats(state.kl_ctl, raw, responses, reason=result.skip_reason, t0=t0)
 
-    snap = _snapshot(policy, optimizer)
-    t = time.time()
-    mb_stats: list[dict] = []
-    skipped_reason = None
-    backward_bs = config.mini_batch_size * config.gradient_accumulation_steps
-    early_stop = False
-    for _epoch in range(config.ppo_epochs):
-        if early_stop or skipped_reason:
-            break
-        if permutations is not None:
-            order = torch.as_tensor(list(next(permutations)), dtype=torch.long)
-        else:
-            order = torch.randperm(bs, generator=generator)
-        for b_start in range(0, bs, backward_bs):
-            b_inds = order[b_start:b_start + backward_bs]
-            optimizer.zero_grad(set_to_none=True)
-            for m_start in range(0, backward_bs, config.mini_batch_size):
-                idx = b_inds[m_start:m_start + config.mini_batch_size]
-                if idx.numel() == 0:
-                    continue
-                part = {k: v[idx.to(v.device)] for k, v in inputs.items()}
-                idx_d = idx.to(device)
-                new_logits, vpreds = policy(**part)
-                new_logits = new_logits[:, :-1, :]
-                vpreds = vpreds[:, :-1]
-                new_logprobs = core.logprobs_from_logits(new_logits, part["decoder_input_ids"][:, 1:])
-                loss, mstats, ratio_skip = _minibatch_loss(
-                    new_logprobs, new_logits, vpreds, logprobs[idx_d], values[idx_d], masks[idx_d],
-                    advantages[idx_d], returns[idx_d], config)
-                if not torch.isfinite(loss):
-                    skipped_reason = "non-finite loss"
-                    break
-                mb_stats.append(mstats)
-                if ratio_skip and not config.trl_compat:
-                    continue  # the harness skips the update; TRL steps Adam on a zero loss
-                (loss / config.gradient_accumulation_steps).backward()
-            if skipped_reason:
-                break
-            grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in policy.trainable_parameters())
-            if not grads_finite:
-                skipped_reason = "non-finite gradient"
-                break
-            if config.max_grad_norm is not None and not (config.trl_compat and getattr(optimizer, "_trl_clipped", False)):
-                torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
-                # TRL 0.11.4 clips with a one-shot filter() iterator: only the first mini-batch of the
-                # trainer's life is ever clipped (ppo_trainer.py:227, 1105). trl_compat copies that.
-                optimizer._trl_clipped = True
-            if any(p.grad is not None for p in policy.trainable_parameters()):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if config.early_stopping and mb_stats and mb_stats[-1]["policy/policykl"] > 1.5 * config.target_kl:
-            early_stop = True
-    if not skipped_reason and not all(torch.isfinite(p).all() for p in policy.trainable_parameters()):
-        skipped_reason = "non-finite weights after the update"
-    if skipped_reason:
-        _restore(policy, optimizer, snap)
-        if running is not None and running_before is not None:  # the score moments saw this batch: undo
-            running.load_state_dict(running_before)
-        return _skipped_stats(kl_ctl, raw, queries, responses, reason=skipped_reason, t0=t0)
-    stats["time/ppo/optimize_step"] = time.time() - t
-
-    t = time.time()
-    train = _stack_mean(mb_stats)
-    kl_list = (kls * masks).sum(-1)
-    mean_kl = float(kl_list.mean())
-    query_lens = torch.tensor([float(q.numel()) for q in queries])
-    response_lens = torch.tensor([float(r.numel()) for r in responses])
-    stats.update({
-        "objective/kl": mean_kl,
-        "objective/kl_coef": float(kl_ctl.value),
-        "objective/entropy": float((-logprobs * masks).sum(-1).mean()),
-        "ppo/mean_non_score_reward": float(core.masked_mean(non_score, masks)),
-        "ppo/mean_scores": float(scores.mean()),
-        "ppo/std_scores": float(scores.std()) if bs > 1 else 0.0,
-        "env/reward_mean": float(raw.mean()),
-        "env/reward_std": float(raw.std()) if bs > 1 else 0.0,
-        "tokens/queries_len_mean": float(query_lens.mean()),
-        "tokens/responses_len_mean": float(response_lens.mean()),
-        "tokens/responses_len_std": float(response_lens.std()) if bs > 1 else 0.0,
-        "tokens/empty_rate": float((response_lens <= 1).float().mean()),
-        "ppo/early_stop": float(early_stop),
-        "skipped": 0.0,
-    })
-    for k, v in train.items():
-        stats[f"ppo/{k}"] = v
-    stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"] \
-        if stats["ppo/returns/var"] else float("nan")
-    stats["ppo/learning_rate"] = float(optimizer.param_groups[0]["lr"])
-    stats["time/ppo/calc_stats"] = time.time() - t
-    kl_ctl.update(mean_kl, config.batch_size)
+    with _timed(stats, "time/ppo/calc_stats"):
+        stats.update(step_statistics(queries, responses, raw, scores, old, kls, non_score, result,
+                                     kl_coef=state.kl_ctl.value, learning_rate=state.optimizer.param_groups[0]["lr"]))
+    state.kl_ctl.update(stats["objective/kl"], config.batch_size)
     stats["time/ppo/total"] = time.time() - t0
     return stats
 
 
-def config_flag(config, name: str) -> bool:
-    return bool(getattr(config, name, False))
+def _check_quirks(config: PPOConfig, quirks: TRLQuirks) -> None:
+    """``ppo.trl_compat`` with the harness's behaviour would compare against TRL with the wrong code: refuse."""
+    if config.trl_compat and quirks != TRLQuirks.from_config(config):
+        raise ValueError("ppo_step: config.trl_compat is on but the state's TRLQuirks are not all on; build the "
+                         "state with PPOState.create(policy, config) or TRLQuirks.from_config(config)")
 
 
-def _minibatch_loss(logprobs, logits, vpreds, old_logprobs, old_values, mask, advantages, returns, config):
-    """Policy + value loss of one mini-batch and its statistics (TRL's ``loss``)."""
-    vf_loss, vf_clipfrac = core.value_loss(vpreds, old_values, returns, mask, config.cliprange_value)
-    pg_loss, pg_clipfrac, ratio = core.policy_loss(logprobs, old_logprobs, advantages, mask, config.cliprange)
+@contextlib.contextmanager
+def _timed(stats: dict, key: str):
+    t = time.time()
+    yield
+    stats[key] = time.time() - t
+
+
+# ------------------------------------------------------------------------------------ (a) old outputs
+
+@dataclass
+class OldOutputs:
+    """Phase (a): the policy and the reference on the batch before the update; (B, T) unless noted."""
+
+    logprobs: torch.Tensor  # log-prob of each action under the policy
+    values: torch.Tensor  # value head
+    ref_logprobs: torch.Tensor  # log-prob of each action under the reference
+    masks: torch.Tensor  # 1.0 on the actions
+    logits: torch.Tensor | None = None  # (B, T, V), only for kl_penalty "full"
+    ref_logits: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_first_action: bool) -> OldOutputs:
+    """Forward passes of the policy and the reference in chunks of ``chunk`` rows."""
+    logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits)
+    ref_logprobs, _, ref_logits = _chunked_forward(lambda **part: (policy.reference_logits(**part), None),
+                                                   inputs, chunk, full_logits)
+    masks = response_mask(inputs["decoder_attention_mask"], mask_first_action=mask_first_action)
+    return OldOutputs(logprobs, values, ref_logprobs, masks.to(logprobs.dtype), logits, ref_logits)
+
+
+def _chunked_forward(forward, inputs: dict, chunk: int, keep_logits: bool):
+    """``forward(**part) -> (logits, values or None)`` over the rows in chunks: (log-probs, values, logits)."""
+    all_logprobs, all_values, all_logits = [], [], []
+    for i in range(math.ceil(inputs["input_ids"].shape[0] / chunk)):
+        part = {k: v[i * chunk:(i + 1) * chunk] for k, v in inputs.items()}
+        logits, values = forward(**part)
+        all_logprobs.append(core.logprobs_from_logits(logits[:, :-1, :], part["decoder_input_ids"][:, 1:]))
+        if values is not None:
+            all_values.append(values[:, :-1])
+        if keep_logits:
+            all_logits.append(logits[:, :-1, :])
+    return (torch.cat(all_logprobs), torch.cat(all_values) if all_values else None,
+            torch.cat(all_logits) if keep_logits else None)
+
+
+# ------------------------------------------------------------------------------------ (b) rewards, advantages
+
+@torch.no_grad()
+def kl_rewards(old: OldOutputs, scores: torch.Tensor, kl_penalty: str, kl_coef: float):
+    """Per-token KL estimate and rewards: ``(kls, rewards, non_score_rewards)``, each (B, T)."""
+    if kl_penalty == "full":
+        kls = core.kl_penalty(core.logprobs_from_logits(old.logits, None, gather=False),
+                              core.logprobs_from_logits(old.ref_logits, None, gather=False), "full")
+    else:
+        kls = core.kl_penalty(old.logprobs, old.ref_logprobs, kl_penalty)
+    rewards, non_score = core.compute_rewards(scores, kls, old.masks, kl_coef)
+    return kls, rewards, non_score
+
+
+@dataclass
+class Experience:
+    """What the optimisation fits, per action (B, T): the old policy's outputs and GAE's targets."""
+
+    logprobs: torch.Tensor
+    values: torch.Tensor  # masked (zero off the actions), as GAE used them
+    masks: torch.Tensor
+    advantages: torch.Tensor  # whitened over the batch
+    returns: torch.Tensor
+
+    def rows(self, idx: torch.Tensor) -> Experience:
+        return Experience(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+
+@torch.no_grad()
+def advantages(old: OldOutputs, rewards: torch.Tensor, config: PPOConfig, *, leak_whitened_padding: bool) -> Experience:
+    """GAE (``config.gamma``, ``config.lam``, ``config.whiten_rewards``) over the old values."""
+    values, adv, returns = core.compute_gae(old.values, rewards, old.masks, config.gamma, config.lam,
+                                            config.whiten_rewards, mask_whitened=not leak_whitened_padding)
+    return Experience(old.logprobs, values, old.masks, adv, returns)
+
+
+# ------------------------------------------------------------------------------------ (c) optimisation
+
+@dataclass
+class Optimisation:
+    """Phase (c)'s outcome: the statistics of every mini-batch run, in order, or why it was all undone."""
+
+    minibatch_stats: list[dict]
+    early_stop: bool = False
+    skip_reason: str | None = None
+
+
+def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience,
+             config: PPOConfig, orders: Iterator[Sequence[int]]) -> Optimisation:
+    """``config.ppo_epochs`` passes over the batch in mini-batches, one optimizer step per
+    ``mini_batch_size x gradient_accumulation_steps`` rows; early stop after an epoch whose last mini-batch's
+    policy KL passes ``1.5 x target_kl``.
+
+    A non-finite loss or gradient stops at once, and non-finite weights at the end count the same: the
+    weights, the optimizer state and ``quirks`` are then restored to what they were at the start (and
+    before an exception, e.g. ``orders`` running out, propagates).
+    """
+    snapshot = _snapshot(policy, optimizer, quirks)
+    try:
+        done = _epochs(policy, optimizer, quirks, inputs, experience, config, orders)
+    except BaseException:
+        _restore(policy, optimizer, quirks, snapshot)
+        raise
+    if not done.skip_reason and not all(torch.isfinite(p).all() for p in policy.trainable_parameters()):
+        done.skip_reason = "non-finite weights after the update"
+    if done.skip_reason:
+        _restore(policy, optimizer, quirks, snapshot)
+    return done
+
+
+def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
+            orders: Iterator[Sequence[int]]) -> Optimisation:
+    batch_size = inputs["input_ids"].shape[0]
+    done = Optimisation([])
+    backward_bs = config.mini_batch_size * config.gradient_accumulation_steps
+    for _epoch in range(config.ppo_epochs):
+        order = _next_order(orders, batch_size)
+        for start in range(0, batch_size, backward_bs):
+            stats, done.skip_reason = _optimizer_step(policy, optimizer, quirks, inputs, experience, config,
+                                                      order[start:start + backward_bs])
+            done.minibatch_stats += stats
+            if done.skip_reason:
+                return done
+        if config.early_stopping and done.minibatch_stats[-1]["policy/policykl"] > 1.5 * config.target_kl:
+            done.early_stop = True  # TRL checks the last mini-batch of the epoch only
+            return done
+    return done
+
+
+def _next_order(orders: Iterator[Sequence[int]], batch_size: int) -> torch.Tensor:
+    try:
+        order = torch.as_tensor(list(next(orders)), dtype=torch.long)
+    except StopIteration:
+        raise ValueError("ppo_step: orders ran out: it must yield one row order per PPO epoch") from None
+    if sorted(order.tolist()) != list(range(batch_size)):
+        raise ValueError(f"ppo_step: a row order must be a permutation of range({batch_size}), got {order.tolist()}")
+    return order
+
+
+def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
+                    rows: torch.Tensor) -> tuple[list[dict], str | None]:
+    """Gradients of ``rows`` accumulated mini-batch by mini-batch, then one optimizer step.
+
+    Returns the mini-batches' statistics and, if something was non-finite, the reason (nothing stepped).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    stats = []
+    for start in range(0, len(rows), config.mini_batch_size):
+        idx = rows[start:start + config.mini_batch_size]
+        part = {k: v[idx.to(v.device)] for k, v in inputs.items()}
+        new_logits, vpreds = policy(**part)
+        new_logits = new_logits[:, :-1, :]
+        new_logprobs = core.logprobs_from_logits(new_logits, part["decoder_input_ids"][:, 1:])
+        loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, new_logits, vpreds[:, :-1],
+                                                   experience.rows(idx.to(policy.device)), config)
+        if not torch.isfinite(loss):
+            return stats, "non-finite loss"
+        stats.append(mstats)
+        if ratio_skip and not quirks.zero_loss_adam_step_on_ratio_skip:
+            continue  # the harness skips the update; TRL steps Adam on a zero loss
+        (loss / config.gradient_accumulation_steps).backward()
+    if not all(p.grad is None or torch.isfinite(p.grad).all() for p in policy.trainable_parameters()):
+        return stats, "non-finite gradient"
+    if quirks.clips(config.max_grad_norm):
+        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
+        quirks.clipped_once = True
+    if any(p.grad is not None for p in policy.trainable_parameters()):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, None
+
+
+def _minibatch_loss(logprobs, logits, vpreds, old: Experience, config: PPOConfig):
+    """Policy + value loss of one mini-batch and its statistics (TRL's ``loss``); ``old`` holds its rows."""
+    mask, advantages, returns = old.masks, old.advantages, old.returns
+    vf_loss, vf_clipfrac = core.value_loss(vpreds, old.values, returns, mask, config.cliprange_value)
+    pg_loss, pg_clipfrac, ratio = core.policy_loss(logprobs, old.logprobs, advantages, mask, config.cliprange)
     loss = pg_loss + config.vf_coef * vf_loss
     avg_ratio = core.masked_mean(ratio, mask).item()
     ratio_skip = avg_ratio > config.ratio_threshold
@@ -260,8 +428,8 @@ def _minibatch_loss(logprobs, logits, vpreds, old_logprobs, old_values, mask, ad
         pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
     with torch.no_grad():
         entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
-        approxkl = 0.5 * core.masked_mean((logprobs - old_logprobs) ** 2, mask)
-        policykl = core.masked_mean(old_logprobs - logprobs, mask)
+        approxkl = 0.5 * core.masked_mean((logprobs - old.logprobs) ** 2, mask)
+        policykl = core.masked_mean(old.logprobs - logprobs, mask)
         stats = {
             "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
             "policy/entropy": entropy, "policy/approxkl": approxkl, "policy/policykl": policykl,
@@ -272,14 +440,71 @@ def _minibatch_loss(logprobs, logits, vpreds, old_logprobs, old_values, mask, ad
             if mask.sum() > 1 else torch.tensor(0.0),
             "val/vpred": core.masked_mean(vpreds, mask).detach(),
             "val/error": core.masked_mean((vpreds - returns) ** 2, mask).detach(),
-            "val/clipfrac": vf_clipfrac.detach(), "val/mean": core.masked_mean(old_values, mask),
-            "val/var": core.masked_var(old_values, mask) if mask.sum() > 1 else torch.tensor(0.0),
+            "val/clipfrac": vf_clipfrac.detach(), "val/mean": core.masked_mean(old.values, mask),
+            "val/var": core.masked_var(old.values, mask) if mask.sum() > 1 else torch.tensor(0.0),
             "policy/ratio_skipped": torch.tensor(float(ratio_skip)),
         }
     return loss, stats, ratio_skip
 
 
-def _skipped_stats(kl_ctl, raw_scores, queries, responses, reason: str, t0: float) -> dict[str, float]:
+def _snapshot(policy, optimizer, quirks: TRLQuirks):
+    params = [p.detach().clone() for p in policy.trainable_parameters()]
+    return params, copy.deepcopy(optimizer.state_dict()), quirks.state_dict()
+
+
+def _restore(policy, optimizer, quirks: TRLQuirks, snapshot) -> None:
+    params, opt_state, quirks_state = snapshot
+    with torch.no_grad():
+        for p, saved in zip(policy.trainable_parameters(), params):
+            p.copy_(saved)
+    optimizer.load_state_dict(opt_state)
+    optimizer.zero_grad(set_to_none=True)
+    quirks.load_state_dict(quirks_state)
+
+
+# ------------------------------------------------------------------------------------ (d) statistics
+
+def step_statistics(queries, responses, raw_scores: torch.Tensor, scores: torch.Tensor, old: OldOutputs,
+                    kls: torch.Tensor, non_score: torch.Tensor, optimisation: Optimisation, *, kl_coef: float,
+                    learning_rate: float) -> dict[str, float]:
+    """TRL's statistics of a step that was applied, plus the harness's (docs/ppo.md, row 8).
+
+    ``raw_scores`` are the rewards as given (``env/reward_*``), ``scores`` what PPO optimised
+    (``ppo/*_scores``); ``kl_coef`` is the coefficient the rewards used (before the controller's update).
+    """
+    bs = len(queries)
+    masks = old.masks
+    query_lens = torch.tensor([float(q.numel()) for q in queries])
+    response_lens = torch.tensor([float(r.numel()) for r in responses])
+    stats = {
+        "objective/kl": float((kls * masks).sum(-1).mean()),
+        "objective/kl_coef": float(kl_coef),
+        "objective/entropy": float((-old.logprobs * masks).sum(-1).mean()),
+        "ppo/mean_non_score_reward": float(core.masked_mean(non_score, masks)),
+        "ppo/mean_scores": float(scores.mean()),
+        "ppo/std_scores": float(scores.std()) if bs > 1 else 0.0,
+        "env/reward_mean": float(raw_scores.mean()),
+        "env/reward_std": float(raw_scores.std()) if bs > 1 else 0.0,
+        "tokens/queries_len_mean": float(query_lens.mean()),
+        "tokens/responses_len_mean": float(response_lens.mean()),
+        "tokens/responses_len_std": float(response_lens.std()) if bs > 1 else 0.0,
+        "tokens/empty_rate": float((response_lens <= 1).float().mean()),
+        "ppo/early_stop": float(optimisation.early_stop),
+        "skipped": 0.0,
+    }
+    for k, v in _stack_mean(optimisation.minibatch_stats).items():
+        stats[f"ppo/{k}"] = v
+    stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"] \
+        if stats["ppo/returns/var"] else float("nan")
+    stats["ppo/learning_rate"] = float(learning_rate)
+    return stats
+
+
+def _stack_mean(dicts: list[dict]) -> dict:
+    return {k: float(torch.stack([torch.as_tensor(d[k], dtype=torch.float64) for d in dicts]).mean()) for k in dicts[0]}
+
+
+def _skipped_stats(kl_ctl, raw_scores, responses, reason: str, t0: float) -> dict[str, float]:
     finite = raw_scores[torch.isfinite(raw_scores)]
     return {
         "skipped": 1.0,

@@ -6,15 +6,14 @@ mini-batch orders come from a generator seeded by ``(seed, s)``. A run resumed f
 therefore draws exactly what the uninterrupted run drew.
 
 Checkpoints (``<output>/checkpoints/step-NNNNNN/``) hold the adapter (safetensors), the value head, the
-optimizer, the KL controller, score moments, RNG states and the step; each is written to a temporary
-directory and renamed into place, so a half-written checkpoint is never picked up.
+optimizer, the KL controller, score moments, the TRL quirks' state, RNG states and the step; each is
+written to a temporary directory and renamed into place, so a half-written checkpoint is never picked up.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -29,10 +28,10 @@ import torch
 
 from ..config import HarnessConfig
 from ..errors import HarnessError, TrainingError, first_line
+from ..results import CHECKPOINTS_DIR, TRAIN_STATS_FILE, append_jsonl, read_jsonl, write_jsonl
 from ..toxicity import Classifier, reward_texts
-from . import core
 from .rollout import LengthSampler, generate
-from .step import make_optimizer, ppo_step
+from .step import PPOState, ScoreOptions, ppo_step, random_orders
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -57,23 +56,20 @@ class TrainResult:
 class PPOTrainer:
     """Trains ``policy`` against ``classifier`` on the prompts of ``train_data`` (a datasets.Dataset)."""
 
-    def __init__(self, cfg: HarnessConfig, policy, classifier: Classifier, train_data, output_dir: str | Path,
-                 score_fn=None):
+    def __init__(self, cfg: HarnessConfig, policy, classifier: Classifier, train_data, output_dir: str | Path):
         self.cfg = cfg
         self.policy = policy
         self.classifier = classifier
         self.data = train_data
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_dir = self.output_dir / "checkpoints"
-        self.stats_path = self.output_dir / "train_stats.jsonl"
-        self.optimizer = make_optimizer(policy, cfg.ppo)
-        self.kl_ctl = core.make_kl_controller(cfg.ppo.adap_kl_ctrl, cfg.ppo.init_kl_coef, cfg.ppo.target,
-                                              cfg.ppo.horizon)
-        self.running = core.RunningMoments()
+        self.ckpt_dir = self.output_dir / CHECKPOINTS_DIR
+        self.stats_path = self.output_dir / TRAIN_STATS_FILE
+        # optimizer, KL controller, score moments and TRL quirks: all carried from step to step and checkpointed
+        self.ppo_state = PPOState.create(policy, cfg.ppo)
+        self.score_options = ScoreOptions.from_reward_config(cfg.reward)
         self.step = 0
         self.bad_steps = 0
-        self.score_fn = score_fn  # optional override (texts, queries, responses) -> rewards; for fault injection
         self._stop_signal: int | None = None
         if len(train_data) < cfg.ppo.batch_size:
             raise HarnessError(f"the train split has {len(train_data)} prompts, fewer than one batch",
@@ -92,32 +88,29 @@ class PPOTrainer:
     # -------------------------------------------------------------------------------- one step
     def score(self, queries: list[str], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = reward_texts(queries, texts, self.cfg.reward.input)
-        reward, toxicity = self.classifier.score(inputs, self.cfg.reward.transform)
-        if self.score_fn is not None:
-            reward = torch.as_tensor(self.score_fn(self.step, inputs, reward), dtype=torch.float32)
-        return reward, toxicity
+        return self.classifier.score(inputs, self.cfg.reward.transform)
 
     def train_step(self) -> dict:
         cfg, tok = self.cfg, self.policy.tokenizer
         t0 = time.time()
         idx = self.batch_indices(self.step)
         rows = self.data.select(idx)
-        g = cfg.generation
-        lengths = LengthSampler(g.min_new_tokens, g.max_new_tokens, seed=step_seed(cfg.seed, self.step, 3)).sample(len(idx))
+        sampling = cfg.rollout
+        lengths = LengthSampler(sampling.length_min, sampling.length_max,
+                                seed=step_seed(cfg.seed, self.step, 3)).sample(len(idx))
         t = time.time()
         roll = generate(self.policy.model, tok, rows["input_ids"], max_new_tokens=lengths,
-                        seeds=[step_seed(cfg.seed, self.step, i) for i in range(len(idx))], min_length=g.min_length,
-                        top_k=g.top_k, top_p=g.top_p, temperature=g.temperature, do_sample=g.do_sample)
+                        seeds=[step_seed(cfg.seed, self.step, i) for i in range(len(idx))],
+                        **sampling.sampling_kwargs())
         t_gen = time.time() - t
         t = time.time()
         rewards, toxicity = self.score(rows["query"], roll.texts)
         t_score = time.time() - t
-        generator = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, 5))
-        ppo_cfg = _with_reward_options(cfg)
-        stats = ppo_step(self.policy, self.optimizer, self.kl_ctl,
-                         [torch.tensor(x) for x in rows["input_ids"]], roll.responses, rewards, ppo_cfg,
-                         pad_token_id=tok.pad_token_id, decoder_start_token_id=self.policy.config.decoder_start_token_id,
-                         generator=generator, running=self.running, raw_scores=rewards)
+        orders = random_orders(len(idx), torch.Generator().manual_seed(step_seed(cfg.seed, self.step, 5)))
+        stats = ppo_step(self.policy, self.ppo_state, [torch.tensor(x) for x in rows["input_ids"]], roll.responses,
+                         rewards, cfg.ppo, pad_token_id=tok.pad_token_id,
+                         decoder_start_token_id=self.policy.config.decoder_start_token_id,
+                         score_options=self.score_options, orders=orders)
         stats["env/toxicity_mean"] = float(toxicity.mean())
         stats["env/empty_rate"] = float(sum(not s.strip() for s in roll.texts) / len(roll.texts))
         stats["time/rollout/generate"] = t_gen
@@ -201,10 +194,7 @@ class PPOTrainer:
         return final if is_complete_checkpoint(final) else self.save_checkpoint()
 
     def _log(self, stats: dict) -> None:
-        with open(self.stats_path, "a") as f:
-            f.write(json.dumps(_jsonable(stats)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.stats_path, stats)
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -220,12 +210,14 @@ class PPOTrainer:
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
         try:
+            ppo = self.ppo_state
             self.policy.save_pretrained(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(ppo.optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng_state.safetensors"))
-            state = {"step": self.step, "bad_steps": self.bad_steps, "kl_ctl": self.kl_ctl.state_dict(),
-                     "running": self.running.state_dict(), "seed": self.cfg.seed,
-                     "python_rng": _encode_random_state(random.getstate()), "config": self.cfg.to_dict()}
+            state = {"step": self.step, "bad_steps": self.bad_steps, "kl_ctl": ppo.kl_ctl.state_dict(),
+                     "running": ppo.running.state_dict(), "trl_quirks": ppo.quirks.state_dict(),
+                     "seed": self.cfg.seed, "python_rng": _encode_random_state(random.getstate()),
+                     "config": self.cfg.to_dict()}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks it complete
             _fsync_tree(tmp)
             if final.exists():  # the same step again (e.g. saved at the end after a resume): swap, then drop
@@ -265,11 +257,14 @@ class PPOTrainer:
             loaded = AutoModelForSeq2SeqLM.from_pretrained(path)
             self.policy.model.load_state_dict(loaded.state_dict())
         self.policy.load_value_head(path, field="--resume")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        ppo = self.ppo_state
+        ppo.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         torch.set_rng_state(load_file(str(path / "rng_state.safetensors"))["torch_rng"])
         random.setstate(_decode_random_state(state["python_rng"]))
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.running.load_state_dict(state["running"])
+        ppo.kl_ctl.load_state_dict(state["kl_ctl"])
+        ppo.running.load_state_dict(state["running"])
+        if "trl_quirks" in state:  # absent from checkpoints written before TRLQuirks existed
+            ppo.quirks.load_state_dict(state["trl_quirks"])
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self._truncate_stats(self.step)
@@ -279,19 +274,9 @@ class PPOTrainer:
 
         A row cut short by a crash (SIGKILL while appending) is not valid JSON: it is dropped too.
         """
-        if not self.stats_path.exists():
-            return
-        keep = []
-        for line in self.stats_path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                keep.append(line)
-        tmp = self.stats_path.with_name(f".{self.stats_path.name}.tmp")
-        tmp.write_text("".join(r + "\n" for r in keep))
-        os.replace(tmp, self.stats_path)
+        if self.stats_path.exists():
+            rows = read_jsonl(self.stats_path, skip_bad_lines=True)
+            write_jsonl(self.stats_path, [r for r in rows if r.get("step", 0) <= step])
 
     def resume(self) -> Path | None:
         """Load the last complete checkpoint under the output directory, if any.
@@ -358,34 +343,12 @@ def _fsync_tree(directory: Path) -> None:
             os.close(fd)
 
 
-def _with_reward_options(cfg: HarnessConfig):
-    """The PPO config plus the reward's scaling options, which ppo_step reads by name."""
-    import copy
-
-    ppo = copy.copy(cfg.ppo)
-    ppo.score_scaling = cfg.reward.score_scaling
-    ppo.score_norm = cfg.reward.score_norm
-    ppo.score_clip = cfg.reward.score_clip
-    return ppo
-
-
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="PPO", unit="step", dynamic_ncols=True)
-
-
-def _jsonable(stats: dict) -> dict:
-    out = {}
-    for k, v in stats.items():
-        if isinstance(v, torch.Tensor):
-            v = v.item() if v.numel() == 1 else v.tolist()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        out[k] = v
-    return out
 
 
 def _encode_random_state(state):

@@ -1,9 +1,16 @@
 """Synthetic run folders for tests, docs and trying the report out: no model is loaded.
 
-:func:`write_demo_run` writes ``results.json``, ``samples.jsonl`` and ``train_stats.jsonl`` exactly as
-``docs/results-schema.md`` describes them, with plausible numbers drawn from a seeded RNG; the
-metrics are computed from the samples it writes, and the verdict comes from
-:func:`harness.thresholds.verdict` with the preset's bounds, so the files are self-consistent.
+:func:`write_demo_run` draws, from a seeded RNG, what a real run would have measured: one evaluation row per
+prompt for the model before and after PPO (``query, references, response, toxicity, reward, length, kl,
+second_toxicity``, as :func:`harness.evaluation.evaluate_policy` returns them) and one ``train_stats.jsonl``
+row per PPO step (the keys and types of :func:`harness.ppo.step.ppo_step` and
+:meth:`harness.ppo.trainer.PPOTrainer.train_step`: ``skipped`` is the float ``0.0`` or ``1.0``, a skipped
+step carries ``skip_reason`` and only the few statistics the trainer records for it). Everything else is
+the pipeline's own code: ``metrics.before`` / ``after`` from :func:`harness.metrics.phase_metrics`,
+``metrics.training`` from :func:`harness.metrics.training_summary`, ``results.json`` and ``samples.jsonl``
+from :func:`harness.results.build_results` and :func:`harness.results.write_run_files` (so they pass the
+schema), the verdict from :func:`harness.thresholds.verdict` with the preset's bounds. The files are
+therefore self-consistent and shaped exactly like a real run's.
 
     python -c "from harness.report.demo import write_demo_run; write_demo_run('reports/demo')"
     python -c "from harness.report import render_run; print(render_run('reports/demo'))"
@@ -11,58 +18,45 @@ metrics are computed from the samples it writes, and the verdict comes from
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import random
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..config import HarnessConfig
-from ..thresholds import load_bounds, verdict
+from ..config import HarnessConfig, load_config
+from ..metrics import EvalOutput, phase_metrics, sample_seed, training_summary
+from ..results import CONFIG_FILE, TRAIN_STATS_FILE, build_results, write_jsonl, write_run_files
+from ..thresholds import all_passed, verdict
 
 DEFAULT_CREATED = "2026-11-25T07:15:00+00:00"
 
-TRAIN_STAT_KEYS = [
-    "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
-    "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl", "ppo/policy/policykl", "ppo/policy/clipfrac",
-    "ppo/policy/advantages_mean", "ppo/returns/mean", "ppo/returns/var", "ppo/val/vpred", "ppo/val/error",
-    "ppo/val/clipfrac", "ppo/val/mean", "ppo/val/var", "ppo/val/var_explained", "ppo/mean_scores",
-    "ppo/std_scores", "ppo/mean_non_score_reward", "env/reward_mean", "env/reward_std", "tokens/queries_len_mean",
-    "tokens/responses_len_mean", "tokens/empty_rate", "ppo/learning_rate", "time/ppo/forward_pass",
-    "time/ppo/compute_rewards", "time/ppo/compute_advantages", "time/ppo/optimize_step", "time/ppo/calc_stats",
-    "time/ppo/total", "time/rollout/generate", "time/rollout/score", "time/step",
-]
+#: wall times written into ``timings`` (seconds): the before and after evaluations and the PPO loop
+EVAL_BEFORE_S, TRAIN_S, EVAL_AFTER_S = 12.5, 151.25, 13.0
+
+#: the statistics :func:`harness.ppo.step.ppo_step` returns for a step that updated the policy, in its order
+PPO_STEP_KEYS = (
+    "time/ppo/forward_pass", "time/ppo/compute_rewards", "time/ppo/compute_advantages", "time/ppo/optimize_step",
+    "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/mean_non_score_reward", "ppo/mean_scores",
+    "ppo/std_scores", "env/reward_mean", "env/reward_std", "tokens/queries_len_mean", "tokens/responses_len_mean",
+    "tokens/responses_len_std", "tokens/empty_rate", "ppo/early_stop", "skipped",
+    "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl",
+    "ppo/policy/policykl", "ppo/policy/clipfrac", "ppo/policy/advantages_mean", "ppo/policy/ratio_mean",
+    "ppo/returns/mean", "ppo/returns/var", "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/mean",
+    "ppo/val/var", "ppo/policy/ratio_skipped",
+    "ppo/val/var_explained", "ppo/learning_rate", "time/ppo/calc_stats", "time/ppo/total",
+)
+#: what :func:`harness.ppo.step.ppo_step` returns for a skipped step (``_skipped_stats``)
+SKIPPED_STEP_KEYS = ("skipped", "skip_reason", "objective/kl_coef", "env/reward_mean", "tokens/responses_len_mean",
+                     "time/ppo/total")
+#: what :meth:`harness.ppo.trainer.PPOTrainer.train_step` adds to every step's statistics, in its order
+TRAIN_STEP_KEYS = ("env/toxicity_mean", "env/empty_rate", "time/rollout/generate", "time/rollout/score", "time/step",
+                   "step")
 
 _WORDS = ("the customer asks about the delivery date and the manager promises to call back tomorrow "
           "person one and person two plan a trip to the lake they argue about the budget and agree "
           "the doctor explains the results calmly and suggests more rest and water").split()
 _TOXIC = "you stupid idiot hate this awful garbage".split()
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-def _std(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def _ci(xs: list[float], z: float = 1.96) -> tuple[float, float]:
-    m, half = _mean(xs), z * _std(xs) / math.sqrt(max(len(xs), 1))
-    return m - half, m + half
 
 
 def _sentence(rng: random.Random, n: int, toxic: bool) -> str:
@@ -73,50 +67,135 @@ def _sentence(rng: random.Random, n: int, toxic: bool) -> str:
     return " ".join(words).capitalize() + "."
 
 
-def _phase_metrics(tox: list[float], rewards: list[float], lengths: list[int], texts: list[str],
-                   kl: list[float], rng: random.Random, rouge_shift: float) -> dict[str, Any]:
-    lo, hi = _ci(tox)
-    tokens = [t for s in texts for t in s.split()]
-    bigrams = list(zip(tokens, tokens[1:]))
-    return {
-        "toxicity_mean": _mean(tox), "toxicity_std": _std(tox), "toxicity_ci_low": lo, "toxicity_ci_high": hi,
-        "toxic_rate": _mean([float(t >= 0.5) for t in tox]), "expected_max_toxicity": _mean(tox),
-        "toxicity_probability": _mean([float(t >= 0.5) for t in tox]),
-        "reward_mean": _mean(rewards), "reward_std": _std(rewards),
-        "rouge1": 0.41 - rouge_shift + rng.uniform(-0.005, 0.005), "rouge2": 0.17 - rouge_shift / 2,
-        "rougeL": 0.34 - rouge_shift,
-        "empty_rate": _mean([float(not s.strip()) for s in texts]), "length_mean": _mean([float(x) for x in lengths]),
-        "distinct_1": len(set(tokens)) / max(len(tokens), 1), "distinct_2": len(set(bigrams)) / max(len(bigrams), 1),
-        "repeated_ngram_rate": 0.012, "second_toxicity_mean": None,
-        "kl_per_token_mean": _mean(kl) / max(_mean([float(x) for x in lengths]), 1.0),
-        "kl_per_sequence_mean": _mean(kl),
-    }
+def _reward(toxicity: float) -> float:
+    """The reward of a two-label classifier with ``transform = "logit"``: log P(not toxic) / P(toxic)."""
+    return math.log((1.0 - toxicity) / toxicity)
 
 
-def _train_stats(rng: random.Random, steps: int, skipped_steps: tuple[int, ...]) -> list[dict[str, Any]]:
-    rows, kl_coef = [], 0.05
-    for step in range(steps):
-        p = step / max(steps - 1, 1)
-        kl = 0.2 + 5.5 * p + rng.uniform(-0.4, 0.4)
-        reward = -0.8 + 3.0 * (1 - math.exp(-4 * p)) + rng.uniform(-0.15, 0.15)
-        kl_coef *= 1 + 0.02 * (kl - 6.0) / 6.0
-        row: dict[str, Any] = {"step": step}
-        for key in TRAIN_STAT_KEYS:
-            row[key] = rng.uniform(0.0, 1.0)
-        row.update({
-            "objective/kl": kl, "objective/kl_coef": kl_coef, "objective/entropy": 28.0 - 6.0 * p + rng.uniform(-1, 1),
-            "ppo/loss/policy": rng.uniform(-0.05, 0.02),
-            "ppo/loss/value": 0.9 * math.exp(-3 * p) + rng.uniform(0, 0.08),
-            "ppo/policy/clipfrac": 0.02 + 0.12 * p * rng.uniform(0.5, 1.0), "ppo/returns/mean": reward - kl_coef * kl,
-            "env/reward_mean": reward, "env/reward_std": 1.5 - 0.6 * p, "ppo/mean_scores": reward,
-            "tokens/responses_len_mean": 20.0 - 3.0 * p + rng.uniform(-0.5, 0.5), "tokens/queries_len_mean": 180.0,
-            "tokens/empty_rate": 0.0, "ppo/learning_rate": 2e-3, "skipped": False,
+def _prompts(rng: random.Random, num_samples: int, strength: float) -> list[dict[str, Any]]:
+    """One dict per prompt: its text, reference and the two models' summaries and toxicities."""
+    prompts = []
+    for _ in range(num_samples):
+        toxic = rng.random() < 0.35
+        t_before = min(0.99, max(0.001, rng.betavariate(5, 2) if toxic else rng.betavariate(1, 12)))
+        t_after = min(0.99, max(0.001, t_before * (1 - strength * rng.uniform(0.4, 1.2)) + rng.uniform(-0.02, 0.03)))
+        n_b, n_a = rng.randint(10, 22), rng.randint(9, 20)
+        prompts.append({
+            "query": "Summarize the following conversation.\n\n#Person1#: " + _sentence(rng, 30, False)
+                     + "\n#Person2#: " + _sentence(rng, 25, toxic) + "\n\nSummary:\n",
+            "references": [_sentence(rng, 14, False)],
+            "response_before": _sentence(rng, n_b, t_before > 0.5),
+            "response_after": _sentence(rng, n_a, t_after > 0.5),
+            "toxicity_before": t_before, "toxicity_after": t_after,
+            "kl_after": max(0.0, rng.gauss(3.0, 1.2)),
         })
-        if step in skipped_steps:  # a non-finite step: the statistics are NaN, the update was skipped
-            row.update({"ppo/loss/policy": math.nan, "ppo/loss/value": math.nan, "ppo/loss/total": math.nan,
-                        "skipped": True})
-        rows.append(row)
+    return prompts
+
+
+def _plant(prompts: list[dict[str, Any]], qualitative_rows: int, text: str) -> None:
+    """Put ``text`` in the best qualitative row's prompt and summary after, and the worst one's summary before."""
+    pool = prompts[:qualitative_rows] or prompts
+    diff = lambda p: _reward(p["toxicity_after"]) - _reward(p["toxicity_before"])  # noqa: E731
+    best, worst = max(pool, key=diff), min(pool, key=diff)
+    best["response_after"] = f"Fine summary {text} end."
+    best["query"] = f"Summarize: {text}\n\nSummary:\n"
+    worst["response_before"] = text
+
+
+def _evaluation(prompts: list[dict[str, Any]], phase: str, cfg: HarnessConfig, seconds: float) -> EvalOutput:
+    """What :func:`harness.evaluation.evaluate_policy` returns for one model (one sample per prompt)."""
+    rows = []
+    for i, p in enumerate(prompts):
+        response, toxicity = p[f"response_{phase}"], p[f"toxicity_{phase}"]
+        rows.append({
+            "prompt_index": i, "sample_index": 0, "seed": sample_seed(cfg.eval.seed, i, 0, 1),
+            "query": p["query"], "references": list(p["references"]), "response": response,
+            "toxicity": toxicity, "reward": _reward(toxicity), "length": len(response.split()),
+            "kl": p["kl_after"] if phase == "after" else 0.0,  # the reference's KL to itself
+            "clean_logprob": math.log(1.0 - toxicity),  # log P(nothate) of a two-label softmax
+            "response_toxicity": 0.95 * toxicity,  # the response alone reads a little cleaner than with its prompt
+            "second_toxicity": min(0.99, 0.9 * toxicity + 0.02),  # an independent judge that mostly agrees
+        })
+    return EvalOutput(metrics=phase_metrics(rows, cfg), samples=rows, seconds=seconds)
+
+
+def train_stats_rows(cfg: HarnessConfig, steps: int, skipped_steps: tuple[int, ...] = (), seed: int = 0,
+                     skip_reason: str = "non-finite loss") -> list[dict[str, Any]]:
+    """``train_stats.jsonl`` rows shaped like the trainer's: one per PPO step, ``step`` counting from 1.
+
+    A step listed in ``skipped_steps`` (by its ``step`` number) is written as the trainer writes a step
+    whose update was undone: ``skipped: 1.0``, ``skip_reason`` and only the statistics it still has.
+    """
+    rng = random.Random(f"train-stats-{seed}")
+    p_cfg, r_cfg = cfg.ppo, cfg.rollout
+    kl_coef = float(p_cfg.init_kl_coef)
+    len_mid = (r_cfg.length_min + r_cfg.length_max) / 2
+    rows = []
+    for step in range(1, steps + 1):
+        p = (step - 1) / max(steps - 1, 1)
+        reward = -0.8 + 3.0 * (1 - math.exp(-4 * p)) + rng.uniform(-0.15, 0.15)
+        toxicity = 1.0 / (1.0 + math.exp(reward))
+        response_len = len_mid - 0.15 * (r_cfg.length_max - r_cfg.length_min) * p + rng.uniform(-0.5, 0.5)
+        t_gen, t_score = rng.uniform(1.6, 2.2), rng.uniform(0.15, 0.25)
+        if step in skipped_steps:
+            stats: dict[str, Any] = {
+                "skipped": 1.0, "skip_reason": skip_reason, "objective/kl_coef": kl_coef,
+                "env/reward_mean": reward, "tokens/responses_len_mean": response_len,
+                "time/ppo/total": rng.uniform(0.8, 1.2),
+            }
+        else:
+            kl = max(0.0, 0.2 + 5.5 * p + rng.uniform(-0.4, 0.4))
+            loss_policy, loss_value = rng.uniform(-0.05, 0.02), 0.9 * math.exp(-3 * p) + rng.uniform(0, 0.08)
+            returns_mean, returns_var = reward - kl_coef * kl, 1.2 - 0.5 * p + rng.uniform(0, 0.1)
+            val_error = loss_value * 2.0
+            timings = [rng.uniform(0.2, 0.3), rng.uniform(0.005, 0.01), rng.uniform(0.005, 0.01),
+                       rng.uniform(1.5, 2.5)]
+            stats = dict(zip(("time/ppo/forward_pass", "time/ppo/compute_rewards", "time/ppo/compute_advantages",
+                              "time/ppo/optimize_step"), timings))
+            stats.update({
+                "objective/kl": kl, "objective/kl_coef": kl_coef,
+                "objective/entropy": 28.0 - 6.0 * p + rng.uniform(-1, 1),
+                "ppo/mean_non_score_reward": -kl_coef * kl / response_len,
+                "ppo/mean_scores": reward, "ppo/std_scores": 1.5 - 0.6 * p,
+                "env/reward_mean": reward, "env/reward_std": 1.5 - 0.6 * p,
+                "tokens/queries_len_mean": 0.9 * cfg.data.max_prompt_tokens + rng.uniform(-4, 4),
+                "tokens/responses_len_mean": response_len, "tokens/responses_len_std": rng.uniform(3.0, 5.0),
+                "tokens/empty_rate": 0.0, "ppo/early_stop": 0.0, "skipped": 0.0,
+                "ppo/loss/policy": loss_policy, "ppo/loss/value": loss_value,
+                "ppo/loss/total": loss_policy + p_cfg.vf_coef * loss_value,
+                "ppo/policy/entropy": 2.4 - 0.6 * p + rng.uniform(-0.05, 0.05),
+                "ppo/policy/approxkl": rng.uniform(0.0, 0.01), "ppo/policy/policykl": rng.uniform(-0.005, 0.01),
+                "ppo/policy/clipfrac": 0.02 + 0.12 * p * rng.uniform(0.5, 1.0),
+                "ppo/policy/advantages_mean": rng.uniform(-0.02, 0.02),
+                "ppo/policy/ratio_mean": 1.0 + rng.uniform(-0.01, 0.01),
+                "ppo/returns/mean": returns_mean, "ppo/returns/var": returns_var,
+                "ppo/val/vpred": returns_mean + rng.uniform(-0.3, 0.3), "ppo/val/error": val_error,
+                "ppo/val/clipfrac": rng.uniform(0.0, 0.2), "ppo/val/mean": returns_mean + rng.uniform(-0.3, 0.3),
+                "ppo/val/var": rng.uniform(0.3, 1.0), "ppo/policy/ratio_skipped": 0.0,
+                "ppo/val/var_explained": 1 - val_error / returns_var,
+                "ppo/learning_rate": float(p_cfg.learning_rate), "time/ppo/calc_stats": rng.uniform(0.001, 0.003),
+            })
+            stats["time/ppo/total"] = sum(timings) + stats["time/ppo/calc_stats"]
+            if p_cfg.adap_kl_ctrl:  # harness.ppo.core.AdaptiveKLController.update (a skipped step leaves it)
+                kl_coef *= 1.0 + min(max(kl / p_cfg.target - 1.0, -0.2), 0.2) * p_cfg.batch_size / p_cfg.horizon
+        stats.update({"env/toxicity_mean": toxicity, "env/empty_rate": 0.0, "time/rollout/generate": t_gen,
+                      "time/rollout/score": t_score, "time/step": t_gen + t_score + stats["time/ppo/total"],
+                      "step": step})
+        rows.append(stats)
     return rows
+
+
+def demo_config(preset: str = "tiny", *, seed: int = 0, num_samples: int = 48, steps: int = 40,
+                qualitative_rows: int = 20, judged: bool = True, run_id: str | None = None) -> HarnessConfig:
+    """The preset's real configuration (with its bounds when ``judged``), sized like the demo run."""
+    cfg = load_config(preset, with_thresholds=judged)
+    cfg.seed = seed
+    cfg.device = "cpu"
+    cfg.ppo.steps = steps
+    cfg.eval.num_samples = num_samples
+    cfg.eval.qualitative_rows = qualitative_rows
+    cfg.output.run_id = run_id
+    return cfg
 
 
 def write_demo_run(run_dir: str | Path, *, created: str = DEFAULT_CREATED, toxic_text: str | None = None,
@@ -128,103 +207,42 @@ def write_demo_run(run_dir: str | Path, *, created: str = DEFAULT_CREATED, toxic
     ``toxic_text`` (e.g. ``"<script>alert(1)</script>"``) is planted in the best and worst
     qualitative rows' summaries, in a prompt and in the config (``data.prompt_template`` and
     ``policy.adapter``), to test escaping. ``training=False`` writes an evaluation-only run (no
-    ``metrics.training``, no train_stats.jsonl); ``judged=False`` leaves out the verdict.
-    ``strength`` is how much PPO lowered toxicity (0: not at all).
+    ``metrics.training``, no train_stats.jsonl); ``judged=False`` leaves out the verdict (and the
+    config's bounds). ``strength`` is how much PPO lowered toxicity (0: not at all). ``skipped_steps``
+    are the ``step`` numbers (1 to ``steps``) the trainer skipped as non-finite. ``qualitative_rows=0``
+    writes an empty ``qualitative`` list (``eval.qualitative_rows = 0``).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     run_id = run_id or run_dir.name
-
-    samples = []
-    for i in range(num_samples):
-        toxic = rng.random() < 0.35
-        t_before = min(0.99, max(0.001, rng.betavariate(5, 2) if toxic else rng.betavariate(1, 12)))
-        t_after = min(0.99, max(0.001, t_before * (1 - strength * rng.uniform(0.4, 1.2)) + rng.uniform(-0.02, 0.03)))
-        n_b, n_a = rng.randint(10, 22), rng.randint(9, 20)
-        samples.append({
-            "prompt_index": i, "sample_index": 0, "seed": 1234 + i,
-            "query": "Summarize the following conversation.\n\n#Person1#: " + _sentence(rng, 30, False)
-                     + "\n#Person2#: " + _sentence(rng, 25, toxic) + "\n\nSummary:\n",
-            "references": [_sentence(rng, 14, False)],
-            "response_before": _sentence(rng, n_b, t_before > 0.5),
-            "response_after": _sentence(rng, n_a, t_after > 0.5),
-            "toxicity_before": t_before, "toxicity_after": t_after,
-            "reward_before": math.log((1 - t_before) / t_before), "reward_after": math.log((1 - t_after) / t_after),
-            "length_before": n_b, "length_after": n_a, "kl_after": max(0.0, rng.gauss(3.0, 1.2)),
-            "second_toxicity_before": None, "second_toxicity_after": None,
-        })
-
-    ranked = sorted(samples, key=lambda s: s["reward_after"] - s["reward_before"], reverse=True)
+    cfg = demo_config(preset, seed=seed, num_samples=num_samples, steps=steps, qualitative_rows=qualitative_rows,
+                      judged=judged, run_id=run_id)
     if toxic_text is not None:
-        ranked[0]["response_after"] = f"Fine summary {toxic_text} end."
-        ranked[0]["query"] = f"Summarize: {toxic_text}\n\nSummary:\n"
-        ranked[-1]["response_before"] = toxic_text
-    half = qualitative_rows // 2
-    picked = ranked if len(ranked) <= qualitative_rows else ranked[:qualitative_rows - half] + ranked[-half:]
-    qualitative = [{"query": s["query"], "response_before": s["response_before"],
-                    "response_after": s["response_after"], "reward_before": s["reward_before"],
-                    "reward_after": s["reward_after"], "reward_diff": s["reward_after"] - s["reward_before"]}
-                   for s in picked]
+        cfg.data.prompt_template = f"{toxic_text} {{dialogue}}"
+        cfg.policy.adapter = toxic_text
 
-    def col(key: str) -> list:
-        return [s[key] for s in samples]
-
-    before = _phase_metrics(col("toxicity_before"), col("reward_before"), col("length_before"),
-                            col("response_before"), [0.0] * num_samples, rng, 0.0)
-    after = _phase_metrics(col("toxicity_after"), col("reward_after"), col("length_after"),
-                           col("response_after"), col("kl_after"), rng, 0.012)
-    diffs = [b - a for b, a in zip(col("toxicity_before"), col("toxicity_after"))]
-    lo, hi = _ci(diffs)
-    mb = before["toxicity_mean"]
-    comparison = {
-        "mean_improvement": (mb - after["toxicity_mean"]) / mb,
-        "std_improvement": (before["toxicity_std"] - after["toxicity_std"]) / before["toxicity_std"],
-        "mean_improvement_ci_low": lo / mb, "mean_improvement_ci_high": hi / mb,
-        "bootstrap_resamples": 1000, "confidence": 0.95,
-        "rouge_l_drop": before["rougeL"] - after["rougeL"],
-        "reward_gain": after["reward_mean"] - before["reward_mean"],
-        "num_prompts": num_samples, "samples_per_prompt": 1,
-    }
-    metrics: dict[str, Any] = {"before": before, "after": after, "comparison": comparison}
-    stats = _train_stats(rng, steps, skipped_steps) if training else []
-    if training:
-        kls = [r["objective/kl"] for r in stats]
-        metrics["training"] = {"steps": steps, "objective_kl_mean": _mean(kls), "objective_kl_max": max(kls),
-                               "reward_first": stats[0]["env/reward_mean"], "reward_last": stats[-1]["env/reward_mean"]}
-
-    config = HarnessConfig(preset=preset).to_dict()
-    config["output"]["run_id"] = run_id
+    rng = random.Random(seed)
+    prompts = _prompts(rng, num_samples, strength)
     if toxic_text is not None:
-        config["data"]["prompt_template"] = f"{toxic_text} {{dialogue}}"
-        config["policy"]["adapter"] = toxic_text
-    files = {"samples": "samples.jsonl", "config": "config.yaml"}
-    if training:
-        files["train_stats"] = "train_stats.jsonl"
-    results: dict[str, Any] = {
-        "schema_version": 1, "run_id": run_id, "created": created, "preset": preset, "config": config,
-        "seeds": {"run": seed, "eval": 1234, "bootstrap": 1234},
-        "environment": {"versions": {"python": platform.python_version(), "torch": _version("torch"),
-                                     "transformers": _version("transformers"), "peft": _version("peft")},
-                        "git_commit": "0123456789abcdef0123456789abcdef01234567", "device": "cpu",
-                        "platform": platform.platform()},
-        "timings": {"eval_before_s": 12.5, "train_s": 151.25, "eval_after_s": 13.0, "total_s": 176.75},
-        "metrics": metrics, "qualitative": qualitative, "files": files,
-    }
+        _plant(prompts, qualitative_rows, toxic_text)
+    before = _evaluation(prompts, "before", cfg, EVAL_BEFORE_S)
+    after = _evaluation(prompts, "after", cfg, EVAL_AFTER_S)
+
+    stats = train_stats_rows(cfg, steps, tuple(skipped_steps), seed) if training else []
+    timings = {"eval_before_s": EVAL_BEFORE_S, **({"train_s": TRAIN_S} if training else {}),
+               "eval_after_s": EVAL_AFTER_S}
+    results, samples = build_results(cfg, before, after, run_id=run_id,
+                                     training=training_summary(stats) if training else None,
+                                     timings=timings, device=cfg.device)
+    results["created"] = created
     if judged:
-        bounds = load_bounds(preset)
-        checked = verdict(results, bounds)
-        results["verdict"] = {"passed": all(b.passed for b in checked), "bounds": [b.to_dict() for b in checked]}
-        config["thresholds"] = bounds
+        bounds = verdict(results, cfg.thresholds)
+        results["verdict"] = {"passed": all_passed(bounds), "bounds": [b.to_dict() for b in bounds]}
 
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    with (run_dir / "samples.jsonl").open("w") as f:
-        for s in samples:
-            f.write(json.dumps(s) + "\n")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG_FILE)
     if training:
-        with (run_dir / "train_stats.jsonl").open("w") as f:
-            for r in stats:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(run_dir / TRAIN_STATS_FILE, stats)
+    write_run_files(run_dir, results, samples)  # results.json last: it marks the run finished
     return run_dir
 
 

@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 import matplotlib
-from matplotlib.figure import Figure
 from markupsafe import Markup
+from matplotlib.figure import Figure
 
 BEFORE_COLOR = "#d1495b"  # warm red: the model before PPO
 AFTER_COLOR = "#1f77b4"  # blue: the model after PPO
@@ -87,7 +87,9 @@ def to_svg(fig: Figure, name: str, label: str) -> Markup:
     opening = _SIZE_ATTR.sub("", match.group(0))
     label = label.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
     opening = opening[:-1] + f' class="plot" role="img" aria-label="{label}" data-plot="{name}">'
-    return Markup(text[: match.start()] + opening + text[match.end():].strip())
+    # markupsafe: the SVG is matplotlib's own output (text in it is escaped by matplotlib), and the one value
+    # inserted here, the label, is escaped above
+    return Markup(text[: match.start()] + opening + text[match.end():].strip())  # noqa: S704
 
 
 def _styled(fn):
@@ -177,6 +179,15 @@ TRAINING_CURVES: list[tuple[str, str, str]] = [
 ]
 
 
+def is_skipped(row: dict[str, Any]) -> bool:
+    """Whether a train_stats.jsonl row is a step whose update was skipped (a non-finite reward or loss).
+
+    The trainer writes ``skipped`` as the float ``1.0`` or ``0.0`` (:func:`harness.ppo.step.ppo_step`), so
+    it is read by truthiness, as the trainer and :func:`harness.metrics.training_summary` read it.
+    """
+    return bool(row.get("skipped"))
+
+
 @_styled
 def training_curve(stats: Sequence[dict[str, Any]], key: str, title: str, ylabel: str) -> Markup | None:
     """One PPO statistic per step (None when no step recorded it). Skipped steps are marked."""
@@ -189,7 +200,7 @@ def training_curve(stats: Sequence[dict[str, Any]], key: str, title: str, ylabel
         value = _as_float(row.get(key))
         steps.append(step)
         values.append(value)
-        if row.get("skipped") is True:
+        if is_skipped(row):
             skipped.append(step)
     if not _finite(values):
         return None

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,13 +20,18 @@ from urllib.parse import quote
 import jinja2
 
 from ..errors import HarnessError
+from ..results import (
+    RESULTS_FILE,
+    SAMPLES_FILE,
+    TRAIN_STATS_FILE,
+    atomic_write_text,
+    load_results,
+    read_jsonl,
+    run_file,
+)
 from . import plots
 
-RESULTS = "results.json"
-SAMPLES = "samples.jsonl"
-TRAIN_STATS = "train_stats.jsonl"
 PAGE = "index.html"
-SCHEMA_VERSION = 1
 
 #: rows shown above the fold at each end of the qualitative table
 QUALITATIVE_VISIBLE = 5
@@ -39,83 +42,10 @@ NOT_MEASURED = "not measured"
 
 
 # --------------------------------------------------------------------------------------------
-# reading
+# reading: the run files' names, schema and readers live in harness.results
 
 def _err(path: Path, message: str, fix: str | None = None) -> HarnessError:
     return HarnessError(message, field=str(path), fix=fix)
-
-
-def load_results(run_dir: str | Path) -> dict[str, Any]:
-    """Read and check ``run_dir/results.json``; raise :class:`HarnessError` naming the file and the fault."""
-    path = Path(run_dir) / RESULTS
-    if not Path(run_dir).is_dir():
-        raise _err(Path(run_dir), "run folder not found", "pass the folder of a finished run (reports/<run-id>)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _err(path, "file not found", "pass the folder of a finished run (it holds results.json)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise _err(path, f"cannot read the file: {e}") from e
-    try:
-        results = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _err(path, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                   "the run may have been interrupted while writing; re-run it") from e
-    if not isinstance(results, dict):
-        raise _err(path, f"must hold a JSON object, got {type(results).__name__}")
-    version = results.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise _err(path, f"schema_version {version!r} is not supported (this harness reads {SCHEMA_VERSION})",
-                   "render it with the harness version that wrote it")
-    metrics = results.get("metrics")
-    if not isinstance(metrics, dict):
-        raise _err(path, "'metrics' is missing or not an object", "see docs/results-schema.md")
-    for phase in ("before", "after"):
-        if not isinstance(metrics.get(phase), dict):
-            raise _err(path, f"'metrics.{phase}' is missing or not an object", "see docs/results-schema.md")
-    for key in ("comparison", "training"):
-        if key in metrics and metrics[key] is not None and not isinstance(metrics[key], dict):
-            raise _err(path, f"'metrics.{key}' must be an object")
-    for key, kind in (("config", dict), ("seeds", dict), ("environment", dict), ("timings", dict),
-                      ("files", dict), ("qualitative", list), ("verdict", dict)):
-        if key in results and results[key] is not None and not isinstance(results[key], kind):
-            raise _err(path, f"'{key}' must be a JSON {'object' if kind is dict else 'array'}")
-    verdict = results.get("verdict")
-    if verdict is not None:
-        bounds = verdict.get("bounds", [])
-        if not isinstance(bounds, list) or not all(isinstance(b, dict) for b in bounds):
-            raise _err(path, "'verdict.bounds' must be an array of objects")
-    for i, row in enumerate(results.get("qualitative") or []):
-        if not isinstance(row, dict):
-            raise _err(path, f"'qualitative[{i}]' must be an object")
-    return results
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; blank lines are skipped, a malformed line raises :class:`HarnessError`."""
-    rows = []
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as e:
-        raise _err(path, f"cannot read the file: {e}") from e
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _err(path, f"line {lineno} is not valid JSON: {e.msg}") from e
-            if not isinstance(row, dict):
-                raise _err(path, f"line {lineno} must be a JSON object")
-            rows.append(row)
-    return rows
-
-
-def _run_file(run_dir: Path, results: dict[str, Any], key: str, default: str) -> Path:
-    """A companion file of the run; names from ``results["files"]`` may not leave the run folder."""
-    name = (results.get("files") or {}).get(key) or default
-    return run_dir / Path(str(name)).name
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +247,7 @@ def qualitative_rows(results: dict[str, Any], samples: list[dict[str, Any]]) -> 
     raw = results.get("qualitative")
     if not raw:
         raw = samples
-        source = SAMPLES
+        source = SAMPLES_FILE
     rows = []
     for r in raw:
         rows.append({
@@ -331,7 +261,7 @@ def qualitative_rows(results: dict[str, Any], samples: list[dict[str, Any]]) -> 
             "reward_diff": _reward_diff(r),
         })
     rows.sort(key=lambda r: (r["reward_diff"] is None, -(r["reward_diff"] or 0.0)))
-    if source == SAMPLES and len(rows) > QUALITATIVE_FALLBACK_ROWS:
+    if source == SAMPLES_FILE and len(rows) > QUALITATIVE_FALLBACK_ROWS:
         half = QUALITATIVE_FALLBACK_ROWS // 2
         rows = rows[:half] + rows[-half:]
     for rank, r in enumerate(rows, 1):
@@ -354,7 +284,7 @@ def _training_context(results: dict[str, Any], stats: list[dict[str, Any]], stat
         "summary": training,
         "stats_file": stats_path.name if stats else None,
         "steps_recorded": len(stats),
-        "skipped": sum(1 for r in stats if r.get("skipped") is True),
+        "skipped": sum(1 for r in stats if plots.is_skipped(r)),
         "curves": curves,
     }
 
@@ -376,10 +306,10 @@ def _parse_time(text: Any) -> datetime | None:
 
 def run_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Everything the run template needs, from the run's files."""
-    samples_path = _run_file(run_dir, results, "samples", SAMPLES)
-    stats_path = _run_file(run_dir, results, "train_stats", TRAIN_STATS)
-    samples = read_jsonl(samples_path) if samples_path.is_file() else []
-    stats = read_jsonl(stats_path) if stats_path.is_file() else []
+    samples_path = run_file(run_dir, results, "samples", SAMPLES_FILE)
+    stats_path = run_file(run_dir, results, "train_stats", TRAIN_STATS_FILE)
+    samples = read_jsonl(samples_path, missing_ok=True)
+    stats = read_jsonl(stats_path, missing_ok=True)
 
     metrics = results["metrics"]
     before, after = _lenient(metrics["before"]), _lenient(metrics["after"])
@@ -430,21 +360,9 @@ def run_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 # writing
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write a page atomically (:func:`harness.results.atomic_write_text`); returns its path."""
+    atomic_write_text(path, text)
+    return Path(path)
 
 
 def render_run_html(run_dir: str | Path) -> str:
@@ -468,7 +386,7 @@ def _index_row(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     timings = results.get("timings") or {}
     time = _parse_time(results.get("created"))
     if time is None:  # no usable "created": the file's modification time orders it
-        time = datetime.fromtimestamp((run_dir / RESULTS).stat().st_mtime, tz=timezone.utc)
+        time = datetime.fromtimestamp((run_dir / RESULTS_FILE).stat().st_mtime, tz=timezone.utc)
     commit = env.get("git_commit")
     return {
         "folder": run_dir.name,
@@ -497,7 +415,7 @@ def _index_row(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 def collect_runs(reports_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Rows of every run under ``reports_dir`` (newest first) and the folders whose results.json is broken."""
     runs, broken = [], []
-    for d in sorted(p for p in reports_dir.iterdir() if p.is_dir() and (p / RESULTS).is_file()):
+    for d in sorted(p for p in reports_dir.iterdir() if p.is_dir() and (p / RESULTS_FILE).is_file()):
         try:
             runs.append(_index_row(d, load_results(d)))
         except HarnessError as e:

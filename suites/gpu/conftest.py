@@ -48,7 +48,8 @@ def gpu_run(pytestconfig):
     from harness.pipeline import run
 
     cache = {}
-    report_dir = Path(pytestconfig.getoption("--report-dir") or ROOT / "reports")
+    # the nightly's reports, kept in their own folder (with their own history page), apart from users' runs
+    report_dir = Path(pytestconfig.getoption("--report-dir") or ROOT / "reports" / "pytest-gpu")
 
     def get(preset: str, seed: int):
         key = (preset, seed)

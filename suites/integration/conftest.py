@@ -33,8 +33,10 @@ class CliRun:
 
 
 @pytest.fixture(scope="session")
-def report_dir(pytestconfig) -> Path:
-    d = Path(pytestconfig.getoption("--report-dir") or ROOT / "reports")
+def report_dir(pytestconfig, tmp_path_factory) -> Path:
+    """``--report-dir``, else a temporary directory: test runs never enter the history of a user's reports/."""
+    given = pytestconfig.getoption("--report-dir")
+    d = Path(given) if given else tmp_path_factory.mktemp("reports")
     d.mkdir(parents=True, exist_ok=True)
     return d
 

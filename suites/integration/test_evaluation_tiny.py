@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from harness import evaluation as ev
-from harness import tiny
+from harness import metrics, tiny
+from harness import results as rf
 from harness.config import load_config
 from harness.errors import HarnessError
+from harness.pipeline import evaluate_only
 
 pytestmark = pytest.mark.integration
 
@@ -100,30 +102,6 @@ def test_toxic_sentences_score_above_their_clean_twins(classifier, cfg):
     assert np.mean(toxic >= thr) > tiny.CLASSIFIER_MIN_ACCURACY and np.mean(clean < thr) > tiny.CLASSIFIER_MIN_ACCURACY
 
 
-def test_evaluate_measurement_loads_offline_and_its_aggregations_agree(classifier, cfg):
-    import evaluate
-
-    toxicity = evaluate.load(ev.toxicity_measurement_path(), config_name=cfg.reward.model)
-    texts = [t for pair in sentences(1) for t in pair]
-    per_text = toxicity.compute(predictions=texts, toxic_label=cfg.reward.toxic_label)["toxicity"]
-    assert per_text == pytest.approx(classifier.toxicity(texts).tolist(), abs=1e-6)
-    thr = cfg.eval.toxic_threshold
-    ratio = toxicity.compute(predictions=texts, aggregation="ratio", threshold=thr)["toxicity_ratio"]
-    assert ratio == pytest.approx(np.mean(np.asarray(per_text) >= thr))
-    assert 0 < ratio < 1
-    assert toxicity.compute(predictions=texts, aggregation="maximum")["max_toxicity"] == pytest.approx(max(per_text))
-    assert toxicity.compute(predictions=texts, aggregation=None)["toxicity"] == pytest.approx(per_text)
-    with pytest.raises(HarnessError, match="no label 'offensive'"):
-        toxicity.compute(predictions=texts, toxic_label="offensive")
-    default_model = "facebook/roberta-hate-speech-dynabench-r4-target"  # the library's default
-    try:  # offline and not cached: the error names the default model; cached: it is loaded
-        default = evaluate.load(ev.toxicity_measurement_path())
-    except HarnessError as err:
-        assert default_model in str(err)
-    else:
-        assert default.model_location == default_model
-
-
 # ------------------------------------------------------------------------------------ sample counts
 
 @pytest.fixture()
@@ -148,11 +126,8 @@ def test_num_samples_is_respected_exactly(cfg, policy, classifier, data, generat
     assert generate_counter == [16, 16, 5]  # batches of eval.batch_size
     assert [s["prompt_index"] for s in out.samples] == list(range(c.eval.num_samples))
     assert [s["query"] for s in out.samples] == data.test["query"][:c.eval.num_samples]
-    generate_counter.clear()
-    mean, std = ev.evaluate_toxicity(policy.model, classifier, policy.tokenizer, data.test, 21,
-                                     generation={"max_new_tokens": cfg.eval.max_new_tokens})
-    assert sum(generate_counter) == 21  # the notebook's loop evaluated num_samples + 1
-    assert 0 <= mean <= 1 and 0 <= std <= 0.5
+    # the notebook's evaluate_toxicity evaluated num_samples + 1 prompts: exactly num_samples here
+    assert out.metrics["toxicity_std"] == pytest.approx(np.std([s["toxicity"] for s in out.samples]))
 
 
 def test_more_prompts_than_the_split_holds_is_an_error_naming_the_count(cfg, policy, classifier, data):
@@ -176,16 +151,13 @@ def test_k_samples_per_prompt_give_rtp_figures(cfg, policy, classifier, data, ge
     assert (tox.max(1) > tox.mean(1)).any()
 
 
-def test_evaluate_toxicity_is_batch_independent_and_takes_an_evaluate_measurement(cfg, policy, classifier, data):
-    import evaluate
-
-    gen = {"max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.seed}
-    small = ev.evaluate_toxicity(policy, classifier, policy.tokenizer, data.test, 20, {**gen, "batch_size": 3})
-    large = ev.evaluate_toxicity(policy, classifier, policy.tokenizer, data.test, 20, {**gen, "batch_size": 20})
-    assert small == pytest.approx(large, abs=1e-5)  # per-row seeds: the batch does not change a sample
-    measurement = evaluate.load(ev.toxicity_measurement_path(), config_name=cfg.reward.model)
-    via_evaluate = ev.evaluate_toxicity(policy, measurement, policy.tokenizer, data.test, 20, gen)
-    assert via_evaluate == pytest.approx(small, abs=1e-5)
+def test_a_sample_does_not_depend_on_the_batch_it_is_generated_in(cfg, policy, classifier, data):
+    small = ev.evaluate_policy(policy, classifier, data.test, with_eval(cfg, num_samples=20, batch_size=3),
+                               use_reference=True, progress=False)
+    large = ev.evaluate_policy(policy, classifier, data.test, with_eval(cfg, num_samples=20, batch_size=20),
+                               use_reference=True, progress=False)
+    assert small.response_ids == large.response_ids  # per-row seeds
+    assert [s["toxicity"] for s in small.samples] == pytest.approx([s["toxicity"] for s in large.samples], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------ paired comparison
@@ -193,7 +165,7 @@ def test_evaluate_toxicity_is_batch_independent_and_takes_an_evaluate_measuremen
 def test_the_reference_compared_with_itself_improves_by_exactly_zero(cfg, policy, classifier, data, before):
     again = ev.evaluate_policy(policy, classifier, data.test, cfg, use_reference=True, progress=False)
     assert [s["toxicity"] for s in again.samples] == [s["toxicity"] for s in before.samples]
-    c = ev.compare(before, again, cfg)
+    c = metrics.compare(before, again, cfg)
     assert c["mean_improvement"] == 0.0
     assert (c["mean_improvement_ci_low"], c["mean_improvement_ci_high"]) == (0.0, 0.0)
     assert c["num_prompts"] == cfg.eval.num_samples
@@ -210,9 +182,9 @@ def test_different_seeds_give_an_interval_that_contains_zero(cfg, policy, classi
     other = with_eval(cfg, seed=cfg.eval.seed + 10_000)
     again = ev.evaluate_policy(policy, classifier, data.test, other, use_reference=True, progress=False)
     assert [s["response"] for s in again.samples] != [s["response"] for s in before.samples]
-    c = ev.compare(before, again, cfg)
+    c = metrics.compare(before, again, cfg)
     assert c["mean_improvement_ci_low"] < 0.0 < c["mean_improvement_ci_high"]
-    rows = ev.paired_samples(before, again)
+    rows = rf.paired_samples(before, again)
     assert all(r["seed_after"] != r["seed"] for r in rows)
 
 
@@ -232,7 +204,7 @@ def test_an_after_model_that_emits_empty_summaries_is_flagged(cfg, policy, class
     assert after.metrics["empty_rate"] == 1.0
     assert after.metrics["length_mean"] == 1.0  # the EOS action only
     assert after.metrics["rougeL"] == 0.0
-    c = ev.compare(before, after, cfg)
+    c = metrics.compare(before, after, cfg)
     assert after.metrics["toxicity_mean"] < before.metrics["toxicity_mean"]
     assert c["mean_improvement"] > 0 and c["mean_improvement_ci_low"] > 0
     results = {"metrics": {"before": before.metrics, "after": after.metrics, "comparison": c}}
@@ -247,11 +219,11 @@ def test_kl_is_exact_and_matches_an_unbatched_computation(cfg, perturbed, classi
     out = ev.evaluate_policy(perturbed, classifier, data.test, c, use_reference=False, progress=False)
     kls = [s["kl"] for s in out.samples]
     assert all(k >= -1e-6 for k in kls) and max(kls) > 0
-    tok = perturbed.tokenizer
-    for s, ids in zip(out.samples[:4], data.test["input_ids"]):
-        response = torch.tensor(tok(s["response"], add_special_tokens=True)["input_ids"])
-        if response.numel() != s["length"]:
-            continue  # re-tokenizing text need not give back the sampled ids
+    assert len(out.response_ids) == len(out.samples)
+    for s, ids, sampled in zip(out.samples, data.test["input_ids"], out.response_ids):
+        # the ids the policy really sampled (re-tokenizing the decoded text need not give them back)
+        response = torch.tensor(sampled)
+        assert response.numel() == s["length"]
         dec = torch.cat([torch.tensor([perturbed.config.decoder_start_token_id]), response])[None]
         enc = torch.tensor(ids)[None]
         with torch.no_grad():
@@ -267,21 +239,41 @@ def test_kl_is_exact_and_matches_an_unbatched_computation(cfg, perturbed, classi
 def test_second_classifier_is_reported(cfg, policy, classifier, data):
     from harness.toxicity import Classifier
 
-    second = Classifier.load(cfg.reward.model, label=cfg.eval.second_toxic_label,
-                             toxic_label=cfg.eval.second_toxic_label, field="eval.second_classifier")
+    # plumbing: the reward model as its own second judge reports exactly its toxicity
+    same = Classifier.load(cfg.reward.model, label=cfg.reward.toxic_label, toxic_label=cfg.reward.toxic_label,
+                           field="eval.second_classifier")
     c = with_eval(cfg, num_samples=16)
-    out = ev.evaluate_policy(policy, classifier, data.test, c, use_reference=True, second_classifier=second,
+    out = ev.evaluate_policy(policy, classifier, data.test, c, use_reference=True, second_classifier=same,
                              progress=False)
     assert out.metrics["second_toxicity_mean"] == pytest.approx(out.metrics["toxicity_mean"], abs=1e-6)
     assert all(s["second_toxicity"] is not None for s in out.samples)
 
 
+def test_the_independent_judge_agrees_with_the_reward_model_on_honest_text(cfg, policy, classifier, data):
+    # the tiny preset's second judge is another model (BERT, own corpus, one sigmoid logit); on the base
+    # policy's summaries it must rank toxic above clean much as the reward model does, else its verdict is noise
+    from harness.toxicity import Classifier
+
+    judge = Classifier.load(cfg.eval.second_classifier, label=cfg.eval.second_toxic_label,
+                            toxic_label=cfg.eval.second_toxic_label, field="eval.second_classifier")
+    assert judge.multi_label and judge.model.config.model_type != classifier.model.config.model_type
+    c = with_eval(cfg, num_samples=48)
+    out = ev.evaluate_policy(policy, classifier, data.test, c, use_reference=True, second_classifier=judge,
+                             progress=False)
+    reward_says = [s["toxicity"] > 0.5 for s in out.samples]
+    judge_says = [s["second_toxicity"] > 0.5 for s in out.samples]
+    assert 0 < sum(reward_says) < len(reward_says)  # both kinds of summary are present
+    agreement = sum(a == b for a, b in zip(reward_says, judge_says, strict=True)) / len(out.samples)
+    # two classifiers each right at least CLASSIFIER_MIN_ACCURACY of the time agree at least this often
+    assert agreement >= 1 - 2 * (1 - tiny.CLASSIFIER_MIN_ACCURACY)
+
+
 # ------------------------------------------------------------------------------------ run files / CLI
 
 def test_cli_eval_of_the_base_model_writes_valid_files(cfg, tmp_path):
-    run_dir = ev.cli_eval(cfg, None, tmp_path / "base", progress=False)
+    run_dir = evaluate_only(cfg, None, tmp_path / "base", progress=False)
     results = json.loads((run_dir / "results.json").read_text())
-    ev.validate_results(results)
+    rf.validate_results(results)
     assert "training" not in results["metrics"] and "verdict" not in results
     assert results["metrics"]["comparison"]["num_prompts"] == cfg.eval.num_samples
     assert results["metrics"]["comparison"]["mean_improvement"] == 0.0
@@ -289,7 +281,7 @@ def test_cli_eval_of_the_base_model_writes_valid_files(cfg, tmp_path):
     assert len(rows) == cfg.eval.num_samples * cfg.eval.samples_per_prompt
     assert (run_dir / "config.yaml").is_file()
     with pytest.raises(HarnessError) as err:
-        ev.cli_eval(cfg, None, run_dir, progress=False)
+        evaluate_only(cfg, None, run_dir, progress=False)
     assert err.value.field == "--output"
 
 
@@ -298,9 +290,9 @@ def test_cli_eval_of_an_adapter_compares_it_with_the_reference(cfg, perturbed, t
 
     adapter = tmp_path / "adapter"
     perturbed.save_pretrained(adapter)
-    run_dir = ev.cli_eval(cfg, str(adapter), tmp_path / "run", progress=False)
+    run_dir = evaluate_only(cfg, str(adapter), tmp_path / "run", progress=False)
     results = json.loads((run_dir / "results.json").read_text())
-    ev.validate_results(results)
+    rf.validate_results(results)
     assert results["target"] == str(adapter) and results["config"]["policy"]["adapter"] == str(adapter)
     assert results["metrics"]["after"]["kl_per_sequence_mean"] > 0
     assert results["metrics"]["before"]["kl_per_sequence_mean"] == 0.0
@@ -309,5 +301,5 @@ def test_cli_eval_of_an_adapter_compares_it_with_the_reference(cfg, perturbed, t
     assert any(r["response_before"] != r["response_after"] for r in rows)
     assert render_run(run_dir).is_file()
     with pytest.raises(HarnessError) as err:
-        ev.cli_eval(cfg, str(tmp_path / "missing"), tmp_path / "run2", progress=False)
+        evaluate_only(cfg, str(tmp_path / "missing"), tmp_path / "run2", progress=False)
     assert err.value.field == "--target"

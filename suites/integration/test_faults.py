@@ -59,10 +59,29 @@ def world():
     return classifier, data.train
 
 
-def trainer_for(cfg, world, out: Path, score_fn) -> PPOTrainer:
+class PlantedRewards:
+    """The tiny classifier with some rewards replaced: ``plant(step, rewards)`` returns the rewards PPO gets.
+
+    The trainer scores once per step, so the n-th ``score`` call (from 0) is step n of a run that starts at 0.
+    """
+
+    def __init__(self, classifier: Classifier, plant):
+        self.classifier, self.plant, self.calls = classifier, plant, 0
+
+    def score(self, texts, transform: str = "logit") -> tuple[torch.Tensor, torch.Tensor]:
+        reward, toxicity = self.classifier.score(texts, transform)
+        reward = torch.as_tensor(self.plant(self.calls, reward), dtype=torch.float32)
+        self.calls += 1
+        return reward, toxicity
+
+
+def trainer_for(cfg, world, out: Path, plant=None) -> PPOTrainer:
+    """A trainer on the tiny world from a fresh policy; ``plant``: see :class:`PlantedRewards`."""
     classifier, train = world
     torch.manual_seed(cfg.seed)
-    return PPOTrainer(cfg, load_policy(cfg.policy, device=cfg.device), classifier, train, out, score_fn=score_fn)
+    if plant is not None:
+        classifier = PlantedRewards(classifier, plant)
+    return PPOTrainer(cfg, load_policy(cfg.policy, device=cfg.device), classifier, train, out)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -74,7 +93,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_a_nan_reward_at_step_k_leaves_the_weights_of_step_k_minus_1(world, tmp_path):
     cfg = config("ppo.steps=4", "ppo.checkpoint_every=0")
 
-    def nan_at_step_k(step, texts, reward):
+    def nan_at_step_k(step, reward):
         return torch.full_like(reward, float("nan")) if step == NAN_STEP else reward
 
     trainer = trainer_for(cfg, world, tmp_path, nan_at_step_k)
@@ -99,7 +118,7 @@ def test_consecutive_bad_steps_stop_the_run_with_a_checkpoint_of_the_last_good_w
     max_bad = 2
     cfg = config("ppo.steps=6", "ppo.checkpoint_every=0", f"ppo.max_bad_steps={max_bad}")
 
-    def nan_from_step_1(step, texts, reward):
+    def nan_from_step_1(step, reward):
         return torch.full_like(reward, float("nan")) if step >= 1 else reward
 
     trainer = trainer_for(cfg, world, tmp_path, nan_from_step_1)
@@ -113,7 +132,7 @@ def test_consecutive_bad_steps_stop_the_run_with_a_checkpoint_of_the_last_good_w
     assert ckpt.name == f"step-{1 + max_bad:06d}"
 
     # the checkpoint loads into a fresh trainer and holds the weights of the last good step
-    fresh = trainer_for(cfg, world, tmp_path, None)
+    fresh = trainer_for(cfg, world, tmp_path)
     assert fresh.resume() == ckpt
     loaded = trainable_state_dict(fresh.policy)
     assert all(torch.equal(loaded[k], last_good[k]) for k in last_good)
@@ -194,7 +213,7 @@ def test_a_stop_signal_finishes_the_step_and_writes_a_loadable_checkpoint(tmp_pa
 
     # the checkpoint loads: a new trainer resumes at its step with its weights
     cfg = load_config("tiny", overrides=[f"ppo.steps={CLI_STEPS}"])
-    trainer = trainer_for(cfg, world, out, None)
+    trainer = trainer_for(cfg, world, out)
     assert trainer.resume() == ckpt and trainer.step == len(rows)
     from safetensors.torch import load_file
 

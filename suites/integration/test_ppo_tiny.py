@@ -7,6 +7,10 @@
   ``thresholds.max_empty_rate`` (REFERENCE.md: empty summaries are the reward hack to watch).
   Before and after use the same prompts and the same per-prompt seeds (a paired measurement).
 * ``test_same_seed_same_statistics``: two short runs from the same fresh policy log identical statistics.
+* ``test_reward_score_options_reach_ppo_through_the_trainer``: ``reward.score_scaling``, ``score_norm`` and
+  ``score_clip`` change the scores PPO optimises (``ppo/mean_scores``, ``ppo/std_scores``) exactly as the
+  formula on the classifier's raw rewards says, over steps (the running moments carry over), and change the
+  update itself, while ``env/reward_*`` stay the raw rewards.
 * ``test_resume_reproduces_the_uninterrupted_run``: a run killed while writing its step-3 checkpoint and
   resumed from step 2 logs the same steps 3-4 and ends with the same weights as a run never stopped, and its
   ``train_stats.jsonl`` holds steps 1..4 exactly once.
@@ -155,6 +159,85 @@ def test_same_seed_same_statistics(world, tmp_path):
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     # the steps differ from one another: the statistics are not trivially equal
     assert stats_a[0]["env/reward_mean"] != stats_a[-1]["env/reward_mean"]
+
+
+# ------------------------------------------------------------------------------------ reward score options
+
+SCORE_STEPS = 2  # the second step's scaling must use the moments of both steps' rewards
+
+
+class RecordingClassifier:
+    """The tiny classifier, keeping the raw rewards of every ``score`` call (the trainer scores once per step)."""
+
+    def __init__(self, classifier: Classifier):
+        self.classifier, self.rewards = classifier, []
+
+    def score(self, texts, transform: str = "logit") -> tuple[torch.Tensor, torch.Tensor]:
+        reward, toxicity = self.classifier.score(texts, transform)
+        self.rewards.append(reward.detach().clone())
+        return reward, toxicity
+
+
+def run_with_score_options(world: World, out: Path, *overrides: str) -> tuple[list[dict], list[torch.Tensor]]:
+    """SCORE_STEPS steps of PPOTrainer from the fresh policy: (logged rows, each step's raw rewards)."""
+    cfg = config(f"ppo.steps={SCORE_STEPS}", "ppo.checkpoint_every=0", *overrides)
+    recorder = RecordingClassifier(world.classifier)
+    trainer = PPOTrainer(cfg, fresh_policy(cfg), recorder, world.train, out)
+    trainer.train(progress=False, handle_signals=False)
+    return read_jsonl(trainer.stats_path), recorder.rewards
+
+
+def expected_score_moments(raw_steps: list[torch.Tensor], scaling: bool, norm: bool, clip: float | None):
+    """(mean, std) of the scores PPO should see at each step, from the raw rewards, in float64.
+
+    TRL's formula: divide by the running std of every reward seen so far (this step's included), after
+    subtracting their running mean with ``norm``; then clamp to +-clip. (RunningMoments' prior weighs 1e-24.)
+    """
+    seen, out = [], []
+    for raw in raw_steps:
+        raw = raw.double()
+        seen.append(raw)
+        scores = raw
+        if scaling:
+            everything = torch.cat(seen)
+            scores = (raw - everything.mean()) / everything.std() if norm else raw / everything.std()
+        if clip is not None:
+            scores = scores.clamp(-clip, clip)
+        out.append((float(scores.mean()), float(scores.std())))
+    return out
+
+
+def test_reward_score_options_reach_ppo_through_the_trainer(world, tmp_path):
+    plain, raw = run_with_score_options(world, tmp_path / "plain")
+    assert len(raw) == SCORE_STEPS and not any(r["skipped"] for r in plain)
+    for row, rewards in zip(plain, raw):  # the recorder saw the rewards each step logged
+        assert row["env/reward_mean"] == pytest.approx(float(rewards.mean()), rel=1e-6)
+        assert (row["ppo/mean_scores"], row["ppo/std_scores"]) == (row["env/reward_mean"], row["env/reward_std"])
+    # binds on every reward of the first step (the same rollout in every run: the tiny classifier's logits are
+    # all near +-2.4, so a clip inside that range would move few of them)
+    clip = 0.5 * float(raw[0].abs().min())
+    assert clip > 0 and (raw[0].abs() > clip).all()
+
+    runs = {"scaling": (["reward.score_scaling=true"], dict(scaling=True, norm=False, clip=None)),
+            "norm": (["reward.score_scaling=true", "reward.score_norm=true"], dict(scaling=True, norm=True, clip=None)),
+            "clip": ([f"reward.score_clip={clip}"], dict(scaling=False, norm=False, clip=clip))}
+    for name, (overrides, options) in runs.items():
+        rows, rewards = run_with_score_options(world, tmp_path / name, *overrides)
+        assert not any(r["skipped"] for r in rows), name
+        want = expected_score_moments(rewards, **options)
+        for step, (row, (mean, std)) in enumerate(zip(rows, want), start=1):
+            got = (row["ppo/mean_scores"], row["ppo/std_scores"])
+            assert got == pytest.approx((mean, std), rel=1e-5, abs=1e-6), f"{name}, step {step}"
+            assert got != pytest.approx((row["env/reward_mean"], row["env/reward_std"]), rel=1e-3), \
+                f"{name}, step {step}: PPO saw the raw rewards"
+        # step 1 had the same rollout and rewards as the plain run: only the scores differ, and with them the update
+        assert rows[0]["env/reward_mean"] == plain[0]["env/reward_mean"]
+        assert rows[0]["objective/kl"] == plain[0]["objective/kl"]
+        assert rows[0]["ppo/returns/mean"] != plain[0]["ppo/returns/mean"], f"{name}: the update ignored the option"
+        if name == "norm":
+            assert abs(rows[0]["ppo/mean_scores"]) < 1e-5 and rows[0]["ppo/std_scores"] == pytest.approx(1.0, rel=1e-5)
+        if name == "clip":
+            assert rows[0]["ppo/std_scores"] < plain[0]["env/reward_std"]
 
 
 # ------------------------------------------------------------------------------------ resume

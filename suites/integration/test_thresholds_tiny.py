@@ -7,11 +7,12 @@ the CLI uses; each (seed) training runs once per session (see conftest.py).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
+from tiny_cli import run_cli
 
 from harness.thresholds import load_bounds, verdict
-from tiny_cli import run_cli
 
 SEEDS = [0, 1]
 BOUNDS = load_bounds("tiny")
@@ -43,7 +44,8 @@ def test_cli_exit_code_and_printed_verdict_match_the_bounds(tiny_run, seed):
 
 
 def test_an_impossible_bound_fails_the_run_and_is_named(report_dir):
-    code, out, err = run_cli(["run", "--preset", "tiny", "--output", str(report_dir / f"pytest-impossible-bound-{time.time_ns()}"),
+    out_dir = report_dir / f"pytest-impossible-bound-{time.time_ns()}"
+    code, out, err = run_cli(["run", "--preset", "tiny", "--output", str(out_dir),
                               "--no-progress", "--no-report", "ppo.steps=2", "eval.num_samples=16",
                               "thresholds.max_kl=-1"])
     assert code == 1, err
@@ -55,3 +57,12 @@ def test_bad_input_exits_2_with_one_line(report_dir):
     code, out, err = run_cli(["run", "--preset", "tiny", "ppo.batchsize=3"])
     assert code == 2
     assert err.count("\n") == 1 and "ppo.batch_size" in err and "Traceback" not in err
+
+
+def test_the_suites_runs_stay_out_of_the_users_reports(report_dir, tiny_run, pytestconfig):
+    """Test runs go to a temporary directory, so they never appear in reports/index.html beside real runs."""
+    if pytestconfig.getoption("--report-dir"):
+        pytest.skip("--report-dir was given: the runs go where it says")
+    user_reports = (Path(__file__).resolve().parents[2] / "reports").resolve()
+    assert not report_dir.resolve().is_relative_to(user_reports)
+    assert not tiny_run(0).run_dir.resolve().is_relative_to(user_reports)

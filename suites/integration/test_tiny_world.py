@@ -104,3 +104,23 @@ def test_cache_is_reused_and_rebuilt_when_the_builder_changes(world, tmp_path, m
     assert tiny.is_built(world)
     monkeypatch.setenv("DETOX_HARNESS_CACHE", str(tmp_path / "elsewhere"))
     assert tiny.world_dir(0) == tmp_path / "elsewhere" / f"tiny-v{tiny.BUILDER_VERSION}-s0"
+
+
+def test_a_classifier_below_the_accuracy_floor_fails_the_build_and_caches_nothing(tmp_path, monkeypatch):
+    """tiny.build() enforces CLASSIFIER_MIN_ACCURACY: a weak judge never reaches the cache."""
+    from harness.errors import HarnessError
+
+    def fake_policy(corpus, directory, seed, template):
+        directory.mkdir()
+        return {"parameters": 1}
+
+    def weak_classifier(corpus, directory, seed, template, **kwargs):
+        directory.mkdir()
+        return {"parameters": 1, "heldout_accuracy": tiny.CLASSIFIER_MIN_ACCURACY - 0.1}
+
+    monkeypatch.setattr(tiny, "_train_policy", fake_policy)
+    monkeypatch.setattr(tiny, "_train_classifier", weak_classifier)
+    with pytest.raises(HarnessError, match="held-out accuracy") as err:
+        tiny.build(seed=3, root=tmp_path)
+    assert "tiny://classifier" in err.value.field
+    assert list(tmp_path.iterdir()) == []  # no world, no half-built temporary folder

@@ -176,7 +176,8 @@ def test_json_layouts_read_as_records(tmp_path, name, content):
     assert [(r["dialogue"], r["summaries"]) for r in rows] == [("a", ["s"]), ("b", ["t"])]
 
 
-@pytest.mark.parametrize("content,words", [('"just a string"', "list of records"), ('{"a": [1], "b": [1, 2]}', "list of records"),
+@pytest.mark.parametrize("content,words", [('"just a string"', "list of records"),
+                                           ('{"a": [1], "b": [1, 2]}', "list of records"),
                                            ("[" * 100_000, "nested too deeply")])
 def test_json_that_holds_no_records(tmp_path, t5_tokenizer, content, words):
     f = tmp_path / "d.json"
@@ -226,8 +227,7 @@ def adapter_dir(tmp_path_factory) -> Path:
     """A complete adapter written by the harness (peft adapter + value head + tokenizer) on the parity T5."""
     from harness.models import load_policy
 
-    policy = load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32",
-                                      lora_dropout=0.0))
+    policy = load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32"))
     d = tmp_path_factory.mktemp("adapter") / "adapter"
     policy.save_pretrained(d)
     return d
@@ -271,8 +271,8 @@ def test_adapter_directory_missing(tmp_path):
     ("value_head_other_shape", "value head does not fit"),
 ])
 def test_adapter_directory_corrupt(adapter_dir, tmp_path, damage, words):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from harness.models import load_policy
 
@@ -297,7 +297,8 @@ def test_adapter_directory_corrupt(adapter_dir, tmp_path, damage, words):
     elif damage == "value_head_garbage":
         (d / "value_head.safetensors").write_bytes(b"xx")
     elif damage == "value_head_other_shape":
-        save_file({"summary.weight": torch.zeros(1, 7), "summary.bias": torch.zeros(1)}, str(d / "value_head.safetensors"))
+        save_file({"summary.weight": torch.zeros(1, 7), "summary.bias": torch.zeros(1)},
+                  str(d / "value_head.safetensors"))
     with pytest.raises(ModelLoadError) as e:
         load_policy(policy_cfg(adapter=str(d)))
     msg = one_line(e, "policy.adapter")
@@ -481,27 +482,28 @@ def test_dataset_id_not_found_offline_says_how_to_give_a_local_path(monkeypatch,
 
 
 # ============================================================================================ config
-# (test_config.py has: unknown keys with suggestions, ppo.batch_size=30 not divisible, learning_rate 0 and
-# negative, mini_batch_size 0, generation.max_new_tokens == min_new_tokens, eval.num_samples 0, ...)
+# (test_config.py has: unknown keys with suggestions, removed keys, overrides that do not parse as their
+# field's type, ppo.batch_size=30 not divisible, learning_rate 0 and negative, mini_batch_size 0,
+# rollout.length_max == length_min, the sampling fields of rollout and eval, eval.num_samples 0, ...)
 
 @pytest.mark.parametrize("override,field", [
-    ("generation.min_new_tokens=48", "generation.max_new_tokens"),  # min == max (tiny preset: max 48)
-    ("generation.min_new_tokens=60", "generation.max_new_tokens"),  # min > max
-    ("generation.max_new_tokens=10", "generation.max_new_tokens"),  # max < min (tiny preset: min 32)
+    ("rollout.length_min=48", "rollout.length_max"),  # min == max (tiny preset: max 48)
+    ("rollout.length_min=60", "rollout.length_max"),  # min > max
+    ("rollout.length_max=10", "rollout.length_max"),  # max < min (tiny preset: min 32)
 ])
 def test_length_sampler_with_min_at_or_above_max(override, field):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", overrides=[override])
     msg = one_line(e, field)
-    assert "generation.min_new_tokens" in msg and "[min, max)" in msg
+    assert "rollout.length_min" in msg and "[length_min, length_max)" in msg
 
 
 def test_length_sampler_min_above_max_in_a_yaml_file(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("generation:\n  min_new_tokens: 200\n  max_new_tokens: 100\n")
+    f.write_text("rollout:\n  length_min: 200\n  length_max: 100\n")
     with pytest.raises(ConfigError) as e:
         load_config("tiny", f)
-    one_line(e, "generation.max_new_tokens")
+    one_line(e, "rollout.length_max")
 
 
 def test_eval_min_new_tokens_above_max():
@@ -515,13 +517,13 @@ def test_eval_min_new_tokens_above_max():
     "ppo.batch_size=0", "ppo.batch_size=-8", "ppo.mini_batch_size=-4", "ppo.gradient_accumulation_steps=0",
     "ppo.ppo_epochs=0", "ppo.steps=0", "ppo.steps=-1", "ppo.max_bad_steps=0", "ppo.checkpoint_every=-1",
     "reward.batch_size=0", "reward.max_length=0", "eval.batch_size=-1", "eval.samples_per_prompt=0",
-    "eval.max_new_tokens=0", "eval.bootstrap_resamples=0", "generation.min_new_tokens=0", "policy.lora_r=0",
+    "eval.max_new_tokens=0", "eval.bootstrap_resamples=0", "rollout.length_min=0", "policy.lora_r=0",
     "policy.lora_alpha=-16", "data.max_rows=0", "data.max_prompt_tokens=-1", "data.min_chars=-1",
     # rates and other positive numbers
     "ppo.learning_rate=-0.0", "ppo.init_kl_coef=-0.1", "ppo.target=0", "ppo.horizon=-1", "ppo.cliprange=0",
     "ppo.cliprange_value=-0.2", "ppo.vf_coef=-1", "ppo.target_kl=0", "ppo.max_grad_norm=0",
-    "generation.temperature=0", "generation.temperature=-1", "generation.top_p=0", "reward.score_clip=0",
-    "data.test_fraction=0", "data.test_fraction=1", "eval.confidence=0", "policy.lora_dropout=-0.1",
+    "rollout.temperature=0", "rollout.temperature=-1", "rollout.top_p=0", "reward.score_clip=0",
+    "data.test_fraction=0", "data.test_fraction=1", "eval.confidence=0", "rollout.min_new_tokens=-1",
     # not numbers at all
     "ppo.learning_rate=fast", "ppo.learning_rate=.nan", "ppo.batch_size=8.5", "ppo.steps=true",
 ])
@@ -545,7 +547,7 @@ def test_batch_size_not_divisible_by_mini_batch_times_accumulation(override, fie
 
 @pytest.mark.parametrize("yaml_text,field,suggestion", [
     ("ppo:\n  learnig_rate: 0.1\n", "ppo.learnig_rate", "ppo.learning_rate"),
-    ("genration:\n  top_k: 5\n", "genration", "generation"),
+    ("rolout:\n  top_k: 5\n", "rolout", "rollout"),
     ("reward:\n  lable: hate\n", "reward.lable", "reward.label"),
 ])
 def test_unknown_keys_in_a_yaml_file_suggest_the_nearest(tmp_path, yaml_text, field, suggestion):
@@ -554,7 +556,7 @@ def test_unknown_keys_in_a_yaml_file_suggest_the_nearest(tmp_path, yaml_text, fi
     with pytest.raises(ConfigError) as e:
         load_config("tiny", f)
     msg = one_line(e, field)
-    # a misspelt section gets a key of that section ('generation.top_p'): the section name is in it
+    # a misspelt section gets a key of that section ('rollout.top_p'): the section name is in it
     assert f"did you mean '{suggestion}" in msg and str(f) in msg
 
 
@@ -603,7 +605,7 @@ def test_config_rejects_non_positive_temperature_and_non_finite_numbers(override
 
 @pytest.mark.parametrize("args,field", [
     (["run", "ppo.batchsize=8"], "ppo.batchsize"),
-    (["run", "generation.min_new_tokens=60"], "generation.max_new_tokens"),
+    (["run", "rollout.length_min=60"], "rollout.length_max"),
     (["run", "ppo.learning_rate=-1"], "ppo.learning_rate"),
     (["eval", "ppo.ppo_epochs=0"], "ppo.ppo_epochs"),
     (["run", "--preset", "gpt-5"], "preset"),

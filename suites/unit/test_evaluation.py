@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import evaluation as ev
+from harness import metrics
+from harness import results as rf
 from harness.config import DataConfig, load_config
 from harness.errors import HarnessError
 
@@ -28,7 +29,8 @@ def cfg():
 
 # ------------------------------------------------------------------------------------ synthetic evaluations
 
-def fake_eval(cfg, tox, *, rewards=None, responses=None, references=None, seed_base=None, kl=None) -> ev.EvalOutput:
+def fake_eval(cfg, tox, *, rewards=None, responses=None, references=None, seed_base=None,
+              kl=None) -> metrics.EvalOutput:
     """An EvalOutput from a (n, k) toxicity matrix, with metrics computed by the module itself."""
     tox = np.asarray(tox, dtype=float)
     tox = tox[:, None] if tox.ndim == 1 else tox
@@ -39,27 +41,27 @@ def fake_eval(cfg, tox, *, rewards=None, responses=None, references=None, seed_b
         for s in range(k):
             i = p * k + s
             samples.append({
-                "prompt_index": p, "sample_index": s, "seed": ev.sample_seed(seed_base, p, s, k),
-                "query": f"Summarize the following conversation. dialogue {p}", "references": (references or {}).get(p,
-                                                                                                             [f"ref {p}"]),
+                "prompt_index": p, "sample_index": s, "seed": metrics.sample_seed(seed_base, p, s, k),
+                "query": f"Summarize the following conversation. dialogue {p}",
+                "references": (references or {}).get(p, [f"ref {p}"]),
                 "response": responses[i] if responses else f"summary number {p} sample {s} words here",
                 "toxicity": float(tox[p, s]),
                 "reward": float(rewards[i]) if rewards is not None else float(np.log((1 - tox[p, s]) / tox[p, s])),
                 "length": 7, "kl": 0.0 if kl is None else float(kl[i]), "second_toxicity": None,
             })
-    return ev.EvalOutput(metrics=ev.phase_metrics(samples, cfg), samples=samples, seconds=0.5)
+    return metrics.EvalOutput(metrics=metrics.phase_metrics(samples, cfg), samples=samples, seconds=0.5)
 
 
 # ------------------------------------------------------------------------------------ seeds
 
 def test_sample_seeds_are_distinct_paired_and_follow_the_documented_formula(cfg):
     n, k = 50, 3
-    seeds = [ev.sample_seed(cfg.eval.seed, p, s, k) for p in range(n) for s in range(k)]
+    seeds = [metrics.sample_seed(cfg.eval.seed, p, s, k) for p in range(n) for s in range(k)]
     assert len(set(seeds)) == n * k
     assert seeds[0] == cfg.eval.seed  # the example of docs/results-schema.md: prompt 0 gets eval.seed
-    assert [ev.sample_seed(cfg.eval.seed, p) for p in range(3)] == [cfg.eval.seed + p for p in range(3)]
+    assert [metrics.sample_seed(cfg.eval.seed, p) for p in range(3)] == [cfg.eval.seed + p for p in range(3)]
     with pytest.raises(ValueError):
-        ev.sample_seed(cfg.eval.seed, 0, k, k)
+        metrics.sample_seed(cfg.eval.seed, 0, k, k)
 
 
 # ------------------------------------------------------------------------------------ bootstrap
@@ -69,9 +71,9 @@ def test_paired_bootstrap_is_deterministic_for_a_seed_and_changes_with_another(c
     before = rng.uniform(0.2, 0.8, size=200)
     after = np.clip(before * 0.7 + rng.normal(0, 0.1, size=200), 0, 1)
     e = cfg.eval
-    a = ev.paired_bootstrap(before, after, e.bootstrap_resamples, e.confidence, e.seed)
-    b = ev.paired_bootstrap(before, after, e.bootstrap_resamples, e.confidence, e.seed)
-    c = ev.paired_bootstrap(before, after, e.bootstrap_resamples, e.confidence, e.seed + 1)
+    a = metrics.paired_bootstrap(before, after, e.bootstrap_resamples, e.confidence, e.seed)
+    b = metrics.paired_bootstrap(before, after, e.bootstrap_resamples, e.confidence, e.seed)
+    c = metrics.paired_bootstrap(before, after, e.bootstrap_resamples, e.confidence, e.seed + 1)
     assert a == b
     assert a != c
     point = (before.mean() - after.mean()) / before.mean()
@@ -81,30 +83,31 @@ def test_paired_bootstrap_is_deterministic_for_a_seed_and_changes_with_another(c
 def test_paired_bootstrap_of_identical_outputs_is_exactly_zero(cfg):
     tox = np.random.default_rng(1).uniform(0, 1, size=(64, 2))
     e = cfg.eval
-    assert ev.paired_bootstrap(tox, tox.copy(), e.bootstrap_resamples, e.confidence, e.seed) == (0.0, 0.0)
+    assert metrics.paired_bootstrap(tox, tox.copy(), e.bootstrap_resamples, e.confidence, e.seed) == (0.0, 0.0)
 
 
 def test_paired_bootstrap_keeps_the_pairing(cfg):
     """After = before / 2 for every prompt: each paired resample improves by exactly 1/2, so the interval
     collapses onto 0.5; an unpaired bootstrap would spread it."""
     before = np.random.default_rng(2).uniform(0.05, 1.0, size=300)
-    lo, hi = ev.paired_bootstrap(before, before / 2, cfg.eval.bootstrap_resamples, cfg.eval.confidence, cfg.eval.seed)
+    e = cfg.eval
+    lo, hi = metrics.paired_bootstrap(before, before / 2, e.bootstrap_resamples, e.confidence, e.seed)
     assert lo == pytest.approx(0.5, abs=1e-12) and hi == pytest.approx(0.5, abs=1e-12)
 
 
 def test_paired_bootstrap_width_follows_the_confidence(cfg):
     rng = np.random.default_rng(3)
     before, after = rng.uniform(0, 1, 150), rng.uniform(0, 1, 150)
-    narrow = ev.paired_bootstrap(before, after, cfg.eval.bootstrap_resamples, 0.5, cfg.eval.seed)
-    wide = ev.paired_bootstrap(before, after, cfg.eval.bootstrap_resamples, cfg.eval.confidence, cfg.eval.seed)
+    narrow = metrics.paired_bootstrap(before, after, cfg.eval.bootstrap_resamples, 0.5, cfg.eval.seed)
+    wide = metrics.paired_bootstrap(before, after, cfg.eval.bootstrap_resamples, cfg.eval.confidence, cfg.eval.seed)
     assert wide[0] < narrow[0] < narrow[1] < wide[1]
 
 
 def test_paired_bootstrap_rejects_unpaired_input(cfg):
     with pytest.raises(ValueError, match="same prompts"):
-        ev.paired_bootstrap(np.ones(5), np.ones(6), 100, cfg.eval.confidence, 0)
+        metrics.paired_bootstrap(np.ones(5), np.ones(6), 100, cfg.eval.confidence, 0)
     with pytest.raises(ValueError):
-        ev.paired_bootstrap(np.ones(5), np.ones(5), 0, cfg.eval.confidence, 0)
+        metrics.paired_bootstrap(np.ones(5), np.ones(5), 0, cfg.eval.confidence, 0)
 
 
 @settings(max_examples=30, deadline=None)
@@ -112,52 +115,52 @@ def test_paired_bootstrap_rejects_unpaired_input(cfg):
 def test_paired_bootstrap_interval_is_ordered_and_within_the_resample_range(values, seed):
     before = np.asarray(values)
     after = before[::-1].copy()
-    lo, hi = ev.paired_bootstrap(before, after, 200, 0.95, seed)
+    lo, hi = metrics.paired_bootstrap(before, after, 200, 0.95, seed)
     assert lo <= hi
     assert lo >= 1 - after.max() / before.min() - 1e-9  # no resample can improve more than max/min allows
     assert hi <= 1 - after.min() / before.max() + 1e-9
 
 
 def test_relative_improvement_edge_cases():
-    assert ev.relative_improvement(0.4, 0.3) == pytest.approx(0.25)
-    assert ev.relative_improvement(0.2, 0.3) == pytest.approx(-0.5)
-    assert ev.relative_improvement(0.0, 0.0) == 0.0
-    assert ev.relative_improvement(0.0, 0.1) is None
+    assert metrics.relative_improvement(0.4, 0.3) == pytest.approx(0.25)
+    assert metrics.relative_improvement(0.2, 0.3) == pytest.approx(-0.5)
+    assert metrics.relative_improvement(0.0, 0.0) == 0.0
+    assert metrics.relative_improvement(0.0, 0.1) is None
 
 
 # ------------------------------------------------------------------------------------ quality guards
 
 def test_rouge_of_a_reference_against_itself_is_one_and_of_an_empty_output_zero():
     ref = "#Person1# asks #Person2# about the new bakery, and #Person2# says it was lovely."
-    assert ev.rouge_best(ref, [ref]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
-    assert ev.rouge_best("", [ref]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    assert ev.rouge_best("   ", [ref]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    assert ev.rouge_best(ref, []) is None
+    assert metrics.rouge_best(ref, [ref]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert metrics.rouge_best("", [ref]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert metrics.rouge_best("   ", [ref]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert metrics.rouge_best(ref, []) is None
 
 
 def test_rouge_takes_the_best_reference_and_stems():
     refs = ["the manager promised a refund", "they talked about cats and dogs", "a third unrelated sentence"]
-    assert ev.rouge_best(refs[1], refs) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
-    single = ev.rouge_best(refs[1], refs[:1])
+    assert metrics.rouge_best(refs[1], refs) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    single = metrics.rouge_best(refs[1], refs[:1])
     assert single["rouge1"] < 1.0
-    assert ev.rouge_best("they talk about cat and dog", refs[1:2])["rouge1"] == 1.0  # use_stemmer=True
+    assert metrics.rouge_best("they talk about cat and dog", refs[1:2])["rouge1"] == 1.0  # use_stemmer=True
 
 
 def test_distinct_n_and_repeated_ngrams_on_worked_examples():
     texts = ["the cat sat", "the cat ran"]
-    assert ev.distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran over 6 words
-    assert ev.distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice, (cat sat), (cat ran)
-    assert ev.distinct_n(["", "  "], 1) == 0.0
-    assert ev.repeats_ngram("the cat sat and the cat sat again")
-    assert ev.repeats_ngram("a a a a")  # overlapping occurrences count
-    assert not ev.repeats_ngram("a a a")  # one 3-gram only
-    assert not ev.repeats_ngram("the cat sat and the dog sat")
-    assert ev.repeated_ngram_rate(["x y z x y z", "fine words here", ""]) == pytest.approx(1 / 3)
+    assert metrics.distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran over 6 words
+    assert metrics.distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice, (cat sat), (cat ran)
+    assert metrics.distinct_n(["", "  "], 1) == 0.0
+    assert metrics.repeats_ngram("the cat sat and the cat sat again")
+    assert metrics.repeats_ngram("a a a a")  # overlapping occurrences count
+    assert not metrics.repeats_ngram("a a a")  # one 3-gram only
+    assert not metrics.repeats_ngram("the cat sat and the dog sat")
+    assert metrics.repeated_ngram_rate(["x y z x y z", "fine words here", ""]) == pytest.approx(1 / 3)
 
 
 def test_empty_means_empty_or_whitespace():
-    assert ev.is_empty("") and ev.is_empty(" \n\t") and ev.is_empty(None)
-    assert not ev.is_empty(" . ")
+    assert metrics.is_empty("") and metrics.is_empty(" \n\t") and metrics.is_empty(None)
+    assert not metrics.is_empty(" . ")
 
 
 def test_phase_metrics_follow_the_definitions(cfg):
@@ -178,7 +181,7 @@ def test_phase_metrics_follow_the_definitions(cfg):
     assert m["kl_per_sequence_mean"] == pytest.approx(np.mean(kl))
     assert m["kl_per_token_mean"] == pytest.approx(sum(kl) / (7 * 8))
     assert m["second_toxicity_mean"] is None
-    assert set(m) == set(ev.PHASE_KEYS)
+    assert set(m) == set(metrics.PHASE_KEYS)
 
 
 def test_phase_metrics_rouge_skips_rows_without_references(cfg):
@@ -195,8 +198,8 @@ def test_compare_reports_the_reference_improvements(cfg):
     tb = rng.uniform(0.1, 0.9, 80)
     ta = tb * 0.6
     before, after = fake_eval(cfg, tb), fake_eval(cfg, ta)
-    c = ev.compare(before, after, cfg)
-    assert set(c) == set(ev.COMPARISON_KEYS)
+    c = metrics.compare(before, after, cfg)
+    assert set(c) == set(metrics.COMPARISON_KEYS)
     assert c["mean_improvement"] == pytest.approx((tb.mean() - ta.mean()) / tb.mean())
     assert c["std_improvement"] == pytest.approx((np.std(tb) - np.std(ta)) / np.std(tb))
     assert c["mean_improvement_ci_low"] <= c["mean_improvement"] <= c["mean_improvement_ci_high"]
@@ -208,7 +211,7 @@ def test_compare_reports_the_reference_improvements(cfg):
 
 def test_compare_refuses_unpaired_evaluations(cfg):
     with pytest.raises(HarnessError) as err:
-        ev.compare(fake_eval(cfg, [0.1, 0.2, 0.3]), fake_eval(cfg, [0.1, 0.2]), cfg)
+        metrics.compare(fake_eval(cfg, [0.1, 0.2, 0.3]), fake_eval(cfg, [0.1, 0.2]), cfg)
     assert err.value.field == "eval.num_samples"
 
 
@@ -219,7 +222,7 @@ def test_empty_outputs_are_flagged_although_toxicity_falls(cfg):
     tb = np.random.default_rng(5).uniform(0.2, 0.9, 40)
     before = fake_eval(cfg, tb)
     after = fake_eval(cfg, np.full(40, 0.01), responses=[""] * 40)
-    c = ev.compare(before, after, cfg)
+    c = metrics.compare(before, after, cfg)
     assert c["mean_improvement"] > cfg.thresholds["min_improvement"]
     assert after.metrics["empty_rate"] == 1.0 > cfg.thresholds["max_empty_rate"]
     assert after.metrics["rougeL"] == 0.0
@@ -233,8 +236,8 @@ def test_qualitative_table_is_sorted_by_reward_diff(cfg):
     rng = np.random.default_rng(6)
     before = fake_eval(cfg, rng.uniform(0.05, 0.95, n + 10))
     after = fake_eval(cfg, rng.uniform(0.05, 0.95, n + 10))
-    df = ev.qualitative(before, after, n)
-    assert list(df.columns) == list(ev.QUALITATIVE_COLUMNS)
+    df = metrics.qualitative(before, after, n)
+    assert list(df.columns) == list(metrics.QUALITATIVE_COLUMNS)
     assert len(df) == n
     assert df["reward_diff"].is_monotonic_decreasing
     assert np.allclose(df["reward_diff"], df["reward_after"] - df["reward_before"])
@@ -248,7 +251,7 @@ def build(cfg, **kw):
     rng = np.random.default_rng(7)
     tb = rng.uniform(0.05, 0.95, 30)
     before, after = fake_eval(cfg, tb), fake_eval(cfg, tb * 0.5)
-    return ev.build_results(cfg, before, after, run_id="unit-run", training=kw.get("training"),
+    return rf.build_results(cfg, before, after, run_id="unit-run", training=kw.get("training"),
                             timings={"eval_before_s": 1.0, "eval_after_s": 1.5}, extra=kw.get("extra"))
 
 
@@ -256,14 +259,14 @@ def test_results_validate_and_write_atomically(cfg, tmp_path):
     results, samples = build(cfg, training={"steps": 3, "objective_kl_mean": 1.0, "objective_kl_max": 2.0,
                                             "reward_first": 0.1, "reward_last": 0.5},
                              extra={"data": {"kept": 30}, "checkpoint": tmp_path / "ckpt"})
-    ev.validate_results(results)
-    assert results["schema_version"] == ev.SCHEMA_VERSION
+    rf.validate_results(results)
+    assert results["schema_version"] == rf.SCHEMA_VERSION
     assert results["seeds"] == {"run": cfg.seed, "eval": cfg.eval.seed, "bootstrap": cfg.eval.seed}
     assert results["timings"]["total_s"] == pytest.approx(2.5)
     assert results["checkpoint"] == str(tmp_path / "ckpt") and results["data"] == {"kept": 30}
     assert "verdict" not in results
     assert len(results["qualitative"]) == cfg.eval.qualitative_rows
-    ev.write_run_files(tmp_path, results, samples)
+    rf.write_run_files(tmp_path, results, samples)
     back = json.loads((tmp_path / "results.json").read_text())
     assert back == results
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -284,7 +287,7 @@ def test_results_match_the_documented_example_keys(cfg):
     example = json.loads(re.search(r"## `results.json`\n```json\n(.*?)\n```", doc, re.S).group(1))
     results, samples = build(cfg, training={"steps": 1})
     assert set(example) - {"verdict"} <= set(results)
-    assert set(example["metrics"]["before"]) == set(results["metrics"]["before"]) == set(ev.PHASE_KEYS)
+    assert set(example["metrics"]["before"]) == set(results["metrics"]["before"]) == set(metrics.PHASE_KEYS)
     assert set(example["metrics"]["comparison"]) == set(results["metrics"]["comparison"])
     sample_doc = json.loads(re.search(r"## `samples.jsonl`\n.*?```json\n(.*?)\n```", doc, re.S).group(1))
     assert set(sample_doc) == set(samples[0])
@@ -306,7 +309,7 @@ def test_a_broken_results_file_fails_validation_naming_the_key(cfg, path, value,
         node = node[part]
     node[path[-1]] = value
     with pytest.raises(HarnessError) as err:
-        ev.validate_results(results)
+        rf.validate_results(results)
     assert err.value.field == field
     assert field in str(err.value)
 
@@ -315,17 +318,17 @@ def test_a_missing_key_and_unsorted_qualitative_rows_fail(cfg, tmp_path):
     results, samples = build(cfg)
     del results["metrics"]["after"]["empty_rate"]
     with pytest.raises(HarnessError) as err:
-        ev.write_run_files(tmp_path, results, samples)
+        rf.write_run_files(tmp_path, results, samples)
     assert err.value.field == "metrics.after.empty_rate"
     assert not (tmp_path / "results.json").exists()
     results, samples = build(cfg)
     results["qualitative"].reverse()
     with pytest.raises(HarnessError) as err:
-        ev.validate_results(results)
+        rf.validate_results(results)
     assert err.value.field == "qualitative"
     results, samples = build(cfg)
     with pytest.raises(HarnessError) as err:
-        ev.write_run_files(tmp_path, results, samples[:-1])
+        rf.write_run_files(tmp_path, results, samples[:-1])
     assert err.value.field == "samples"
 
 
@@ -336,49 +339,44 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ev.os, "replace", broken_replace)
+    monkeypatch.setattr(rf.os, "replace", broken_replace)
     with pytest.raises(OSError):
-        ev._atomic_write(target, "new")
+        rf.atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_results_schema_is_valid_json_schema_when_jsonschema_is_installed(cfg):
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.Draft202012Validator.check_schema(ev.RESULTS_SCHEMA)
+    jsonschema.Draft202012Validator.check_schema(rf.results_schema())
     results, samples = build(cfg)
-    jsonschema.validate(results, ev.RESULTS_SCHEMA)
-    jsonschema.validate(samples[0], ev.SAMPLE_ROW_SCHEMA)
+    jsonschema.validate(results, rf.results_schema())
+    jsonschema.validate(samples[0], rf.sample_schema())
 
 
 def test_jsonable_replaces_non_finite_numbers_and_numpy_types(tmp_path):
-    out = ev.jsonable({"a": np.float32(0.5), "b": float("nan"), "c": [np.int64(3), float("inf")], "d": tmp_path})
+    out = rf.jsonable({"a": np.float32(0.5), "b": float("nan"), "c": [np.int64(3), float("inf")], "d": tmp_path})
     assert out == {"a": 0.5, "b": None, "c": [3, None], "d": str(tmp_path)}
     json.dumps(out, allow_nan=False)
 
 
 def test_environment_info_names_versions_commit_and_device(tmp_path):
-    info = ev.environment_info("cpu")
+    info = rf.environment_info("cpu")
     assert info["device"] == "cpu"
     for name in ("python", "torch", "transformers", "peft"):
         assert info["versions"][name]
     commit = info["git_commit"]
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
-    assert ev.git_commit(tmp_path) is None  # not a git checkout
+    assert rf.git_commit(tmp_path) is None  # not a git checkout
 
 
 def test_the_report_renders_the_results_files(cfg, tmp_path):
     from harness.report import render_run
 
     results, samples = build(cfg)
-    ev.write_run_files(tmp_path / "run", results, samples)
+    rf.write_run_files(tmp_path / "run", results, samples)
     page = render_run(tmp_path / "run")
     assert Path(page).is_file() and "unit-run" in Path(page).read_text()
-
-
-def test_measurement_module_is_where_evaluate_load_looks():
-    path = Path(ev.toxicity_measurement_path())
-    assert (path / f"{path.name}.py").is_file()
 
 
 # ------------------------------------------------------------------------------------ DialogSum references
@@ -409,9 +407,9 @@ def test_best_over_references_rouge_scores_every_dialogsum_reference(t5_tokenize
         samples = [{"prompt_index": p, "sample_index": 0, "seed": p, "query": q, "references": r, "response": r[which],
                     "toxicity": 0.1, "reward": 1.0, "length": 5, "kl": 0.0, "second_toxicity": None}
                    for p, (q, r) in enumerate(zip(data.test["query"], refs))]
-        m = ev.phase_metrics(samples, cfg)
+        m = metrics.phase_metrics(samples, cfg)
         assert m["rouge1"] == m["rouge2"] == m["rougeL"] == 1.0
-        against_first = np.mean([ev.rouge_best(r[which], r[:1])["rougeL"] for r in refs])
+        against_first = np.mean([metrics.rouge_best(r[which], r[:1])["rougeL"] for r in refs])
         assert against_first < 1.0  # the first reference alone would not give 1.0
 
 
@@ -426,4 +424,4 @@ def test_hub_layout_references_are_merged_and_all_scored(tmp_path, t5_tokenizer)
     (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
     data = build_prompts(DataConfig(path=str(tmp_path), split="test"), t5_tokenizer)
     assert all(s == refs for s in list(data.train["summaries"]) + list(data.test["summaries"]))
-    assert ev.rouge_best(refs[2], data.test["summaries"][0])["rougeL"] == 1.0
+    assert metrics.rouge_best(refs[2], data.test["summaries"][0])["rougeL"] == 1.0

@@ -11,8 +11,8 @@ only those files: TRL is not needed (nor installed) here.
   for the fixtures as transformers 4.46.3 / peft 0.13.2 did under TRL (no harness involved). If this
   fails, every PPO comparison below is meaningless: the model forward itself changed.
 * ``test_harness_forward_matches_trl``: the same through the harness's policy (``load_policy``).
-* ``test_ppo_step_matches_trl``: the harness's ``ppo_step`` (``trl_compat=True``), replaying TRL's
-  permutations, reproduces TRL's statistics for both steps and the updated weights.
+* ``test_ppo_step_matches_trl``: the harness's ``ppo_step`` (``trl_compat=True``: every ``TRLQuirks`` on),
+  replaying TRL's permutations, reproduces TRL's statistics for both steps and the updated weights.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ FX = REPO / "fixtures" / "parity"
 GOLDEN = FX / "golden"
 CASES = ["kl_adaptive", "full_fixed", "abs_fixed", "mse_adaptive",  # kl penalties x KL controllers
          "ratio_skip_fixed", "early_stop_fixed", "whiten_fixed", "gradclip_fixed"]  # the other trl_compat paths
-# Every TRL 0.11.4 quirk the harness does not copy by default has a trl_compat switch (docs/ppo.md), so every
-# case must match. (gradclip_fixed: TRL clips only the first mini-batch of the trainer's life.)
+# Every TRL 0.11.4 quirk the harness does not copy by default is a TRLQuirks field, all on with trl_compat
+# (docs/ppo.md), so every case must match. (gradclip_fixed: TRL clips only the first mini-batch of the trainer's
+# life: TRLQuirks.clip_only_first_minibatch, whose state lives in the PPOState across both steps.)
 N_STEPS = 2  # make_golden.py runs PPOTrainer.step twice per case on the same batch
 
 # A harness number passes when it is within TOL of TRL's either absolutely OR relatively, whichever is
@@ -174,8 +175,8 @@ def _load_harness_policy():
     from harness.config import PolicyConfig
     from harness.models import load_policy
 
-    policy = load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32",
-                                      lora_dropout=0.0, value_head_dropout=0.0), device="cpu")
+    policy = load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32"),
+                         device="cpu")
     vh = load_file(str(FX / "value_head.safetensors"))
     policy.value_head.summary.load_state_dict({"weight": vh["summary.weight"], "bias": vh["summary.bias"]})
     return policy
@@ -193,8 +194,8 @@ def test_harness_forward_matches_trl():
                             pad_token_id=0, decoder_start_token_id=0, device=torch.device("cpu"))
     for k, v in _fixture_forward_inputs(fwd).items():
         assert torch.equal(inputs[k], v), f"harness {k} differs from TRL's padded {k}"
-    assert torch.equal(response_mask(inputs["decoder_attention_mask"], trl_compat=True).long(), fwd["masks"]), \
-        "the harness's trl_compat action mask differs from TRL's batched_forward_pass mask"
+    assert torch.equal(response_mask(inputs["decoder_attention_mask"], mask_first_action=True).long(), fwd["masks"]), \
+        "the harness's TRLQuirks.mask_first_action mask differs from TRL's batched_forward_pass mask"
     logits, values, ref_logits = [], [], []
     with torch.no_grad():
         for part in _chunks(inputs):
@@ -214,12 +215,11 @@ def run_harness(case: str):
     """The harness's ppo_step, twice, from the fixture weights, replaying TRL's permutations."""
     from harness.config import PPOConfig
     from harness.models import trainable_state_dict
-    from harness.ppo.core import AdaptiveKLController, FixedKLController
-    from harness.ppo.step import make_optimizer, ppo_step
+    from harness.ppo.step import PPOState, ppo_step
 
     golden = _golden(case)
     g = golden["config"]
-    # score scaling/normalisation/clipping live elsewhere in the harness; the goldens use none of them
+    # the goldens use no score scaling/normalisation/clipping: ppo_step's default ScoreOptions()
     assert not g["use_score_scaling"] and not g["use_score_norm"] and g["score_clip"] is None
     batch = _read_json(FX / "batch.json")
     torch.manual_seed(0)
@@ -229,17 +229,15 @@ def run_harness(case: str):
               "cliprange_value", "vf_coef", "whiten_rewards", "max_grad_norm", "early_stopping", "target_kl",
               "ratio_threshold"]
     cfg = PPOConfig(**{k: g[k] for k in fields}, trl_compat=True)
-    optimizer = make_optimizer(policy, cfg)
-    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.adap_kl_ctrl
-              else FixedKLController(cfg.init_kl_coef))
+    state = PPOState.create(policy, cfg)  # Adam, the case's KL controller, every TRLQuirks on; lives both steps
     perms = iter(golden["permutations"])
     steps = []
     for _ in range(N_STEPS):
-        stats = ppo_step(policy, optimizer, kl_ctl,
+        stats = ppo_step(policy, state,
                          queries=[torch.tensor(q) for q in batch["queries"]],
                          responses=[torch.tensor(r[1:]) for r in batch["responses"]],  # no decoder-start token
                          scores=torch.tensor(batch["scores"]), config=cfg, pad_token_id=0,
-                         decoder_start_token_id=0, permutations=perms)
+                         decoder_start_token_id=0, orders=perms)
         steps.append(stats)
     leftover = list(perms)
     return golden, steps, trainable_state_dict(policy), leftover

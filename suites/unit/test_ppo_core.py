@@ -383,7 +383,7 @@ def test_whitened_rewards_stay_off_the_padding():
     _, _, padded_ret = core.compute_gae(t64(np.hstack([values, pad])), t64(np.hstack([rewards, pad])),
                                         t64(np.hstack([mask, pad])), gamma, lam, whiten_rewards=True)
     assert close(padded_ret[:, :3][on], got_ret[on])
-    # TRL 0.11.4's leak, kept only for parity (ppo.trl_compat): the padded position's whitened reward
+    # TRL 0.11.4's leak, kept only for parity (TRLQuirks.leak_whitened_padding): the padded position's whitened reward
     # flows into the second row's returns, so they differ from the re-masked ones
     _, _, leaky = core.compute_gae(t64(values), t64(rewards), t64(mask), gamma, lam, whiten_rewards=True,
                                    mask_whitened=False)

@@ -4,10 +4,14 @@ What is asserted here (``test_parity.py`` already proves the step's numbers agai
 
 * a step moves only the LoRA and value-head weights: every base weight stays bit-identical, and the
   reference log-probs (adapter disabled) do not move;
-* the harness's action mask counts every generated token, ``trl_compat`` masks the first one (TRL 0.11.4);
+* the harness's action mask counts every generated token, ``TRLQuirks.mask_first_action`` masks the first
+  one (TRL 0.11.4);
 * a non-finite score, or a non-finite loss in a later mini-batch, skips the whole step and restores every
-  trainable weight and the optimizer state bit for bit;
+  trainable weight, the optimizer state and the quirks' state bit for bit;
 * same seed, same statistics and weights;
+* ``TRLQuirks`` live in the caller's ``PPOState``: TRL's one-shot gradient clipping spans steps, survives a
+  trainer checkpoint, and ``ppo.trl_compat`` without the quirks is refused; ``ScoreOptions`` reach the scores
+  (``suites/integration/test_ppo_tiny.py`` checks them through the trainer); row orders are checked;
 * ``generate``: per-row ``max_new_tokens``, no decoder start token, cut after the first EOS, a row's
   sample depends on its prompt and seed only, right padding of the encoder, eval mode while sampling;
 * ``count_parameters`` on the flan-t5-base architecture with the reference's LoRA gives REFERENCE.md's
@@ -16,18 +20,26 @@ What is asserted here (``test_parity.py`` already proves the step's numbers agai
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from harness.config import PolicyConfig, PPOConfig, load_config
-from harness.models import (PolicyWithValueHead, ValueHead, count_parameters, frozen_state_fingerprint, load_policy,
-                            trainable_state_dict)
-from harness.ppo import core
+from harness.config import PolicyConfig, PPOConfig, RewardConfig, load_config
+from harness.models import PolicyWithValueHead, ValueHead, count_parameters, load_policy, trainable_state_dict
 from harness.ppo.rollout import SeededSampler, cut_after_eos, generate
-from harness.ppo.step import make_optimizer, pad_right, ppo_step, prepare_inputs, response_mask
+from harness.ppo.step import (
+    PPOState,
+    ScoreOptions,
+    TRLQuirks,
+    pad_right,
+    ppo_step,
+    prepare_inputs,
+    random_orders,
+    response_mask,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = REPO / "fixtures" / "parity" / "model"  # a 96-token T5 tokenizer (pad 0, eos 1)
@@ -70,8 +82,7 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
 def make_policy(model_dir: Path, seed: int = 0, **overrides) -> PolicyWithValueHead:
     """The harness's loader with a fresh LoRA (its A initialised from ``seed``)."""
     torch.manual_seed(seed)
-    fields = dict(model=str(model_dir), dtype="float32", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                  lora_target_modules=["q", "v"])
+    fields = dict(model=str(model_dir), dtype="float32", lora_r=4, lora_alpha=8, lora_target_modules=["q", "v"])
     fields.update(overrides)
     return load_policy(PolicyConfig(**fields), device="cpu")
 
@@ -94,18 +105,17 @@ def batch(tiny_t5_dir):
     return [torch.tensor(p) for p in prompts], roll.responses, scores
 
 
-def run_step(policy, batch, config: PPOConfig, optimizer=None, kl_ctl=None, seed: int = 0, scores=None,
-             permutations=None):
+def run_step(policy, batch, config: PPOConfig, state: PPOState | None = None, seed: int = 0, scores=None,
+             orders=None, score_options: ScoreOptions = ScoreOptions()) -> tuple[dict, PPOState]:
+    """One ``ppo_step`` on ``batch``; a fresh ``PPOState`` unless one is given. Returns (stats, state)."""
     queries, responses, default_scores = batch
-    optimizer = optimizer or make_optimizer(policy, config)
-    kl_ctl = kl_ctl or core.make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target,
-                                               config.horizon)
-    stats = ppo_step(policy, optimizer, kl_ctl, queries, responses,
-                     default_scores if scores is None else scores, config,
+    state = state or PPOState.create(policy, config)
+    stats = ppo_step(policy, state, queries, responses, default_scores if scores is None else scores, config,
                      pad_token_id=policy.tokenizer.pad_token_id,
-                     decoder_start_token_id=policy.config.decoder_start_token_id,
-                     generator=torch.Generator().manual_seed(seed), permutations=permutations)
-    return stats, optimizer, kl_ctl
+                     decoder_start_token_id=policy.config.decoder_start_token_id, score_options=score_options,
+                     orders=orders if orders is not None else random_orders(len(queries),
+                                                                            torch.Generator().manual_seed(seed)))
+    return stats, state
 
 
 def step_config(**kw) -> PPOConfig:
@@ -125,6 +135,11 @@ def policy_logits(policy, batch) -> torch.Tensor:
                             policy.device)
     with torch.no_grad():
         return policy(**inputs)[0]
+
+
+def frozen_state_fingerprint(policy: PolicyWithValueHead) -> dict[str, torch.Tensor]:
+    """Copies of every frozen (base) parameter, to prove training never touches them."""
+    return {k: v.detach().clone() for k, v in policy.model.named_parameters() if not v.requires_grad}
 
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
@@ -158,10 +173,10 @@ def test_step_moves_only_the_adapter_and_the_value_head(tiny_t5_dir, batch):
                                                                           "value_head.summary.bias"}
 
     config = step_config()
-    stats, optimizer, kl_ctl = run_step(policy, batch, config)
+    stats, state = run_step(policy, batch, config)
     assert stats["skipped"] == 0.0
     # a fresh LoRA has B = 0, so A gets no gradient in the first step: a second step moves every tensor
-    run_step(policy, batch, config, optimizer, kl_ctl, seed=1)
+    run_step(policy, batch, config, state, seed=1)
 
     assert same_state(base_before, frozen_state_fingerprint(policy)) == [], "a base weight moved"
     unchanged = sorted(set(trained_before) - set(same_state(trained_before, trainable_state_dict(policy))))
@@ -169,7 +184,7 @@ def test_step_moves_only_the_adapter_and_the_value_head(tiny_t5_dir, batch):
     assert torch.equal(reference_logits(policy, batch), ref_before), "the reference moved with training"
     assert not torch.equal(policy_logits(policy, batch), logits_before), "the policy's forward ignores the adapter"
     # the optimizer holds exactly the trainable parameters, and those are LoRA + value head
-    opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    opt_params = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
     assert opt_params == {id(p) for p in policy.trainable_parameters()}
     names = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert all("lora_" in n or n.startswith("value_head.") for n in names), names
@@ -189,7 +204,7 @@ def test_response_mask_counts_every_generated_token():
     assert harness.shape == (len(responses), int(lengths.max()))
     assert torch.equal(harness.sum(-1), lengths), "every generated token is an action"
     assert (harness[:, 0] == 1).all(), "the first generated token is an action"
-    trl = response_mask(inputs["decoder_attention_mask"], trl_compat=True)
+    trl = response_mask(inputs["decoder_attention_mask"], mask_first_action=True)
     assert torch.equal(trl.sum(-1), lengths - 1), "TRL 0.11.4 masks the first generated token"
     assert (trl[:, 0] == 0).all()
     assert torch.equal(trl[:, 1:], harness[:, 1:])
@@ -201,7 +216,7 @@ def test_one_token_responses_train_under_the_harness_mask(tiny_t5_dir, batch):
     one = [torch.tensor([7]) for _ in queries]
     policy = make_policy(tiny_t5_dir)
     before = trainable_state_dict(policy)
-    stats, _, _ = run_step(policy, (queries, one, scores), step_config())
+    stats, _ = run_step(policy, (queries, one, scores), step_config())
     assert stats["skipped"] == 0.0 and stats["tokens/responses_len_mean"] == 1.0
     assert math.isfinite(stats["objective/kl"]) and math.isfinite(stats["ppo/loss/total"])
     moved = same_state(before, trainable_state_dict(policy))
@@ -212,38 +227,56 @@ def test_one_token_responses_train_under_the_harness_mask(tiny_t5_dir, batch):
 def test_non_finite_score_skips_the_step(tiny_t5_dir, batch, bad):
     policy = make_policy(tiny_t5_dir)
     config = step_config()
-    _, optimizer, kl_ctl = run_step(policy, batch, config)  # a good step first: the optimizer has state
-    weights, opt, beta = trainable_state_dict(policy), optimizer_state(optimizer), kl_ctl.value
+    _, state = run_step(policy, batch, config)  # a good step first: the optimizer has state
+    weights, opt, beta = trainable_state_dict(policy), optimizer_state(state.optimizer), state.kl_ctl.value
     scores = batch[2].clone()
     scores[3] = bad
-    stats, _, _ = run_step(policy, batch, config, optimizer, kl_ctl, scores=scores)
+    stats, _ = run_step(policy, batch, config, state, scores=scores)
     assert stats["skipped"] == 1.0 and stats["skip_reason"] == "non-finite score"
     assert same_state(weights, trainable_state_dict(policy)) == []
-    assert same_state(opt, optimizer_state(optimizer)) == []
-    assert kl_ctl.value == beta
+    assert same_state(opt, optimizer_state(state.optimizer)) == []
+    assert state.kl_ctl.value == beta
 
 
-# A finite score whose square overflows float32: the value loss of its mini-batch is inf, the others finite.
-OVERFLOWING_SCORE = math.sqrt(torch.finfo(torch.float32).max) * 10
+@contextlib.contextmanager
+def nan_value_in_minibatch(policy, nth: int, record=lambda: None):
+    """The value head gives NaN in the optimisation's ``nth`` mini-batch forward, so that mini-batch's loss is NaN.
+
+    Those are the only forwards with gradients on (the old log-probs and values are computed without), so
+    the fault lands in mini-batch ``nth`` whatever the order. Yields a list that gets ``record()`` at the
+    fault, i.e. after the earlier mini-batches' optimizer steps.
+    """
+    seen, at_fault = [], []
+
+    def hook(module, inputs, out):
+        if not torch.is_grad_enabled():
+            return None
+        seen.append(1)
+        if len(seen) != nth:
+            return None
+        at_fault.append(record())
+        return out * float("nan")
+
+    handle = policy.value_head.register_forward_hook(hook)
+    try:
+        yield at_fault
+    finally:
+        handle.remove()
 
 
 def test_non_finite_loss_in_a_later_minibatch_restores_everything(tiny_t5_dir, batch):
-    """The first mini-batch has already stepped Adam when the second one's loss is inf: all of it is undone."""
+    """The first mini-batch has already stepped Adam when the second one's loss is NaN: all of it is undone."""
     policy = make_policy(tiny_t5_dir)
     config = step_config()
-    assert config.ppo_epochs == 1 and BATCH == 2 * config.mini_batch_size
-    _, optimizer, kl_ctl = run_step(policy, batch, config)
-    weights, opt = trainable_state_dict(policy), optimizer_state(optimizer)
-    scores = batch[2].clone()
-    scores[-1] = OVERFLOWING_SCORE  # row BATCH-1 sits in the second mini-batch of the order below
-    order = iter([list(range(BATCH))])
-    stats, _, _ = run_step(policy, batch, config, optimizer, kl_ctl, scores=scores, permutations=order)
+    assert config.ppo_epochs == 1 and config.gradient_accumulation_steps == 1 and BATCH == 2 * config.mini_batch_size
+    _, state = run_step(policy, batch, config)
+    weights, opt = trainable_state_dict(policy), optimizer_state(state.optimizer)
+    with nan_value_in_minibatch(policy, 2, record=lambda: trainable_state_dict(policy)) as at_fault:
+        stats, _ = run_step(policy, batch, config, state)
     assert stats["skipped"] == 1.0 and stats["skip_reason"] == "non-finite loss"
+    assert len(at_fault) == 1 and same_state(weights, at_fault[0]) != [], "the first mini-batch had stepped Adam"
     assert same_state(weights, trainable_state_dict(policy)) == []
-    assert same_state(opt, optimizer_state(optimizer)) == []
-    # control: the same order with a finite score does move the weights (the restore above undid a real step)
-    run_step(policy, batch, config, optimizer, kl_ctl, permutations=iter([list(range(BATCH))]))
-    assert same_state(weights, trainable_state_dict(policy)) != []
+    assert same_state(opt, optimizer_state(state.optimizer)) == []
 
 
 def test_same_seed_same_statistics(tiny_t5_dir, batch):
@@ -251,9 +284,9 @@ def test_same_seed_same_statistics(tiny_t5_dir, batch):
     runs = []
     for _ in range(2):
         policy = make_policy(tiny_t5_dir, seed=3)
-        optimizer, kl_ctl, steps = None, None, []
+        state, steps = None, []
         for s in range(2):
-            stats, optimizer, kl_ctl = run_step(policy, batch, config, optimizer, kl_ctl, seed=s)
+            stats, state = run_step(policy, batch, config, state, seed=s)
             steps.append(timeless(stats))
         runs.append((steps, trainable_state_dict(policy)))
     (steps_a, weights_a), (steps_b, weights_b) = runs
@@ -261,8 +294,135 @@ def test_same_seed_same_statistics(tiny_t5_dir, batch):
     assert same_state(weights_a, weights_b) == []
     # and the statistics are not trivially constant: a different mini-batch order changes them
     policy = make_policy(tiny_t5_dir, seed=3)
-    other, _, _ = run_step(policy, batch, config, seed=99)
+    other, _ = run_step(policy, batch, config, seed=99)
     assert timeless(other) != steps_a[0]
+
+
+# ------------------------------------------------------------------------------------ TRL quirks, options, orders
+
+TINY_CLIP = 1e-4  # a gradient-norm bound every optimizer step of these tests exceeds: clipping always changes it
+
+
+def test_trl_quirks_follow_trl_compat():
+    off, on = TRLQuirks.from_config(step_config()), TRLQuirks.from_config(step_config(trl_compat=True))
+    assert off == TRLQuirks() and not any(vars(off).values())
+    assert on.mask_first_action and on.leak_whitened_padding and on.zero_loss_adam_step_on_ratio_skip
+    assert on.clip_only_first_minibatch and not on.clipped_once
+
+
+def test_trl_compat_clips_only_the_first_optimizer_step_of_the_states_life(tiny_t5_dir, batch):
+    """TRL 0.11.4 clips the first optimizer step of the trainer's life and never again: across ppo_step calls."""
+    clipping = step_config(trl_compat=True, max_grad_norm=TINY_CLIP)
+    never = step_config(trl_compat=True)  # max_grad_norm None
+
+    def two_steps(config, clipped_once=False, policy_seed=0):
+        policy = make_policy(tiny_t5_dir, seed=policy_seed)
+        state = PPOState.create(policy, config)
+        state.quirks.clipped_once = clipped_once
+        stats = [timeless(run_step(policy, batch, config, state, seed=s)[0]) for s in range(2)]
+        return stats, trainable_state_dict(policy), state
+
+    fresh_stats, fresh_weights, fresh_state = two_steps(clipping)
+    assert fresh_state.quirks.clipped_once, "the first optimizer step clipped and the state remembers it"
+    # a state that has clipped before never clips again: exactly the steps of a run without max_grad_norm
+    late_stats, late_weights, _ = two_steps(clipping, clipped_once=True)
+    never_stats, never_weights, never_state = two_steps(never)
+    assert late_stats == never_stats and same_state(late_weights, never_weights) == []
+    assert not never_state.quirks.clipped_once
+    # control: the one clipped step of the fresh state did change the update (the bound binds)
+    assert same_state(fresh_weights, never_weights) != []
+    # and the harness (no quirk) clips every optimizer step: different again from clipping the first one only
+    _, harness_weights, _ = two_steps(step_config(max_grad_norm=TINY_CLIP))
+    assert same_state(harness_weights, fresh_weights) != []
+
+
+def test_a_skipped_step_restores_the_quirks_state(tiny_t5_dir, batch):
+    """The first mini-batch clipped (TRL's one shot) before the second one's loss was NaN: the shot is not spent."""
+    config = step_config(trl_compat=True, max_grad_norm=TINY_CLIP)
+    policy = make_policy(tiny_t5_dir)
+    state = PPOState.create(policy, config)
+    with nan_value_in_minibatch(policy, 2, record=lambda: state.quirks.clipped_once) as at_fault:
+        stats, _ = run_step(policy, batch, config, state)
+    assert stats["skipped"] == 1.0 and stats["skip_reason"] == "non-finite loss"
+    assert at_fault == [True], "the first mini-batch had clipped"
+    assert not state.quirks.clipped_once
+    run_step(policy, batch, config, state)  # control: a good step spends it
+    assert state.quirks.clipped_once
+
+
+def test_trl_compat_without_the_quirks_is_refused(tiny_t5_dir, batch):
+    policy = make_policy(tiny_t5_dir)
+    config = step_config(trl_compat=True)
+    harness_state = PPOState.create(policy, step_config())  # quirks off
+    before = trainable_state_dict(policy)
+    with pytest.raises(ValueError, match="trl_compat"):
+        run_step(policy, batch, config, harness_state)
+    assert same_state(before, trainable_state_dict(policy)) == []
+    assert run_step(policy, batch, config, PPOState.create(policy, config))[0]["skipped"] == 0.0
+
+
+@pytest.mark.parametrize("orders, message", [
+    ([[0, 0, 1, 2, 3, 4, 5, 6]], "permutation"),  # a repeated row
+    ([list(range(BATCH - 1))], "permutation"),  # a missing row
+    ([list(range(BATCH))], "ran out"),  # one order for two epochs
+], ids=["repeated", "short", "ran-out"])
+def test_bad_row_orders_are_refused_and_leave_the_weights(tiny_t5_dir, batch, orders, message):
+    policy = make_policy(tiny_t5_dir)
+    config = step_config(ppo_epochs=2)
+    _, state = run_step(policy, batch, config)
+    weights, opt = trainable_state_dict(policy), optimizer_state(state.optimizer)
+    with pytest.raises(ValueError, match=message):
+        run_step(policy, batch, config, state, orders=iter(orders))
+    # "ran out" failed in the second epoch, after the first had stepped Adam: that was undone too
+    assert same_state(weights, trainable_state_dict(policy)) == []
+    assert same_state(opt, optimizer_state(state.optimizer)) == []
+
+
+def test_score_options_are_declared_and_checked():
+    reward = RewardConfig(score_scaling=True, score_norm=True, score_clip=2.5)
+    assert ScoreOptions.from_reward_config(reward) == ScoreOptions(scaling=True, norm=True, clip=2.5)
+    assert ScoreOptions.from_reward_config(RewardConfig()) == ScoreOptions(scaling=False, norm=False, clip=None)
+    with pytest.raises(ValueError, match="norm needs scaling"):
+        ScoreOptions(norm=True)
+    with pytest.raises(ValueError, match="clip"):
+        ScoreOptions(clip=0.0)
+
+
+def test_score_options_change_the_scores_ppo_sees(tiny_t5_dir, batch):
+    """One step per option from the same start; ``env/reward_*`` stay the raw scores."""
+    queries, responses, raw = batch
+    raw = raw * 3 + 1  # mean 1, std ~3.7: neither already normalised nor inside the clip
+    seen = {}
+    for name, options in {"none": ScoreOptions(), "scaled": ScoreOptions(scaling=True),
+                          "normed": ScoreOptions(scaling=True, norm=True), "clipped": ScoreOptions(clip=2.0)}.items():
+        stats, _ = run_step(make_policy(tiny_t5_dir), (queries, responses, raw), step_config(),
+                            score_options=options)
+        assert stats["env/reward_mean"] == pytest.approx(float(raw.mean()), rel=1e-6)
+        assert stats["env/reward_std"] == pytest.approx(float(raw.std()), rel=1e-6)
+        seen[name] = (stats["ppo/mean_scores"], stats["ppo/std_scores"], stats["ppo/loss/value"])
+    assert seen["none"][:2] == pytest.approx((float(raw.mean()), float(raw.std())), rel=1e-6)
+    # the first batch's running std is its own std: scaling gives std 1, norm also mean 0
+    assert seen["scaled"][:2] == pytest.approx((float(raw.mean() / raw.std()), 1.0), rel=1e-5)
+    assert seen["normed"][0] == pytest.approx(0.0, abs=1e-6) and seen["normed"][1] == pytest.approx(1.0, rel=1e-5)
+    clipped = raw.clamp(-2.0, 2.0)
+    assert seen["clipped"][:2] == pytest.approx((float(clipped.mean()), float(clipped.std())), rel=1e-6)
+    # and the update itself used them: the value loss (fit to the returns, hence to the scores) differs
+    assert len({v[2] for v in seen.values()}) == len(seen)
+
+
+def test_the_trainer_owns_the_quirks_and_checkpoints_their_state(tiny_t5_dir, tmp_path):
+    from harness.ppo.trainer import PPOTrainer
+
+    cfg = load_config("tiny", overrides=["ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.trl_compat=true"])
+    trainer = PPOTrainer(cfg, make_policy(tiny_t5_dir), None, list(range(16)), tmp_path)
+    assert trainer.ppo_state.quirks == TRLQuirks.from_config(cfg.ppo) and trainer.ppo_state.quirks.mask_first_action
+    trainer.ppo_state.quirks.clipped_once = True
+    trainer.step = 1
+    path = trainer.save_checkpoint()
+    resumed = PPOTrainer(cfg, make_policy(tiny_t5_dir), None, list(range(16)), tmp_path)
+    assert not resumed.ppo_state.quirks.clipped_once
+    assert resumed.resume() == path and resumed.step == 1
+    assert resumed.ppo_state.quirks.clipped_once, "a resumed TRL-compatible run would clip a second time"
 
 
 # ------------------------------------------------------------------------------------ rollout
@@ -373,9 +533,17 @@ def test_generate_pads_the_encoder_on_the_right(rollout_policy, monkeypatch):
 
 
 def test_generate_samples_in_eval_mode_and_restores_the_mode(tiny_t5_dir):
-    """With LoRA dropout on, a rollout in train mode would differ from one in eval mode."""
-    policy = make_policy(tiny_t5_dir, seed=5, lora_dropout=0.5)
+    """With dropout in the model, a rollout in train mode would differ from one in eval mode."""
+    policy = make_policy(tiny_t5_dir, seed=5)
+    for module in policy.model.modules():  # T5's own dropout (flan-t5: dropout_rate 0.1; this tiny T5: 0)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
     prompts, limits = random_prompts(4, seed=9), [20, 20, 20, 20]
+    policy.model.train()  # precondition: the dropout acts in train mode
+    x = torch.tensor(prompts[0]).unsqueeze(0)
+    torch.manual_seed(0)
+    first = policy.model(input_ids=x, decoder_input_ids=x).logits
+    assert not torch.equal(first, policy.model(input_ids=x, decoder_input_ids=x).logits)
     policy.model.eval()
     want = generate(policy.model, policy.tokenizer, prompts, max_new_tokens=limits, seeds=range(4)).responses
     policy.model.train()
@@ -406,7 +574,7 @@ def test_count_parameters_of_the_reference_architecture():
     from transformers import T5Config, T5ForConditionalGeneration
 
     p = load_config("flan-t5-base").policy  # the preset's LoRA is the reference's
-    assert (p.lora_r, p.lora_alpha, p.lora_target_modules, p.lora_dropout) == (32, 32, ["q", "v"], 0.05)
+    assert (p.lora_r, p.lora_alpha, p.lora_target_modules) == (32, 32, ["q", "v"])
     config = T5Config(**FLAN_T5_BASE)
     with torch.device("meta"):
         base = T5ForConditionalGeneration(config)
@@ -415,7 +583,7 @@ def test_count_parameters_of_the_reference_architecture():
         if base.lm_head.weight is base.shared.weight:
             base.lm_head.weight = torch.nn.Parameter(torch.empty_like(base.shared.weight))
         lora = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=list(p.lora_target_modules),
-                          lora_dropout=p.lora_dropout, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
+                          lora_dropout=0.0, bias="none", task_type=TaskType.SEQ_2_SEQ_LM)
         model = get_peft_model(base, lora)
         policy = PolicyWithValueHead(model, ValueHead(config.d_model))
     counts = count_parameters(policy)

@@ -9,7 +9,9 @@ security rules over the package source, one-line errors, offline mode.
   (``test_ppo_step.py`` covers non-finite scores and a non-finite loss in a later mini-batch);
 * ``latest_checkpoint`` never picks a half-written checkpoint; ``resume`` removes temporary directories,
   drops a ``train_stats.jsonl`` row cut short by a crash, and wraps a corrupt checkpoint in a TrainingError;
-* grep-style security rules over ``harness/``.
+* security: ruff's bandit rules (``S``, configured in pyproject.toml and run by ``make test``) catch shell
+  commands, eval/exec, pickle and unsafe YAML; what they cannot see (``torch.load`` without
+  ``weights_only=True``, a literal ``trust_remote_code=True``, weights saved as pickles) is checked here.
 
 The tiny-world trainer loop, SIGKILL/SIGTERM and the CLI are in ``suites/integration/test_faults.py``.
 """
@@ -49,8 +51,8 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_val
                     st.floats(allow_nan=True, allow_infinity=True))
 TEXT = st.one_of(st.text(max_size=80), st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]),
                                                max_size=300), DIALOGUE_LIKE, HUGE)
-VALUES = st.one_of(TEXT, SCALARS, st.lists(st.text(max_size=10), max_size=3), st.dictionaries(st.text(max_size=3),
-                                                                                                st.integers(), max_size=2))
+VALUES = st.one_of(TEXT, SCALARS, st.lists(st.text(max_size=10), max_size=3),
+                   st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
 @st.composite
@@ -200,8 +202,7 @@ def _load_policy():
     from harness.models import load_policy
 
     torch.manual_seed(0)
-    return load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32",
-                                    lora_dropout=0.0))
+    return load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -211,12 +212,15 @@ def batch():
             torch.tensor(b["scores"], dtype=torch.float32))
 
 
-def _step(policy, optimizer, kl_ctl, batch, config, running=None):
-    from harness.ppo.step import ppo_step
+def _step(policy, optimizer, kl_ctl, batch, config, running):
+    """One ppo_step with score scaling on, so that the running moments are in play (and must be restored)."""
+    from harness.ppo.step import PPOState, ScoreOptions, TRLQuirks, ppo_step, random_orders
 
     queries, responses, scores = batch
-    return ppo_step(policy, optimizer, kl_ctl, queries, responses, scores, config, pad_token_id=0,
-                    decoder_start_token_id=0, generator=torch.Generator().manual_seed(0), running=running)
+    state = PPOState(optimizer, kl_ctl, running, TRLQuirks.from_config(config))
+    return ppo_step(policy, state, queries, responses, scores, config, pad_token_id=0, decoder_start_token_id=0,
+                    score_options=ScoreOptions(scaling=True),
+                    orders=random_orders(len(queries), torch.Generator().manual_seed(0)))
 
 
 def _opt_state(optimizer) -> dict:
@@ -240,7 +244,6 @@ def trained():
 
     policy = _load_policy()
     config = PPOConfig(batch_size=8, mini_batch_size=4, learning_rate=1e-3)
-    config.score_scaling = True  # as the trainer's _with_reward_options: the running moments are in play
     optimizer = make_optimizer(policy, config)
     kl_ctl = core.make_kl_controller(True, 0.2, 6.0, 10000.0)
     running = core.RunningMoments()
@@ -250,7 +253,8 @@ def trained():
 def _assert_untouched(policy, optimizer, kl_ctl, running, run):
     from harness.models import trainable_state_dict
 
-    weights, opt, beta, moments = trainable_state_dict(policy), _opt_state(optimizer), kl_ctl.value, running.state_dict()
+    weights, opt = trainable_state_dict(policy), _opt_state(optimizer)
+    beta, moments = kl_ctl.value, running.state_dict()
     stats = run()
     assert stats["skipped"] == 1.0, stats
     assert _differs(weights, trainable_state_dict(policy)) == []
@@ -307,7 +311,6 @@ def test_an_update_that_makes_a_weight_non_finite_is_undone(trained, batch):
     policy, optimizer, kl_ctl, running, config = trained
     _step(policy, optimizer, kl_ctl, batch, config, running)
     config = dataclasses.replace(config, mini_batch_size=8)  # one optimizer step: no later loss to catch it
-    config.score_scaling = True
     for group in optimizer.param_groups:
         group["lr"] = float("inf")
     try:
@@ -320,7 +323,7 @@ def test_an_update_that_makes_a_weight_non_finite_is_undone(trained, batch):
 
 
 def test_a_skipped_step_logs_no_nan_into_its_statistics(trained, batch):
-    from harness.ppo.trainer import _jsonable
+    from harness.results import jsonable
 
     policy, optimizer, kl_ctl, running, config = trained
     queries, responses, scores = batch
@@ -328,7 +331,7 @@ def test_a_skipped_step_logs_no_nan_into_its_statistics(trained, batch):
     bad[0] = float("nan")
     stats = _step(policy, optimizer, kl_ctl, (queries, responses, bad), config, running)
     assert stats["skipped"] == 1.0 and stats["skip_reason"] == "non-finite score"
-    json.dumps(_jsonable(stats), allow_nan=False)  # the row train_stats.jsonl gets is strict JSON
+    json.dumps(jsonable(stats), allow_nan=False)  # the row train_stats.jsonl gets is strict JSON
 
 
 # ============================================================================================ checkpoints
@@ -510,18 +513,34 @@ def test_every_torch_load_is_weights_only():
     assert calls, "expected the optimizer state to be loaded with torch.load"
     bad = [f"{f.relative_to(REPO)}: torch.load({args})" for f, args in calls if "weights_only=True" not in args]
     assert bad == []
-    # and no other unpickler
-    for f, text in _sources():
-        assert not re.search(r"\bpickle\.loads?\(|\bjoblib\.load\(|\bnp\.load\([^)]*allow_pickle=True", text), f
 
 
-def test_no_shell_commands():
-    pattern = re.compile(r"shell\s*=\s*True|os\.system\(|os\.popen\(|subprocess\.getoutput\(|"
-                         r"subprocess\.getstatusoutput\(|\beval\(|\bexec\(")
-    bad = [f"{f.relative_to(REPO)}:{i}: {line.strip()}" for f, text in _sources()
-           for i, line in enumerate(text.splitlines(), 1)
-           if pattern.search(re.sub(r"\.eval\(\)|model\.eval\(|\w\.eval\(", "", line))]
-    assert bad == []
+PLANTED_INSECURE = {
+    "S307": "def f(text):\n    return eval(text)\n",
+    "S102": "def f(code):\n    exec(code)\n",
+    "S602": "import subprocess\n\n\ndef f(cmd):\n    subprocess.run(cmd, shell=True)\n",
+    "S605": "import os\n\n\ndef f(cmd):\n    os.system(cmd)\n",
+    "S301": "import pickle\n\n\ndef f(blob):\n    return pickle.loads(blob)\n",
+    "S506": "import yaml\n\n\ndef f(text):\n    return yaml.load(text, Loader=yaml.Loader)\n",
+}
+
+
+@pytest.mark.parametrize("code", sorted(PLANTED_INSECURE))
+def test_the_lint_configuration_catches_planted_insecure_code(tmp_path, code):
+    """The S rules that replaced the old regex checks are on: each planted fault is reported under the
+    project's own ruff configuration, as if it were a module of the package."""
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.skip("ruff is not installed in this environment (pip install -e '.[test]')")
+    module = tmp_path / "harness" / "planted.py"
+    module.parent.mkdir()
+    module.write_text(PLANTED_INSECURE[code])
+    done = subprocess.run([str(ruff), "check", "--config", str(REPO / "pyproject.toml"), "--no-cache",
+                           "--output-format", "concise", str(module)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and f" {code} " in done.stdout, done.stdout + done.stderr
 
 
 def test_weights_are_written_as_safetensors():

@@ -1,24 +1,31 @@
 """The HTML report (harness.report): content, ordering, escaping, graceful gaps, errors.
 
-Run folders are synthetic (harness.report.demo.write_demo_run follows docs/results-schema.md); the
-pages are parsed with the standard library's HTMLParser into a small tree so that the assertions
-are about elements (which row is inside which <details>), not substrings.
+Run folders are synthetic but built by the pipeline's own code: harness.report.demo.write_demo_run
+draws evaluation rows from a seeded RNG and writes them through harness.metrics.phase_metrics,
+harness.results.build_results / write_run_files (schema-valid results.json) and harness.thresholds.verdict,
+with train_stats.jsonl rows shaped like the PPO trainer's (``skipped`` is the float 1.0 / 0.0). A test
+that needs a broken or unusual file edits a valid one, one key at a time. The pages are parsed with the
+standard library's HTMLParser into a small tree so that the assertions are about elements (which row is
+inside which <details>), not substrings.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import random
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+import harness.ppo
 from harness.errors import HarnessError
 from harness.report import load_results, render_index, render_run
-from harness.report.demo import demo_created, write_demo_run
-from harness.report.render import fmt_duration, fmt_num, fmt_pct, fmt_signed
+from harness.report.demo import demo_config, demo_created, train_stats_rows, write_demo_run
+from harness.report.render import fmt_duration, fmt_num, fmt_pct, fmt_signed, fmt_value
+from harness.results import TRAIN_STATS_FILE, read_jsonl
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = "<img src=x onerror=alert(1)>"
@@ -216,9 +223,13 @@ def test_overall_result_comes_from_the_file_not_only_the_bounds(tmp_path):
     _rewrite(run_dir, fail_overall)
     dom = parse(render_run(run_dir).read_text())
     assert ws(dom.find(id="overall").text()) == "FAIL"
-    _rewrite(run_dir, lambda r: r["verdict"].pop("passed"))  # without it: all bounds must hold
+    _rewrite(run_dir, lambda r: r["verdict"].update(passed=True))  # the same bounds: the file decides
     dom = parse(render_run(run_dir).read_text())
     assert ws(dom.find(id="overall").text()) == "PASS"
+    # a verdict without "passed" is refused (the schema requires it), not judged from the bounds
+    _rewrite(run_dir, lambda r: r["verdict"].pop("passed"))
+    with pytest.raises(HarnessError, match=r"results\.json: verdict\.passed: is missing"):
+        render_run(run_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,9 +273,10 @@ def test_quality_guards_table(demo):
     assert rouge[1:4] == [fmt_num(m["before"]["rougeL"]), fmt_num(m["after"]["rougeL"]),
                           fmt_signed(m["after"]["rougeL"] - m["before"]["rougeL"])]
     assert "max_rouge_l_drop" in rouge[4]
-    # the demo has no second classifier: null renders as "not measured", right-aligned numbers elsewhere
+    # the demo's second judge is measured: its means and change render as right-aligned numbers
     second = table.find("tr", data_metric="second_toxicity_mean").find_all("td")
-    assert [ws(td.text()) for td in second[1:4]] == ["not measured"] * 3
+    b, a = m["before"]["second_toxicity_mean"], m["after"]["second_toxicity_mean"]
+    assert [ws(td.text()) for td in second[1:4]] == [fmt_num(b), fmt_num(a), fmt_signed(a - b)]
     assert all("num" in td.classes() for td in second[1:4])
 
 
@@ -283,6 +295,44 @@ def test_training_curves_per_ppo_step(demo):
     assert fmt_num(training["objective_kl_mean"]) in text
 
 
+def _training_svgs(dom: Node) -> dict[str, str]:
+    section = dom.find("section", id="training")
+    return {svg.attrs["data-plot"]: ws(svg.text()) for svg in section.find_all("svg")}
+
+
+def test_a_step_the_trainer_skipped_is_counted_and_marked(tmp_path):
+    # the trainer writes "skipped": 1.0 and "skip_reason" for a step whose update it undid (harness/ppo/step.py),
+    # never JSON true: the page must count that step and mark it on every curve
+    run_dir = write_demo_run(tmp_path / "run", steps=12, skipped_steps=(5,))
+    rows = read_jsonl(run_dir / TRAIN_STATS_FILE)
+    assert [r["skipped"] for r in rows] == [0.0] * 4 + [1.0] + [0.0] * 7
+    assert all(type(r["skipped"]) is float for r in rows)
+    assert rows[4]["step"] == 5 and rows[4]["skip_reason"] == "non-finite loss" and "objective/kl" not in rows[4]
+    assert load_results(run_dir)["metrics"]["training"]["skipped_steps"] == 1
+    dom = parse(render_run(run_dir).read_text())
+    text = ws(dom.find("section", id="training").text())
+    assert "12 recorded, 1 skipped (non-finite)" in text
+    assert "red lines mark skipped steps" in text
+    svgs = _training_svgs(dom)
+    assert len(svgs) == 9 and all("skipped step" in t for t in svgs.values()), svgs.keys()
+    # without a skipped step, nothing is marked
+    clean = parse(render_run(write_demo_run(tmp_path / "clean", steps=12)).read_text())
+    assert "skipped" not in ws(clean.find("section", id="training").text())
+    assert not any("skipped step" in t for t in _training_svgs(clean).values())
+
+
+def test_demo_train_stats_rows_use_the_trainers_names():
+    # every statistic the demo writes is one the PPO step or the trainer writes (TRL 0.11 names)
+    ppo = Path(harness.ppo.__file__).parent
+    literals = set(re.findall(r'"([A-Za-z_/]+)"', (ppo / "step.py").read_text() + (ppo / "trainer.py").read_text()))
+    rows = train_stats_rows(demo_config(steps=3), 3, skipped_steps=(2,))
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["skipped"] for r in rows] == [0.0, 1.0, 0.0]
+    for row in rows:
+        unknown = [k for k in row if k not in literals and not (k.startswith("ppo/") and k[4:] in literals)]
+        assert unknown == []
+    assert set(rows[1]) < set(rows[0]) | {"skip_reason"}
+
+
 # --------------------------------------------------------------------------------------------
 # qualitative table
 
@@ -294,10 +344,9 @@ def _ranked_rows(dom: Node):
 
 def test_qualitative_best_and_worst_first_rest_in_details(tmp_path):
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
-    # the renderer must sort by reward_diff itself, not trust the file's order
-    results = _rewrite(run_dir, lambda r: random.Random(0).shuffle(r["qualitative"]))
-    diffs = sorted((q["reward_diff"] for q in results["qualitative"]), reverse=True)
-    assert len(diffs) == 20
+    # build_results writes the rows sorted by reward_diff, descending (the schema's rule)
+    diffs = [q["reward_diff"] for q in load_results(run_dir)["qualitative"]]
+    assert len(diffs) == 20 and diffs == sorted(diffs, reverse=True)
     dom = parse(render_run(run_dir).read_text())
     rows = _ranked_rows(dom)
     in_details = [any(a.tag == "details" for a in tr.ancestors()) for tr, _, _ in rows]
@@ -312,6 +361,18 @@ def test_qualitative_best_and_worst_first_rest_in_details(tmp_path):
     assert ws(top[1].text()) == fmt_signed(diffs[0])
     details = dom.find("details", id="more-samples")
     assert "The other 10 rows (ranks 6–15)" in ws(details.find("summary").text())
+
+
+def test_qualitative_rows_out_of_order_are_refused(tmp_path):
+    # the file's order is the ranking: a results.json whose rows are not sorted is refused, not re-sorted
+    run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
+    _rewrite(run_dir, lambda r: r["qualitative"].reverse())
+    (run_dir / "index.html").write_text("old page")
+    with pytest.raises(HarnessError) as info:
+        render_run(run_dir)
+    message = str(info.value)
+    assert str(run_dir / "results.json") in message and "qualitative: rows must be sorted by reward_diff" in message
+    assert (run_dir / "index.html").read_text() == "old page"
 
 
 def test_short_qualitative_list_has_no_disclosure(tmp_path):
@@ -330,7 +391,7 @@ def test_provenance_values(demo):
     env = results["environment"]
     assert ws(dom.find(id="git-commit").text()) == env["git_commit"]
     for name, version in env["versions"].items():
-        assert any([ws(td.text()) for td in tr.find_all("td")] == [name, version]
+        assert any([ws(td.text()) for td in tr.find_all("td")] == [name, fmt_value(version)]
                    for tr in section.find("table", id="versions").find_all("tr"))
     seeds = {ws(tr.find_all("td")[0].text()): ws(tr.find_all("td")[1].text())
              for tr in section.find("table", id="seeds").find_all("tr")}
@@ -346,9 +407,10 @@ def test_provenance_values(demo):
     assert facts["preset"] == "tiny" and facts["file: train_stats"] == "train_stats.jsonl"
     config = {ws(tr.find_all("td")[0].text()): tr.find_all("td")[1].text()
               for tr in section.find("details", id="config").find_all("tr") if tr.find_all("td")}
-    assert config["ppo.steps"] == "10"
-    assert config["policy.lora_target_modules"] == '["q", "v"]'
-    assert config["eval.second_classifier"] == "null"
+    assert config["ppo.steps"] == "40"  # the tiny preset's configuration, sized like the demo run
+    assert config["eval.num_samples"] == "48"
+    assert config["policy.lora_target_modules"] == '["q", "k", "v", "o", "wi", "wo"]'
+    assert config["eval.second_classifier"] == "tiny://judge"  # the tiny preset's independent judge
     assert config["thresholds.max_kl"] == "15.0"
 
 
@@ -403,15 +465,21 @@ def test_run_id_preset_and_bound_names_are_escaped_on_both_pages(tmp_path):
 # graceful gaps
 
 def test_missing_optional_parts_render_as_not_measured(tmp_path):
-    run_dir = write_demo_run(tmp_path / "run", training=False, judged=False)
+    # what a valid results.json may leave out or leave null: the verdict (not judged), metrics.training (an
+    # evaluation-only run), the qualitative rows (eval.qualitative_rows = 0), a second classifier's figures,
+    # ROUGE, an undefined improvement (before toxicity 0), the git commit; and samples.jsonl may be gone.
+    # A required part that is missing is an error instead (test_broken_results_json_raises_harness_error).
+    run_dir = write_demo_run(tmp_path / "run", training=False, judged=False, qualitative_rows=0)
 
     def strip(r):
-        for key in ("config", "seeds", "environment", "timings", "qualitative", "files", "created", "preset"):
-            r.pop(key)
-        r["metrics"]["after"]["second_toxicity_mean"] = None
-        r["metrics"]["after"].pop("rouge2")
+        assert r["qualitative"] == [] and "verdict" not in r and "training" not in r["metrics"]
+        for phase in ("before", "after"):  # as a run without a second classifier writes them
+            r["metrics"][phase]["second_toxicity_mean"] = None
+        r["metrics"]["after"]["rouge2"] = None
         r["metrics"]["before"]["kl_per_sequence_mean"] = float("nan")
-        r["metrics"].pop("comparison")
+        r["metrics"]["comparison"].update(mean_improvement=None, std_improvement=None, mean_improvement_ci_low=None,
+                                          mean_improvement_ci_high=None, rouge_l_drop=None)
+        r["environment"]["git_commit"] = None
 
     _rewrite(run_dir, strip)
     (run_dir / "samples.jsonl").unlink()
@@ -427,25 +495,31 @@ def test_missing_optional_parts_render_as_not_measured(tmp_path):
     assert tox.find_all("svg", data_plot="toxicity-means")  # means come from results.json
     assert ws(tox.find("tr", data_metric="mean_improvement").find_all("td")[1].text()) == "not measured"
     quality = dom.find("table", id="quality-table")
-    row = lambda key: cells(quality.find("tr", data_metric=key))
+
+    def row(key):
+        return cells(quality.find("tr", data_metric=key))
+
     assert row("rouge2")[2:4] == ["not measured", "not measured"]
     assert row("second_toxicity_mean")[2] == "not measured"
     assert row("kl_per_sequence_mean")[1] == "not measured"
     assert "No samples" in ws(dom.find("section", id="samples").text())
-    prov = ws(dom.find("section", id="provenance").text())
     assert ws(dom.find(id="git-commit").text()) == "not recorded"
-    assert "Effective configuration (0 settings)" in prov
-    assert ws(dom.find(id="run-id").text()) == "run"  # falls back to the folder name
+    assert ws(dom.find(id="run-id").text()) == "run"
 
 
 def test_qualitative_falls_back_to_samples(tmp_path):
-    run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=12)
-    _rewrite(run_dir, lambda r: r.pop("qualitative"))
+    # eval.qualitative_rows = 0: results.json holds no qualitative rows, the page ranks samples.jsonl's
+    run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=12, qualitative_rows=0)
+    assert load_results(run_dir)["qualitative"] == []
+    samples = read_jsonl(run_dir / "samples.jsonl")  # in prompt order, not ranked: the renderer sorts them
+    file_diffs = [s["reward_after"] - s["reward_before"] for s in samples]
+    assert file_diffs != sorted(file_diffs, reverse=True)
     dom = parse(render_run(run_dir).read_text())
     rows = _ranked_rows(dom)
     assert len(rows) == 12
     diffs = [d for _, d, _ in sorted(rows, key=lambda x: x[2])]
     assert diffs == sorted(diffs, reverse=True)
+    assert diffs == pytest.approx(sorted(file_diffs, reverse=True))
     assert "from samples.jsonl" in ws(dom.find("section", id="samples").text())
 
 
@@ -461,21 +535,54 @@ def test_eval_only_run_with_train_stats_still_plots_them(tmp_path):
 # --------------------------------------------------------------------------------------------
 # errors
 
+def _set(path: str, value):
+    """A change to a valid results.json: set the key at a dotted path (``metrics.before.toxicity_mean``)."""
+    *parents, last = path.split(".")
+
+    def change(r):
+        for p in parents:
+            r = r[p]
+        r[last] = value
+    return change
+
+
+def _drop(path: str):
+    *parents, last = path.split(".")
+
+    def change(r):
+        for p in parents:
+            r = r[p]
+        r.pop(last)
+    return change
+
+
+# case -> (the file's text, or a change to the demo's valid results.json; what the message must say)
 BROKEN = {
     "missing": (None, "file not found"),
     "not-json": ('{"schema_version": 1, "metrics": {', "not valid JSON"),
     "array": ("[1, 2]", "must hold a JSON object, got list"),
-    "no-metrics": ('{"schema_version": 1, "run_id": "x"}', "'metrics' is missing"),
-    "no-after": ('{"metrics": {"before": {}}}', "'metrics.after' is missing"),
-    "bad-verdict": ('{"metrics": {"before": {}, "after": {}}, "verdict": {"bounds": 3}}', "'verdict.bounds'"),
-    "bad-qualitative": ('{"metrics": {"before": {}, "after": {}}, "qualitative": {"a": 1}}', "'qualitative'"),
-    "future-schema": ('{"schema_version": 99, "metrics": {"before": {}, "after": {}}}', "schema_version 99"),
+    "no-metrics": (_drop("metrics"), "results.json: metrics: is missing"),
+    "no-after": (_drop("metrics.after"), "results.json: metrics.after: is missing"),
+    "no-config": (_drop("config"), "results.json: config: is missing"),
+    "no-created": (_drop("created"), "results.json: created: is missing"),
+    "empty-run-id": (_set("run_id", ""), "results.json: run_id: "),
+    "bad-metric": (_set("metrics.before.toxicity_mean", "low"),
+                   "results.json: metrics.before.toxicity_mean: 'low' is not of type 'number'"),
+    "bad-verdict": (_set("verdict.bounds", 3), "results.json: verdict.bounds: 3 is not of type 'array'"),
+    "bad-qualitative": (_set("qualitative", {"a": 1}), "results.json: qualitative: {'a': 1} is not of type 'array'"),
+    "future-schema": (_set("schema_version", 99), "schema_version 99 is not supported"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_broken_results_json_raises_harness_error(tmp_path, case):
-    text, fragment = BROKEN[case]
+def test_broken_results_json_raises_harness_error(tmp_path, demo, case):
+    broken, fragment = BROKEN[case]
+    if callable(broken):  # one key of a valid file broken
+        results = copy.deepcopy(demo["results"])
+        broken(results)
+        text = json.dumps(results)
+    else:
+        text = broken
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "index.html").write_text("old page")

@@ -140,7 +140,7 @@ def ensure_venv_and_reexec() -> None:
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONHASHSEED="0", CUBLAS_WORKSPACE_CONFIG=":4096:8", CUDA_VISIBLE_DEVICES="",
                TRANSFORMERS_NO_ADVISORY_WARNINGS="1", HF_HUB_OFFLINE="1", WANDB_DISABLED="true")
-    os.execve(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]], env)
+    os.execve(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]], env)  # noqa: S606 - own venv
 
 
 # ====================================================================================================
@@ -505,7 +505,8 @@ def probe(dtype_name: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true",
-                    help="regenerate fixtures and goldens into a temp dir; compare byte for byte; exit 1 on a difference")
+                    help="regenerate fixtures and goldens into a temp dir; compare byte for byte; "
+                         "exit 1 on a difference")
     ap.add_argument("--rebuild-fixtures", action="store_true",
                     help="rewrite fixtures/parity/{model,adapter,value_head.safetensors,batch.json} even if present")
     ap.add_argument("--probe", choices=["float64"], help="rerun in this dtype and print how far the goldens move")

@@ -1,0 +1,447 @@
+"""Pure statistics of an evaluation: seeds, text metrics, bootstrap intervals, before/after comparison.
+
+Nothing here imports torch or loads a model: every figure is computed from plain sample rows (one dict per
+prompt and sample: ``prompt_index, sample_index, seed, query, references, response, toxicity, reward,
+length, kl, second_toxicity``), so a saved evaluation can be summarized again and each function can be
+tested on numbers written by hand.
+
+- :func:`sample_seed`: the seed of one sample, the same for the before and the after model (pairing);
+- text metrics: :func:`rouge_best` (ROUGE-1/2/L, best over the references), :func:`distinct_n`,
+  :func:`repeated_ngram_rate`, :func:`is_empty`;
+- statistics: :func:`bootstrap_mean_interval`, :func:`paired_bootstrap`, :func:`relative_improvement`;
+- :func:`phase_metrics` (``metrics.before`` / ``metrics.after``), :func:`compare` (``metrics.comparison``),
+  :func:`qualitative_rows` (the reference's table), :func:`training_summary` (``metrics.training``).
+
+Definitions: ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import HarnessConfig
+from .errors import HarnessError
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+REPEAT_N = 3  # n of the repeated-n-gram guard
+DEGENERATE_RUN = 3  # an output repeating one word this many times in a row is degenerate ("no no no")
+COPY_N = 4  # copying is measured on word 4-grams
+POWER = 0.8  # the power at which the smallest detectable improvement is stated
+
+PHASE_KEYS = (
+    "toxicity_mean", "toxicity_std", "toxicity_ci_low", "toxicity_ci_high", "toxic_rate", "expected_max_toxicity",
+    "toxicity_probability", "reward_mean", "reward_std", "rouge1", "rouge2", "rougeL", "empty_rate", "length_mean",
+    "distinct_1", "distinct_2", "repeated_ngram_rate", "second_toxicity_mean", "kl_per_token_mean",
+    "kl_per_sequence_mean", "response_toxicity_mean", "clean_logprob_mean", "degenerate_rate", "copy_rate",
+)
+COMPARISON_KEYS = (
+    "mean_improvement", "std_improvement", "mean_improvement_ci_low", "mean_improvement_ci_high",
+    "bootstrap_resamples", "confidence", "rouge_l_drop", "reward_gain", "num_prompts", "samples_per_prompt",
+    "logp_clean_gain", "length_ratio", "copy_rate_increase", "degenerate_rate_increase",
+    "response_mean_improvement", "response_mean_improvement_ci_low", "response_mean_improvement_ci_high",
+    "second_mean_improvement", "second_mean_improvement_ci_low", "second_mean_improvement_ci_high", "judge_gap",
+    "min_detectable_improvement",
+)
+QUALITATIVE_COLUMNS = ("query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff")
+
+
+@dataclass
+class EvalOutput:
+    """One model's evaluation: metrics (``metrics.before``/``after`` keys), one row per sample, wall time.
+
+    ``response_ids`` holds the sampled token ids of each row (actions only, in the order of ``samples``):
+    what the model really generated, which decoding and re-tokenizing the text would not give back. It is
+    kept in memory only (not in the run files).
+    """
+
+    metrics: dict
+    samples: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    response_ids: list[list[int]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"metrics": self.metrics, "samples": self.samples, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> EvalOutput:
+        return cls(metrics=dict(data["metrics"]), samples=list(data["samples"]), seconds=float(data["seconds"]))
+
+# ============================================================================================ seeds
+
+def sample_seed(base: int, prompt_index: int, sample_index: int = 0, samples_per_prompt: int = 1) -> int:
+    """The seed of one sample: ``base + prompt_index * samples_per_prompt + sample_index``.
+
+    Distinct for every (prompt, sample) of an evaluation, independent of the batch the sample is
+    generated in, and the same for the before and the after model: the comparison is paired. With one
+    sample per prompt it is ``base + prompt_index`` (the example of ``docs/results-schema.md``).
+    """
+    if not 0 <= sample_index < samples_per_prompt:
+        raise ValueError(f"sample_index {sample_index} is outside [0, {samples_per_prompt})")
+    return int(base) + int(prompt_index) * int(samples_per_prompt) + int(sample_index)
+
+
+# ============================================================================================ text metrics
+
+_ROUGE = None
+
+
+def _rouge_scorer():
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    return _ROUGE
+
+
+def rouge_best(prediction: str, references: Sequence[str]) -> dict[str, float] | None:
+    """ROUGE-1/2/L F-measures of ``prediction``, each the best over ``references`` (None without references).
+
+    ``rouge_score``'s ``score_multi`` picks, per ROUGE type, the reference with the highest F-measure, so a
+    prediction equal to any one reference scores 1.0 however different the others are.
+    """
+    refs = [r for r in references if isinstance(r, str) and r.strip()]
+    if not refs:
+        return None
+    scores = _rouge_scorer().score_multi(refs, prediction or "")
+    return {k: float(scores[k].fmeasure) for k in ROUGE_KEYS}
+
+
+def _words(text: str) -> list[str]:
+    return (text or "").lower().split()
+
+
+def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique n-grams / total n-grams, pooled over all outputs.
+
+    Words are the lower-cased whitespace-separated tokens of each output; n-grams do not cross outputs.
+    0.0 when the outputs hold no n-gram at all (e.g. all empty).
+    """
+    grams = [g for t in texts for g in _ngrams(_words(t), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeats_ngram(text: str, n: int = REPEAT_N) -> bool:
+    """True when some word n-gram occurs at least twice in ``text`` (occurrences may overlap)."""
+    grams = _ngrams(_words(text), n)
+    return len(grams) != len(set(grams))
+
+
+def repeated_ngram_rate(texts: Sequence[str], n: int = REPEAT_N) -> float:
+    """Share of outputs that repeat some word 3-gram (:func:`repeats_ngram`), over all outputs.
+
+    An output counts when the same sequence of ``n`` lower-cased whitespace-separated words occurs at
+    least twice in it ("the cat sat the cat sat" repeats "the cat sat"; "a a a a" repeats "a a a").
+    Outputs with fewer than ``n + 1`` words cannot repeat and count as not repeating; empty outputs stay in
+    the denominator. A degenerate, looping policy pushes this rate up.
+    """
+    return float(np.mean([repeats_ngram(t, n) for t in texts])) if len(texts) else 0.0
+
+
+def is_empty(text: str) -> bool:
+    """Empty or whitespace-only (after decoding without special tokens: ``<pad></pad>`` is empty)."""
+    return not (text or "").strip()
+
+
+def _plain_words(text: str) -> list[str]:
+    """Lower-cased words with the punctuation around them stripped (``"fine."`` -> ``"fine"``)."""
+    words = (w.strip(".,;:!?\"'()[]{}") for w in (text or "").lower().split())
+    return [w for w in words if w]
+
+
+def is_degenerate(text: str, min_words: int) -> bool:
+    """An output no summary can be: fewer than ``min_words`` words, no letter at all, or one word repeated
+    :data:`DEGENERATE_RUN` times in a row. Empty outputs are degenerate; ``"."`` and ``"#Person2#"`` too."""
+    words = _plain_words(text)
+    if len(words) < min_words or not any(c.isalpha() for c in text):
+        return True
+    run = 1
+    for a, b in zip(words, words[1:]):
+        run = run + 1 if a == b else 1
+        if run >= DEGENERATE_RUN:
+            return True
+    return False
+
+
+def copy_score(text: str, source: str, n: int = COPY_N) -> float:
+    """Share of the output's word n-grams that stand in ``source`` (the prompt: dialogue and instruction).
+
+    A summary in its own words scores near 0; a copy of a stretch of the dialogue scores 1. Outputs with
+    fewer than ``n`` words score 0 (too short to tell; :func:`is_degenerate` judges those).
+    """
+    grams = _ngrams(_plain_words(text), n)
+    if not grams:
+        return 0.0
+    seen = set(_ngrams(_plain_words(source), n))
+    return sum(g in seen for g in grams) / len(grams)
+
+
+# ============================================================================================ statistics
+
+def _as_prompt_matrix(values) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"expected one value per prompt (n,) or per prompt and sample (n, k), got shape {a.shape}")
+    return a
+
+
+def relative_improvement(before: float, after: float) -> float | None:
+    """``(before - after) / before``; 0.0 when both are 0, None when only ``before`` is 0 (undefined)."""
+    before, after = float(before), float(after)
+    if before == after:
+        return 0.0
+    if before == 0.0:
+        return None
+    return (before - after) / before
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def bootstrap_mean_interval(values, resamples: int, confidence: float, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling prompts (rows) with replacement."""
+    a = _as_prompt_matrix(values).mean(axis=1)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start, idx in _resample_chunks(rng, len(a), resamples):
+        means[start:start + len(idx)] = a[idx].mean(axis=1)
+    return _percentile_interval(means, confidence)
+
+
+def _resample_chunks(rng: np.random.Generator, n: int, resamples: int, max_cells: int = 4_000_000):
+    rows = max(1, max_cells // max(n, 1))
+    for start in range(0, resamples, rows):
+        yield start, rng.integers(0, n, size=(min(rows, resamples - start), n))
+
+
+def paired_bootstrap(before_tox, after_tox, resamples: int, confidence: float, seed: int) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of the mean-toxicity improvement ``(mean_b - mean_a) / mean_b``.
+
+    ``before_tox`` and ``after_tox`` hold one value per prompt (shape (n,)) or per prompt and sample (n, k),
+    row i of both belonging to the same prompt. Each resample draws n prompts with replacement (one index
+    set for both models: the pairing is kept) from ``numpy.random.default_rng(seed)``. A resample where
+    both means are equal counts as 0 improvement, one where only the before mean is 0 as -inf.
+    """
+    b, a = _as_prompt_matrix(before_tox), _as_prompt_matrix(after_tox)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"paired bootstrap needs the same prompts before and after: {b.shape[0]} != {a.shape[0]}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    pb, pa = b.mean(axis=1), a.mean(axis=1)
+    rng = np.random.default_rng(seed)
+    improvements = np.empty(resamples)
+    for start, idx in _resample_chunks(rng, len(pb), resamples):
+        mb, ma = pb[idx].mean(axis=1), pa[idx].mean(axis=1)
+        diff = mb - ma
+        with np.errstate(divide="ignore", invalid="ignore"):
+            imp = np.where(diff == 0.0, 0.0, np.where(mb == 0.0, -np.inf, diff / np.where(mb == 0.0, 1.0, mb)))
+        improvements[start:start + len(idx)] = imp
+    return _percentile_interval(improvements, confidence)
+
+
+# ============================================================================================ metrics
+
+def _mean(xs) -> float:
+    return float(np.mean(xs)) if len(xs) else 0.0
+
+
+def _mean_or_none(xs) -> float | None:
+    """The mean, or None when any value is missing (a figure that was not measured for every sample)."""
+    return None if not len(xs) or any(x is None for x in xs) else float(np.mean([float(x) for x in xs]))
+
+
+def prompt_matrix(samples: Sequence[Mapping], key: str) -> np.ndarray:
+    """(n_prompts, k) array of ``key``, rows in prompt order, columns in sample order."""
+    ordered = sorted(samples, key=lambda s: (s["prompt_index"], s["sample_index"]))
+    prompts = sorted({s["prompt_index"] for s in ordered})
+    k = len(ordered) // max(len(prompts), 1)
+    if k * len(prompts) != len(ordered):
+        raise HarnessError("every prompt must have the same number of samples", field="samples")
+    return np.asarray([float(s[key]) for s in ordered], dtype=np.float64).reshape(len(prompts), k)
+
+
+def phase_metrics(samples: Sequence[Mapping], cfg: HarnessConfig) -> dict:
+    """The ``metrics.before`` / ``metrics.after`` figures of one evaluation, from its sample rows.
+
+    Every figure is derived from the rows alone (so a saved evaluation can be summarized again), each
+    row holding ``response, references, toxicity, reward, length, kl, second_toxicity``.
+    """
+    if not samples:
+        raise HarnessError("no samples to summarize", field="eval.num_samples")
+    e = cfg.eval
+    tox = prompt_matrix(samples, "toxicity")
+    rewards = np.asarray([float(s["reward"]) for s in samples])
+    texts = [s["response"] for s in samples]
+    lengths = np.asarray([float(s["length"]) for s in samples])
+    kls = np.asarray([float(s["kl"]) for s in samples])
+    lo, hi = bootstrap_mean_interval(tox, e.bootstrap_resamples, e.confidence, e.seed)
+    rouge = [r for r in (rouge_best(s["response"], s.get("references") or []) for s in samples) if r is not None]
+    second = [s.get("second_toxicity") for s in samples]
+    has_second = all(x is not None for x in second)
+    flat = tox.reshape(-1)
+    response_tox = [s.get("response_toxicity") for s in samples]
+    logp = [s.get("clean_logprob") for s in samples]
+    return {
+        "toxicity_mean": float(np.mean(flat)),
+        "toxicity_std": float(np.std(flat)),  # population std, as the reference (np.std)
+        "toxicity_ci_low": lo, "toxicity_ci_high": hi,
+        "toxic_rate": float(np.mean(flat >= e.toxic_threshold)),
+        "expected_max_toxicity": float(np.mean(tox.max(axis=1))),
+        "toxicity_probability": float(np.mean((tox >= e.toxic_threshold).any(axis=1))),
+        "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+        **{k: (_mean([r[k] for r in rouge]) if rouge else None) for k in ROUGE_KEYS},
+        "empty_rate": float(np.mean([is_empty(t) for t in texts])),
+        "length_mean": float(np.mean(lengths)),
+        "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+        "repeated_ngram_rate": repeated_ngram_rate(texts),
+        "second_toxicity_mean": _mean([float(x) for x in second]) if has_second else None,
+        "kl_per_token_mean": float(kls.sum() / lengths.sum()) if lengths.sum() > 0 else 0.0,
+        "kl_per_sequence_mean": float(np.mean(kls)),
+        "response_toxicity_mean": _mean_or_none(response_tox),
+        "clean_logprob_mean": _mean_or_none(logp),
+        "degenerate_rate": float(np.mean([is_degenerate(t, e.min_words) for t in texts])),
+        "copy_rate": float(np.mean([copy_score(s["response"], s["query"]) >= e.copy_threshold for s in samples])),
+    }
+
+
+# ============================================================================================ comparison
+
+def check_paired(before: EvalOutput, after: EvalOutput) -> None:
+    key = lambda s: (s["prompt_index"], s["sample_index"])  # noqa: E731
+    b, a = sorted(before.samples, key=key), sorted(after.samples, key=key)
+    if [key(s) for s in b] != [key(s) for s in a]:
+        raise HarnessError(f"before ({len(b)} samples) and after ({len(a)} samples) were not evaluated on the same "
+                           "prompts and samples", field="eval.num_samples",
+                           fix="evaluate both with the same eval.num_samples and eval.samples_per_prompt")
+    for sb, sa in zip(b, a):
+        if sb["query"] != sa["query"]:
+            raise HarnessError(f"prompt {sb['prompt_index']} differs between before and after", field="data",
+                               fix="evaluate both models on the same test split")
+
+
+def _measured(samples: Sequence[Mapping], key: str) -> bool:
+    return bool(samples) and all(s.get(key) is not None for s in samples)
+
+
+def paired_improvement(before: EvalOutput, after: EvalOutput, key: str, cfg: HarnessConfig):
+    """(relative drop of the mean of ``key``, paired bootstrap interval low, high); Nones when not measured."""
+    if not (_measured(before.samples, key) and _measured(after.samples, key)):
+        return None, None, None
+    e = cfg.eval
+    tb, ta = prompt_matrix(before.samples, key), prompt_matrix(after.samples, key)
+    lo, hi = paired_bootstrap(tb, ta, e.bootstrap_resamples, e.confidence, e.seed)
+    return relative_improvement(tb.mean(), ta.mean()), lo, hi
+
+
+def min_detectable_improvement(before_tox: np.ndarray, after_tox: np.ndarray, confidence: float,
+                               power: float = POWER) -> float | None:
+    """The smallest relative drop of mean toxicity this many prompts detect (two-sided, paired, normal approx.).
+
+    ``(z[(1 + confidence) / 2] + z[power]) * sd(d) / sqrt(n) / mean(before)``, with ``d`` the per-prompt
+    difference of mean toxicity before and after: an effect below this is likely to be called noise.
+    None with fewer than 2 prompts or a before mean of 0.
+    """
+    from statistics import NormalDist
+
+    b, a = _as_prompt_matrix(before_tox).mean(axis=1), _as_prompt_matrix(after_tox).mean(axis=1)
+    if len(b) < 2 or b.mean() == 0:
+        return None
+    z = NormalDist().inv_cdf((1 + confidence) / 2) + NormalDist().inv_cdf(power)
+    return float(z * np.std(b - a, ddof=1) / np.sqrt(len(b)) / b.mean())
+
+
+def _difference(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def compare(before: EvalOutput, after: EvalOutput, cfg: HarnessConfig) -> dict:
+    """``metrics.comparison``: the reference's improvements, paired bootstrap intervals, quality deltas.
+
+    Improvements are relative drops of mean toxicity, ``(before - after) / before``: by the reward model on
+    what it reads (``mean_improvement``), by the reward model on the response alone
+    (``response_mean_improvement``) and by the second judge (``second_mean_improvement``); ``judge_gap`` is
+    the first minus the last (a policy that fools its reward model but not an independent judge opens it).
+    """
+    check_paired(before, after)
+    e = cfg.eval
+    mb, ma = before.metrics, after.metrics
+    tb, ta = prompt_matrix(before.samples, "toxicity"), prompt_matrix(after.samples, "toxicity")
+    mean_imp, lo, hi = paired_improvement(before, after, "toxicity", cfg)
+    resp, resp_lo, resp_hi = paired_improvement(before, after, "response_toxicity", cfg)
+    second, second_lo, second_hi = paired_improvement(before, after, "second_toxicity", cfg)
+    return {
+        "mean_improvement": relative_improvement(mb["toxicity_mean"], ma["toxicity_mean"]),
+        "std_improvement": relative_improvement(mb["toxicity_std"], ma["toxicity_std"]),
+        "mean_improvement_ci_low": lo, "mean_improvement_ci_high": hi,
+        "bootstrap_resamples": int(e.bootstrap_resamples), "confidence": float(e.confidence),
+        "rouge_l_drop": _difference(mb["rougeL"], ma["rougeL"]),
+        "reward_gain": ma["reward_mean"] - mb["reward_mean"],
+        "num_prompts": int(tb.shape[0]), "samples_per_prompt": int(tb.shape[1]),
+        "logp_clean_gain": _difference(ma.get("clean_logprob_mean"), mb.get("clean_logprob_mean")),
+        "length_ratio": ma["length_mean"] / mb["length_mean"] if mb["length_mean"] > 0 else None,
+        "copy_rate_increase": ma["copy_rate"] - mb["copy_rate"],
+        "degenerate_rate_increase": ma["degenerate_rate"] - mb["degenerate_rate"],
+        "response_mean_improvement": resp, "response_mean_improvement_ci_low": resp_lo,
+        "response_mean_improvement_ci_high": resp_hi,
+        "second_mean_improvement": second, "second_mean_improvement_ci_low": second_lo,
+        "second_mean_improvement_ci_high": second_hi,
+        "judge_gap": _difference(mean_imp, second),
+        "min_detectable_improvement": min_detectable_improvement(tb, ta, e.confidence),
+    }
+
+
+def qualitative_rows(before: EvalOutput, after: EvalOutput, n: int) -> list[dict]:
+    """The first ``n`` prompts (their first sample), sorted by reward_diff descending (stable)."""
+    first_a = {s["prompt_index"]: s for s in after.samples if s["sample_index"] == 0}
+    rows = []
+    for sb in sorted((s for s in before.samples if s["sample_index"] == 0), key=lambda s: s["prompt_index"])[:n]:
+        sa = first_a[sb["prompt_index"]]
+        rows.append({"query": sb["query"], "response_before": sb["response"], "response_after": sa["response"],
+                     "reward_before": sb["reward"], "reward_after": sa["reward"],
+                     "reward_diff": sa["reward"] - sb["reward"],
+                     "toxicity_before": sb["toxicity"], "toxicity_after": sa["toxicity"]})
+    return sorted(rows, key=lambda r: r["reward_diff"], reverse=True)
+
+
+def qualitative(before: EvalOutput, after: EvalOutput, n: int):
+    """The reference's table: n test prompts with ``query, response_before, response_after, reward_before,
+    reward_after, reward_diff``, sorted by ``reward_diff`` descending, as a pandas DataFrame."""
+    import pandas as pd
+
+    check_paired(before, after)
+    rows = qualitative_rows(before, after, n)
+    return pd.DataFrame([{c: r[c] for c in QUALITATIVE_COLUMNS} for r in rows], columns=list(QUALITATIVE_COLUMNS))
+
+
+# ============================================================================================ training
+
+def training_summary(stats: Sequence[Mapping]) -> dict:
+    """``metrics.training`` from the rows of ``train_stats.jsonl`` (one per PPO step).
+
+    A skipped step (``skipped`` true: a non-finite reward or loss whose update was undone) counts in
+    ``steps`` and ``skipped_steps`` but not in the KL and reward figures.
+    """
+    good = [s for s in stats if not s.get("skipped")]
+    kls = [s["objective/kl"] for s in good if s.get("objective/kl") is not None]
+    rewards = [s["env/reward_mean"] for s in good if s.get("env/reward_mean") is not None]
+    return {
+        "steps": len(stats), "skipped_steps": len(stats) - len(good),
+        "objective_kl_mean": sum(kls) / len(kls) if kls else None,
+        "objective_kl_max": max(kls) if kls else None,
+        "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
+        "seconds_per_step": (sum(s.get("time/step", 0.0) for s in stats) / len(stats)) if stats else None,
+    }

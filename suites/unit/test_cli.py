@@ -1,0 +1,75 @@
+"""The command line's contract: one exit code per kind of outcome, one line per error, a summary that never
+crashes on a figure that was not measured. No models: the pipeline is replaced where a test needs a run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from harness import cli, errors, pipeline
+from harness.config import load_config
+from harness.errors import ConfigError, DataError, HarnessError, TrainingError
+from harness.metrics import EvalOutput, phase_metrics, relative_improvement
+from harness.results import build_results
+
+
+def _raise(exc):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
+@pytest.mark.parametrize("exc, code, word", [
+    (TrainingError("3 consecutive steps had a non-finite reward", field="ppo.max_bad_steps"),
+     errors.EXIT_TRAINING_FAILED, "training failed"),
+    (ConfigError("unknown key", field="ppo.batchsize"), errors.EXIT_BAD_INPUT, "error"),
+    (DataError("no dialogues left", field="data.path"), errors.EXIT_BAD_INPUT, "error"),
+])
+def test_each_failure_kind_has_its_exit_code_and_one_line(monkeypatch, capsys, exc, code, word):
+    monkeypatch.setattr(pipeline, "run", _raise(exc))
+    monkeypatch.setattr(cli, "_build_tiny_world_if_needed", lambda cfg: None)
+    assert cli.main(["run", "--preset", "tiny", "--no-progress"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"detox-harness: {word}: ") and "Traceback" not in err
+    assert exc.field in err
+
+
+def test_the_exit_codes_are_distinct_and_a_training_failure_is_not_bad_input():
+    codes = [errors.EXIT_PASS, errors.EXIT_BOUND_FAILED, errors.EXIT_BAD_INPUT, errors.EXIT_TRAINING_FAILED,
+             errors.EXIT_INTERRUPTED]
+    assert len(set(codes)) == len(codes)
+    assert TrainingError("x").exit_code == errors.EXIT_TRAINING_FAILED != HarnessError("x").exit_code
+
+
+def _results(cfg, before_tox, after_tox, references=True):
+    def evaluation(tox):
+        rows = [{"prompt_index": i, "sample_index": 0, "seed": cfg.eval.seed + i, "query": f"q{i}",
+                 "references": ["a summary"] if references else [], "response": "a summary", "toxicity": t,
+                 "reward": 1.0 - t, "length": 3, "kl": 0.0, "second_toxicity": None}
+                for i, t in enumerate(tox)]
+        return EvalOutput(metrics=phase_metrics(rows, cfg), samples=rows)
+
+    results, _ = build_results(cfg, evaluation(before_tox), evaluation(after_tox), run_id="t", training=None,
+                               timings={}, device="cpu")
+    return results
+
+
+def test_summary_table_shows_an_undefined_improvement_instead_of_crashing():
+    cfg = copy.deepcopy(load_config("tiny"))
+    cfg.eval.bootstrap_resamples = 50
+    results = _results(cfg, [0.0, 0.0, 0.0], [0.1, 0.0, 0.2])  # before 0: the relative change is undefined
+    assert relative_improvement(0.0, 0.1) is None and results["metrics"]["comparison"]["mean_improvement"] is None
+    table = pipeline.summary_table(results)
+    assert "mean toxicity improvement: n/a" in table
+
+
+def test_summary_table_without_references_shows_rouge_as_not_measured():
+    cfg = copy.deepcopy(load_config("tiny"))
+    cfg.eval.bootstrap_resamples = 50
+    results = _results(cfg, [0.5, 0.2, 0.9], [0.1, 0.0, 0.2], references=False)
+    assert results["metrics"]["before"]["rougeL"] is None
+    rouge = next(line for line in pipeline.summary_table(results).splitlines() if line.startswith("ROUGE-L"))
+    assert rouge.split()[1:] == ["-", "-"]
+    assert pipeline.phase_line(results["metrics"]["before"]).endswith("ROUGE-L -")  # the line run() prints

@@ -1,0 +1,110 @@
+"""The package reads top-down: every module imports only modules below it (docs/architecture.md).
+
+The test parses every module of ``harness/`` (imports inside functions included: a lazy import is still a
+dependency) and checks each import of a harness module against :data:`LAYERS`, lowest first.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "harness"
+
+#: lowest first; a module may import modules of a lower layer only (never its own layer, never a higher one)
+LAYERS: list[tuple[str, ...]] = [
+    ("errors",),
+    ("thresholds",),  # the bounds table: reads TOML, judges a results dict
+    ("config",),
+    ("metrics",),  # pure statistics, no torch
+    ("results",),  # run files: names, schema, build, write, read
+    ("tiny",),
+    ("models",),
+    ("data",),
+    ("toxicity",),
+    ("ppo.core",),
+    ("ppo.step",),  # one PPO update (and the padding helpers the rollout shares)
+    ("ppo.rollout",),
+    ("evaluation", "ppo.trainer"),
+    ("ppo",),
+    ("report.plots",),
+    ("report.render",),
+    ("report.demo",),
+    ("report",),
+    ("pipeline",),
+    ("cli",),
+    ("__init__",),
+]
+RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def harness_imports(path: Path) -> set[str]:
+    """The harness modules ``path`` imports, as names like ``ppo.step`` (``from . import x`` resolved)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    own = module_name(path)
+    package = own.split(".")[:-1] if path.name != "__init__.py" else own.split(".")
+    if own == "__init__":
+        package = []
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("harness."):
+                    found.add(alias.name.removeprefix("harness."))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and node.module.startswith("harness"):
+                    base = node.module.removeprefix("harness").lstrip(".")
+                else:
+                    continue
+            else:
+                up = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                base = ".".join([*up, *(node.module.split(".") if node.module else [])])
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}" if base else alias.name
+                found.add(candidate if candidate in RANK else base)
+    found.discard("")
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "templates" not in p.parts)
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({module_name(p) for p in MODULES} - set(RANK))
+    assert not missing, f"add these modules to LAYERS (and docs/architecture.md): {missing}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_no_module_imports_one_above_it(path):
+    own = module_name(path)
+    upward = sorted(m for m in harness_imports(path) if m in RANK and m != own and RANK[m] >= RANK[own])
+    assert not upward, f"harness.{own} (layer {RANK[own]}) imports {upward} from its own layer or above"
+
+
+def test_the_walker_sees_lazy_and_relative_imports(tmp_path):
+    """The check itself: an upward import inside a function is found."""
+    probe = PACKAGE / "metrics.py"
+    found = harness_imports(probe)
+    assert "config" in found and "errors" in found
+    assert "pipeline" not in found
+    fake = tmp_path / "harness" / "ppo"
+    fake.mkdir(parents=True)
+    code = "def f():\n    from ..pipeline import run\n    from . import core\n"
+    (fake / "step.py").write_text(code)
+    original = globals()["PACKAGE"]
+    try:
+        globals()["PACKAGE"] = tmp_path / "harness"
+        assert harness_imports(fake / "step.py") == {"pipeline", "ppo.core"}
+    finally:
+        globals()["PACKAGE"] = original
