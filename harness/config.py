@@ -488,6 +488,16 @@ def validate_sampling(s: SamplingConfig, section: str, longest: int, longest_nam
            f"an integer in [0, {longest_name} = {longest}]")
     _check(s.top_k >= 0, f"{section}.top_k", s.top_k, "an integer >= 0 (0 = off)")
     _check(0.0 < s.top_p <= 1.0, f"{section}.top_p", s.top_p, "a number in (0, 1]")
+    # one distribution: PPO's log-probs and the KL are those of what was sampled. Temperature and the EOS
+    # ban are applied to both models' logits; a top-k / top-p filter cannot be (the reference's own filter
+    # gives a sampled token outside it probability 0, so the KL is infinite): refuse it.
+    _check(s.top_k == 0, f"{section}.top_k", s.top_k,
+           "0: top-k filtering would sample from another distribution than the one PPO's log-probs and the KL "
+           "to the reference are computed on (a token outside the reference's top-k has infinite KL); use "
+           "temperature to sharpen sampling")
+    _check(s.top_p == 1.0, f"{section}.top_p", s.top_p,
+           "1.0: nucleus filtering would sample from another distribution than the one PPO's log-probs and the "
+           "KL to the reference are computed on; use temperature to sharpen sampling")
     _check(s.temperature > 0, f"{section}.temperature", s.temperature, "a number > 0")
 
 

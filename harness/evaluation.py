@@ -63,8 +63,11 @@ def _kl_rows(vocab: int, length: int, batch: int) -> int:
     return max(1, min(batch, KL_CHUNK_BYTES // max(1, 4 * vocab * max(length, 1))))
 
 
-def sequence_kl(policy, queries: Sequence, responses: Sequence, chunk: int = 16) -> list[float]:
+def sequence_kl(policy, queries: Sequence, responses: Sequence, chunk: int = 16, distribution=None) -> list[float]:
     """Exact KL(policy || reference) of each response, summed over its generated tokens.
+
+    ``distribution`` (a :class:`harness.ppo.core.SampledDistribution`, the identity by default) is the one
+    the responses were sampled from: both models' logits are read through it (temperature, EOS ban).
 
     For every generated token t the KL of the two next-token distributions given the same prefix,
     ``sum_v p(v | prefix) * (log p(v | prefix) - log q(v | prefix))`` over the whole vocabulary (no
@@ -74,8 +77,10 @@ def sequence_kl(policy, queries: Sequence, responses: Sequence, chunk: int = 16)
     """
     import torch
 
+    from .ppo.core import SampledDistribution
     from .ppo.step import prepare_inputs
 
+    distribution = distribution or SampledDistribution()
     if not responses:
         return []
     tok = policy.tokenizer
@@ -91,8 +96,8 @@ def sequence_kl(policy, queries: Sequence, responses: Sequence, chunk: int = 16)
             for i in range(0, len(responses), rows):
                 inputs = prepare_inputs([torch.as_tensor(q) for q in queries[i:i + rows]], responses[i:i + rows],
                                         tok.pad_token_id, start, policy.device)
-                logits = policy.model(**inputs, return_dict=True).logits.float()[:, :-1]
-                ref = policy.reference_logits(**inputs)[:, :-1]
+                logits = distribution.apply(policy.model(**inputs, return_dict=True).logits.float()[:, :-1])
+                ref = distribution.apply(policy.reference_logits(**inputs).float()[:, :-1])
                 logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(ref, -1)
                 per_token = (logp.exp() * (logp - logq)).sum(-1)
                 mask = inputs["decoder_attention_mask"][:, 1:].to(per_token.dtype)
@@ -130,10 +135,12 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
     """
     import torch
 
+    from .ppo.core import SampledDistribution
     from .toxicity import reward_texts
 
     t0 = time.time()
     e = cfg.eval
+    distribution = SampledDistribution.of(e, policy.tokenizer.eos_token_id)
     rows = select_prompts(dataset, e.num_samples)
     k = e.samples_per_prompt
     queries_p, refs_p, ids_p = list(rows["query"]), _references(rows), _prompt_ids(rows, policy.tokenizer)
@@ -148,7 +155,7 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
         def on_batch(lo, hi, roll):
             if compute_kl:
                 kls.extend(sequence_kl(policy, [torch.as_tensor(x) for x in prompt_ids[lo:hi]], roll.responses,
-                                       chunk=e.batch_size))
+                                       chunk=e.batch_size, distribution=distribution))
             bar.update(hi - lo)
 
         if use_reference:

@@ -9,6 +9,8 @@ the whole step against TRL's numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,48 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 
 # ------------------------------------------------------------------------------------ log-probs
+
+@dataclass(frozen=True)
+class SampledDistribution:
+    """The next-token distribution a rollout samples from, as a transform of the model's logits.
+
+    Sampling divides the logits by ``temperature`` and bans EOS for the first ``min_new_tokens`` new
+    tokens (transformers' ``min_new_tokens``). PPO's log-probs, its KL to the reference and its entropy
+    must be those of the same distribution: :meth:`apply` turns decoder logits ``(B, T, V)``, where
+    position t predicts new token t, into the logits of that distribution. The identity by default.
+    A banned token gets the dtype's lowest finite value (probability 0 without NaN in the entropy); callers
+    pass float32 logits (``PolicyWithValueHead`` upcasts), where that value minus a log-sum-exp stays finite.
+    """
+
+    temperature: float = 1.0
+    min_new_tokens: int = 0
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"SampledDistribution: temperature must be > 0, got {self.temperature!r}")
+        if self.min_new_tokens and self.eos_token_id is None:
+            raise ValueError("SampledDistribution: min_new_tokens bans EOS, so it needs eos_token_id")
+
+    @classmethod
+    def of(cls, sampling, eos_token_id: int | None) -> SampledDistribution:
+        """From a config's sampling section (``temperature``, ``min_new_tokens``)."""
+        temperature = float(sampling.temperature) if sampling.do_sample else 1.0  # greedy ignores it
+        return cls(temperature, int(sampling.min_new_tokens), eos_token_id if sampling.min_new_tokens else None)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.temperature == 1.0 and not self.min_new_tokens
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.min_new_tokens:
+            banned = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
+            banned[:self.min_new_tokens, self.eos_token_id] = True
+            logits = logits.masked_fill(banned, torch.finfo(logits.dtype).min)
+        return logits
+
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, gather: bool = True) -> torch.Tensor:
     """log softmax of ``logits`` (B, T, V), gathered at ``labels`` (B, T) unless ``gather`` is False."""

@@ -73,7 +73,7 @@ class TRLQuirks:
     """TRL 0.11.4 behaviours the harness does not copy by default, each switchable for parity.
 
     All off is the harness; all on (:meth:`from_config` with ``ppo.trl_compat``) is TRL 0.11.4 number for
-    number (docs/ppo.md, "Where the harness deliberately differs", rows 1, 2, 3 and 10).
+    number (docs/ppo.md, "Where the harness deliberately differs", rows 1, 2, 3, 10 and 11).
 
     The object is mutable: ``clip_only_first_minibatch`` needs to remember whether this optimizer has
     clipped before, over its whole life, so the quirks belong to whoever owns the optimizer (a
@@ -89,6 +89,8 @@ class TRLQuirks:
     # row 3: ``max_grad_norm`` clips only the first optimizer step of the optimizer's life (TRL clips
     # with a one-shot ``filter()`` iterator, ppo_trainer.py:227 and 1105)
     clip_only_first_minibatch: bool = False
+    # row 11: log-probs, KL and entropy of the raw softmax, whatever distribution the rollout sampled from
+    unsampled_distribution: bool = False
     # state of the last one: an optimizer step of this optimizer has been clipped already
     clipped_once: bool = field(default=False, compare=False)
 
@@ -97,7 +99,7 @@ class TRLQuirks:
         """All quirks on with ``config.trl_compat``, all off otherwise."""
         on = bool(config.trl_compat)
         return cls(mask_first_action=on, leak_whitened_padding=on, zero_loss_adam_step_on_ratio_skip=on,
-                   clip_only_first_minibatch=on)
+                   clip_only_first_minibatch=on, unsampled_distribution=on)
 
     def clips(self, max_grad_norm: float | None) -> bool:
         """Whether the coming optimizer step clips its gradients."""
@@ -180,13 +182,16 @@ def response_mask(decoder_attention_mask: torch.Tensor, *, mask_first_action: bo
 def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
              scores: torch.Tensor, config: PPOConfig, *, pad_token_id: int, decoder_start_token_id: int,
              score_options: ScoreOptions = ScoreOptions(),
+             distribution: core.SampledDistribution = core.SampledDistribution(),
              orders: Iterator[Sequence[int]] | None = None) -> dict[str, float]:
     """Run one PPO step and return its statistics (TRL 0.11 names) as floats.
 
     ``scores`` are the classifier's rewards, one per response; ``score_options`` transforms them (with
     ``state.running``) into what PPO optimises. ``env/reward_*`` report them as given, ``ppo/*_scores``
-    as transformed. ``orders`` yields one row order per epoch (e.g. TRL's permutations, for replay);
-    by default they are drawn from torch's global RNG (see :func:`random_orders`).
+    as transformed. ``distribution`` is the one the responses were sampled from (temperature, the EOS
+    ban): log-probs, KL and entropy are computed on it (:class:`core.SampledDistribution`). ``orders``
+    yields one row order per epoch (e.g. TRL's permutations, for replay); by default they are drawn from
+    torch's global RNG (see :func:`random_orders`).
 
     A non-finite score, loss (e.g. from a NaN logit or value), gradient or updated weight skips the whole
     update: every trainable weight, the optimizer state, the running score moments and the quirks'
@@ -201,6 +206,9 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     raw = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     if not torch.isfinite(raw).all():
         return _skipped_stats(state.kl_ctl, raw, responses, reason="non-finite score", t0=t0)
+    if state.quirks.unsampled_distribution:
+        distribution = core.SampledDistribution()
+    _check_sampled(responses, distribution)
     running_before = state.running.state_dict()
     scores = score_options.apply(raw.to(policy.device), state.running)
 
@@ -209,7 +217,7 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     stats: dict[str, float] = {}
     with _timed(stats, "time/ppo/forward_pass"):
         old = old_outputs(policy, inputs, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
-                          mask_first_action=state.quirks.mask_first_action)
+                          mask_first_action=state.quirks.mask_first_action, distribution=distribution)
     with _timed(stats, "time/ppo/compute_rewards"):
         kls, rewards, non_score = kl_rewards(old, scores, config.kl_penalty, state.kl_ctl.value)
     old = replace(old, logits=None, ref_logits=None)  # (B, T, V) each: not needed past the KL
@@ -218,7 +226,7 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
 
     with _timed(stats, "time/ppo/optimize_step"):
         result = optimise(policy, state.optimizer, state.quirks, inputs, experience, config,
-                          orders if orders is not None else random_orders(len(queries)))
+                          orders if orders is not None else random_orders(len(queries)), distribution)
     if result.skip_reason is not None:
         state.running.load_state_dict(running_before)  # the score moments saw this batch: undo
         return _skipped_stats(state.kl_ctl, raw, responses, reason=result.skip_reason, t0=t0)
@@ -236,6 +244,18 @@ def _check_quirks(config: PPOConfig, quirks: TRLQuirks) -> None:
     if config.trl_compat and quirks != TRLQuirks.from_config(config):
         raise ValueError("ppo_step: config.trl_compat is on but the state's TRLQuirks are not all on; build the "
                          "state with PPOState.create(policy, config) or TRLQuirks.from_config(config)")
+
+
+def _check_sampled(responses: Sequence[torch.Tensor], distribution: core.SampledDistribution) -> None:
+    """A response holding EOS where ``distribution`` bans it was not sampled from it: refuse (its log-prob
+    would be a huge negative number, not an error)."""
+    m = distribution.min_new_tokens
+    if not m:
+        return
+    for i, r in enumerate(responses):
+        if (torch.as_tensor(r)[:m] == distribution.eos_token_id).any():
+            raise ValueError(f"ppo_step: response {i} holds EOS within its first {m} tokens, which the sampled "
+                             f"distribution bans (min_new_tokens={m}): it was not sampled from it")
 
 
 @contextlib.contextmanager
@@ -260,26 +280,28 @@ class OldOutputs:
 
 
 @torch.no_grad()
-def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_first_action: bool) -> OldOutputs:
-    """Forward passes of the policy and the reference in chunks of ``chunk`` rows."""
-    logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits)
+def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_first_action: bool,
+                distribution: core.SampledDistribution = core.SampledDistribution()) -> OldOutputs:
+    """Forward passes of the policy and the reference in chunks of ``chunk`` rows, both read as ``distribution``."""
+    logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits, distribution)
     ref_logprobs, _, ref_logits = _chunked_forward(lambda **part: (policy.reference_logits(**part), None),
-                                                   inputs, chunk, full_logits)
+                                                   inputs, chunk, full_logits, distribution)
     masks = response_mask(inputs["decoder_attention_mask"], mask_first_action=mask_first_action)
     return OldOutputs(logprobs, values, ref_logprobs, masks.to(logprobs.dtype), logits, ref_logits)
 
 
-def _chunked_forward(forward, inputs: dict, chunk: int, keep_logits: bool):
+def _chunked_forward(forward, inputs: dict, chunk: int, keep_logits: bool, distribution: core.SampledDistribution):
     """``forward(**part) -> (logits, values or None)`` over the rows in chunks: (log-probs, values, logits)."""
     all_logprobs, all_values, all_logits = [], [], []
     for i in range(math.ceil(inputs["input_ids"].shape[0] / chunk)):
         part = {k: v[i * chunk:(i + 1) * chunk] for k, v in inputs.items()}
         logits, values = forward(**part)
-        all_logprobs.append(core.logprobs_from_logits(logits[:, :-1, :], part["decoder_input_ids"][:, 1:]))
+        logits = distribution.apply(logits[:, :-1, :])
+        all_logprobs.append(core.logprobs_from_logits(logits, part["decoder_input_ids"][:, 1:]))
         if values is not None:
             all_values.append(values[:, :-1])
         if keep_logits:
-            all_logits.append(logits[:, :-1, :])
+            all_logits.append(logits)
     return (torch.cat(all_logprobs), torch.cat(all_values) if all_values else None,
             torch.cat(all_logits) if keep_logits else None)
 
@@ -332,7 +354,8 @@ class Optimisation:
 
 
 def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience,
-             config: PPOConfig, orders: Iterator[Sequence[int]]) -> Optimisation:
+             config: PPOConfig, orders: Iterator[Sequence[int]],
+             distribution: core.SampledDistribution = core.SampledDistribution()) -> Optimisation:
     """``config.ppo_epochs`` passes over the batch in mini-batches, one optimizer step per
     ``mini_batch_size x gradient_accumulation_steps`` rows; early stop after an epoch whose last mini-batch's
     policy KL passes ``1.5 x target_kl``.
@@ -343,7 +366,7 @@ def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs
     """
     snapshot = _snapshot(policy, optimizer, quirks)
     try:
-        done = _epochs(policy, optimizer, quirks, inputs, experience, config, orders)
+        done = _epochs(policy, optimizer, quirks, inputs, experience, config, orders, distribution)
     except BaseException:
         _restore(policy, optimizer, quirks, snapshot)
         raise
@@ -355,7 +378,7 @@ def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs
 
 
 def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
-            orders: Iterator[Sequence[int]]) -> Optimisation:
+            orders: Iterator[Sequence[int]], distribution: core.SampledDistribution) -> Optimisation:
     batch_size = inputs["input_ids"].shape[0]
     done = Optimisation([])
     backward_bs = config.mini_batch_size * config.gradient_accumulation_steps
@@ -363,7 +386,7 @@ def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Expe
         order = _next_order(orders, batch_size)
         for start in range(0, batch_size, backward_bs):
             stats, done.skip_reason = _optimizer_step(policy, optimizer, quirks, inputs, experience, config,
-                                                      order[start:start + backward_bs])
+                                                      order[start:start + backward_bs], distribution)
             done.minibatch_stats += stats
             if done.skip_reason:
                 return done
@@ -384,7 +407,7 @@ def _next_order(orders: Iterator[Sequence[int]], batch_size: int) -> torch.Tenso
 
 
 def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
-                    rows: torch.Tensor) -> tuple[list[dict], str | None]:
+                    rows: torch.Tensor, distribution: core.SampledDistribution) -> tuple[list[dict], str | None]:
     """Gradients of ``rows`` accumulated mini-batch by mini-batch, then one optimizer step.
 
     Returns the mini-batches' statistics and, if something was non-finite, the reason (nothing stepped).
@@ -395,7 +418,7 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
         idx = rows[start:start + config.mini_batch_size]
         part = {k: v[idx.to(v.device)] for k, v in inputs.items()}
         new_logits, vpreds = policy(**part)
-        new_logits = new_logits[:, :-1, :]
+        new_logits = distribution.apply(new_logits[:, :-1, :])
         new_logprobs = core.logprobs_from_logits(new_logits, part["decoder_input_ids"][:, 1:])
         loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, new_logits, vpreds[:, :-1],
                                                    experience.rows(idx.to(policy.device)), config)

@@ -30,6 +30,7 @@ from ..config import HarnessConfig
 from ..errors import HarnessError, TrainingError, first_line
 from ..results import CHECKPOINTS_DIR, TRAIN_STATS_FILE, append_jsonl, read_jsonl, write_jsonl
 from ..toxicity import Classifier, reward_texts
+from .core import SampledDistribution
 from .rollout import LengthSampler, generate
 from .step import PPOState, ScoreOptions, ppo_step, random_orders
 
@@ -68,6 +69,8 @@ class PPOTrainer:
         # optimizer, KL controller, score moments and TRL quirks: all carried from step to step and checkpointed
         self.ppo_state = PPOState.create(policy, cfg.ppo)
         self.score_options = ScoreOptions.from_reward_config(cfg.reward)
+        # PPO reads the log-probs of the distribution the rollout samples from (temperature, EOS ban)
+        self.distribution = SampledDistribution.of(cfg.rollout, policy.tokenizer.eos_token_id)
         self.step = 0
         self.bad_steps = 0
         self._stop_signal: int | None = None
@@ -110,7 +113,7 @@ class PPOTrainer:
         stats = ppo_step(self.policy, self.ppo_state, [torch.tensor(x) for x in rows["input_ids"]], roll.responses,
                          rewards, cfg.ppo, pad_token_id=tok.pad_token_id,
                          decoder_start_token_id=self.policy.config.decoder_start_token_id,
-                         score_options=self.score_options, orders=orders)
+                         score_options=self.score_options, distribution=self.distribution, orders=orders)
         stats["env/toxicity_mean"] = float(toxicity.mean())
         stats["env/empty_rate"] = float(sum(not s.strip() for s in roll.texts) / len(roll.texts))
         stats["time/rollout/generate"] = t_gen

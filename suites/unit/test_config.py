@@ -219,11 +219,11 @@ def test_rollout_and_eval_share_one_sampling_dataclass():
     for section in (RolloutConfig(), EvalConfig()):
         assert isinstance(section, SamplingConfig)
         assert list(section.sampling_kwargs()) == names
-    cfg = load_config("tiny", overrides=["rollout.top_k=7", "rollout.min_new_tokens=2", "eval.top_p=0.9",
+    cfg = load_config("tiny", overrides=["rollout.temperature=0.7", "rollout.min_new_tokens=2",
                                          "eval.temperature=0.5", "eval.do_sample=false"])
-    assert cfg.rollout.sampling_kwargs() == {"min_new_tokens": 2, "top_k": 7, "top_p": 1.0, "temperature": 1.0,
+    assert cfg.rollout.sampling_kwargs() == {"min_new_tokens": 2, "top_k": 0, "top_p": 1.0, "temperature": 0.7,
                                              "do_sample": True}
-    assert cfg.eval.sampling_kwargs() == {"min_new_tokens": 0, "top_k": 0, "top_p": 0.9, "temperature": 0.5,
+    assert cfg.eval.sampling_kwargs() == {"min_new_tokens": 0, "top_k": 0, "top_p": 1.0, "temperature": 0.5,
                                           "do_sample": False}
     params = inspect.signature(generate).parameters  # generate(..., **cfg.rollout.sampling_kwargs()) works
     assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in names)
@@ -236,6 +236,8 @@ def test_rollout_and_eval_share_one_sampling_dataclass():
     ("top_p=0", "a number in (0, 1]"),
     ("top_p=1.5", "a number in (0, 1]"),
     ("temperature=0", "a number > 0"),
+    ("top_k=5", "top-k filtering would sample from another distribution"),
+    ("top_p=0.9", "nucleus filtering would sample from another distribution"),
 ])
 def test_sampling_fields_are_validated_alike_in_both_sections(section, override, accepted):
     with pytest.raises(ConfigError) as e:
@@ -337,7 +339,7 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_effective_config_round_trips(tmp_path):
-    cfg = load_config("tiny", overrides=["ppo.steps=7", "seed=3", "output.run_id=2026", "rollout.top_k=5"])
+    cfg = load_config("tiny", overrides=["ppo.steps=7", "seed=3", "output.run_id=2026", "rollout.temperature=0.7"])
     cfg.save(tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again.to_dict() == cfg.to_dict()

@@ -106,13 +106,15 @@ def batch(tiny_t5_dir):
 
 
 def run_step(policy, batch, config: PPOConfig, state: PPOState | None = None, seed: int = 0, scores=None,
-             orders=None, score_options: ScoreOptions = ScoreOptions()) -> tuple[dict, PPOState]:
+             orders=None, score_options: ScoreOptions = ScoreOptions(),
+             distribution=None) -> tuple[dict, PPOState]:
     """One ``ppo_step`` on ``batch``; a fresh ``PPOState`` unless one is given. Returns (stats, state)."""
     queries, responses, default_scores = batch
     state = state or PPOState.create(policy, config)
     stats = ppo_step(policy, state, queries, responses, default_scores if scores is None else scores, config,
                      pad_token_id=policy.tokenizer.pad_token_id,
                      decoder_start_token_id=policy.config.decoder_start_token_id, score_options=score_options,
+                     **({} if distribution is None else {"distribution": distribution}),
                      orders=orders if orders is not None else random_orders(len(queries),
                                                                             torch.Generator().manual_seed(seed)))
     return stats, state
@@ -591,3 +593,86 @@ def test_count_parameters_of_the_reference_architecture():
     assert counts["total"] == REFERENCE_TOTAL
     assert round(counts["percent"], 2) == REFERENCE_PERCENT
     assert counts["value_head"] == REFERENCE_VALUE_HEAD
+
+
+# ------------------------------------------------------------------------------------ one distribution
+
+@pytest.mark.parametrize("temperature,min_new_tokens", [(0.6, 3), (1.7, 0), (1.0, 5)])
+def test_the_rollout_samples_exactly_the_distribution_ppo_reads(rollout_policy, temperature, min_new_tokens):
+    # each sampled token is argmax(logits' + Gumbel noise of its row seed), where logits' are what
+    # SampledDistribution makes of the model's logits: the Gumbel-max trick samples softmax(logits') exactly,
+    # so PPO's log-probs, KL and entropy (all read through SampledDistribution) are of what was sampled
+    from harness.ppo.core import SampledDistribution
+
+    tok, model = rollout_policy.tokenizer, rollout_policy.model
+    dist = SampledDistribution(temperature, min_new_tokens, tok.eos_token_id)
+    prompts, seeds = random_prompts(6, seed=11), [31 + i for i in range(6)]
+    roll = generate(model, tok, prompts, max_new_tokens=12, seeds=seeds, temperature=temperature,
+                    min_new_tokens=min_new_tokens)
+    inputs = prepare_inputs([torch.tensor(p) for p in prompts], roll.responses, tok.pad_token_id,
+                            rollout_policy.config.decoder_start_token_id, rollout_policy.device)
+    with torch.no_grad():
+        logits = dist.apply(model(**inputs).logits.float()[:, :-1])
+    banned_eos = 0
+    for i, (response, seed) in enumerate(zip(roll.responses, seeds)):
+        g = torch.Generator().manual_seed(seed)
+        for t, token in enumerate(response.tolist()):
+            u = torch.rand(logits.shape[-1], generator=g)
+            gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+            assert int((logits[i, t] + gumbel).argmax()) == token, f"row {i}, token {t}"
+            if t < min_new_tokens:
+                assert torch.log_softmax(logits[i, t], -1)[tok.eos_token_id].exp() == 0.0
+                banned_eos += 1
+    assert banned_eos == (6 * min(min_new_tokens, 12))
+
+
+def test_ppo_reads_log_probs_and_kl_of_the_sampled_distribution(tiny_t5_dir, batch):
+    from harness.ppo.core import SampledDistribution
+    from harness.ppo.step import old_outputs
+
+    policy = make_policy(tiny_t5_dir)
+    queries, responses, _ = batch
+    inputs = prepare_inputs(queries, responses, policy.tokenizer.pad_token_id, policy.config.decoder_start_token_id,
+                            policy.device)
+    dist = SampledDistribution(0.5, 2, policy.tokenizer.eos_token_id)
+    plain = old_outputs(policy, inputs, chunk=4, full_logits=True, mask_first_action=False)
+    read = old_outputs(policy, inputs, chunk=4, full_logits=True, mask_first_action=False, distribution=dist)
+    want = torch.log_softmax(dist.apply(policy_logits(policy, batch)[:, :-1]), -1)
+    labels = inputs["decoder_input_ids"][:, 1:]
+    assert torch.allclose(read.logprobs, want.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    assert not torch.allclose(read.logprobs, plain.logprobs, atol=1e-3)  # the temperature is really applied
+    assert torch.allclose(read.ref_logprobs, torch.log_softmax(dist.apply(reference_logits(policy, batch)[:, :-1]),
+                                                               -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1),
+                          atol=1e-5)
+
+
+
+@pytest.mark.parametrize("kl_penalty", ["kl", "full"])
+def test_a_step_under_the_eos_ban_is_finite_and_refuses_responses_it_could_not_have_sampled(tiny_t5_dir,
+                                                                                            kl_penalty):
+    from harness.ppo.core import SampledDistribution
+
+    policy = make_policy(tiny_t5_dir)
+    eos = policy.tokenizer.eos_token_id
+    dist = SampledDistribution(0.5, 3, eos)
+    prompts = random_prompts(BATCH, seed=21)
+    roll = generate(policy.model, policy.tokenizer, prompts, max_new_tokens=[2 + i % 6 for i in range(BATCH)],
+                    seeds=range(BATCH), temperature=0.5, min_new_tokens=3)
+    sampled = ([torch.tensor(p) for p in prompts], roll.responses, torch.linspace(-1.0, 1.0, BATCH))
+    stats, _ = run_step(policy, sampled, step_config(kl_penalty=kl_penalty), distribution=dist)
+    assert all(math.isfinite(v) for v in timeless(stats).values() if isinstance(v, float))
+    assert stats["skipped"] == 0.0
+    # a response with EOS where the distribution bans it was not sampled from it
+    planted = list(roll.responses)
+    planted[3] = torch.tensor([7, eos])
+    with pytest.raises(ValueError, match="response 3 holds EOS within its first 3 tokens"):
+        run_step(policy, (sampled[0], planted, sampled[2]), step_config(), distribution=dist)
+
+
+def test_trl_compat_reads_the_raw_softmax_whatever_was_sampled(tiny_t5_dir, batch):
+    from harness.ppo.core import SampledDistribution
+
+    config = step_config(trl_compat=True)
+    a, _ = run_step(make_policy(tiny_t5_dir), batch, config)
+    b, _ = run_step(make_policy(tiny_t5_dir), batch, config, distribution=SampledDistribution(0.5))
+    assert timeless(a) == timeless(b)
