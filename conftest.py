@@ -22,6 +22,9 @@ NO_CUDA_MESSAGE = ("--run-gpu was given but no CUDA device is available (torch.c
 def pytest_addoption(parser):
     parser.addoption("--run-gpu", action="store_true", default=False,
                      help="run tests marked gpu (real models on CUDA); fails if no CUDA device is available")
+    parser.addoption("--baseline", action="store", default=None, metavar="FILE",
+                     help="baseline file the suites compare their runs with (default for the tiny suite: the "
+                          "committed baselines/tiny.json; the GPU suite compares only when this is given)")
     parser.addoption("--report-dir", action="store", default=None,
                      help="where suites that run the harness write their run folders and HTML reports "
                           "(default: a temporary directory for the CPU suites, reports/pytest-gpu/ for the GPU "
@@ -36,6 +39,9 @@ def pytest_addoption(parser):
                     help="LoRA adapter directory to start from [$DETOX_POLICY_ADAPTER]")
     group.addoption("--reward-model", default=os.environ.get("DETOX_REWARD_MODEL"),
                     help="local directory (or hub id) replacing the preset's reward classifier [$DETOX_REWARD_MODEL]")
+    group.addoption("--second-classifier", default=os.environ.get("DETOX_SECOND_CLASSIFIER"),
+                    help="local directory (or hub id) replacing the preset's second judge, unitary/toxic-bert "
+                         "[$DETOX_SECOND_CLASSIFIER]")
     group.addoption("--data-path", default=os.environ.get("DETOX_DATA_PATH"),
                     help="local DialogSum file/directory (or hub id) replacing the preset's data [$DETOX_DATA_PATH]")
     group.addoption("--gpu-overrides", default="", help="extra space-separated key=value overrides for GPU runs")

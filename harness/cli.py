@@ -1,4 +1,4 @@
-"""``detox-harness``: run | eval | report | build-tiny | presets.
+"""``detox-harness``: run | baseline | eval | report | build-tiny | presets.
 
 Exit codes (the README's table): 0 every bound holds, 1 a bound failed, 2 usage or input errors (a one-line
 message naming the field and the fix, no traceback), 3 training failed (e.g. too many non-finite steps; the
@@ -20,6 +20,8 @@ EPILOG = """examples:
   detox-harness run --preset tiny --output reports/my-run --resume
   detox-harness eval --preset tiny --target reports/<run>/checkpoints/step-000030
   detox-harness report reports/<run>
+  detox-harness baseline --preset tiny --seeds 0,1,2    # writes baselines/tiny.json
+  detox-harness run --preset tiny --baseline baselines/tiny.json
 """
 
 
@@ -44,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--output", help="run directory (default: <output.dir>/<time>-<preset>-s<seed>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    run.add_argument("--baseline", metavar="FILE", help="also fail when a metric leaves this baseline's tolerance "
+                     "(e.g. baselines/tiny.json)")
+
+    base = sub.add_parser("baseline", help="run several seeds and write their metrics as a baseline file")
+    _add_config_args(base)
+    base.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2; at least 2)")
+    base.add_argument("--output", help="baseline file (default: baselines/<preset>.json)")
+    base.add_argument("--force-regen", action="store_true", help="rewrite an existing baseline file")
 
     ev = sub.add_parser("eval", help="evaluate a base model, an adapter directory or a checkpoint")
     _add_config_args(ev)
@@ -93,7 +103,7 @@ def cmd_run(args) -> int:
     from .thresholds import format_table
 
     cfg = _load(args)
-    outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress)
+    outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline)
     if outcome.interrupted:
         return outcome.exit_code
     print()
@@ -103,6 +113,11 @@ def cmd_run(args) -> int:
     failed = [b.name for b in outcome.bounds if not b.passed]
     if failed:
         print(f"failed bounds: {', '.join(failed)}")
+    if args.baseline:
+        from .baselines import format_checks
+
+        print()
+        print(format_checks(outcome.baseline_checks, args.baseline))
     print(f"\nresults: {outcome.run_dir / rf.RESULTS_FILE}")
     print(f"samples: {outcome.run_dir / rf.SAMPLES_FILE}")
     if outcome.report:
@@ -125,6 +140,33 @@ def cmd_eval(args) -> int:
 
         print(f"report:  {render_run(run_dir)}")
         render_index(run_dir.parent)
+    return EXIT_PASS
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise HarnessError(f"got {text!r}, accepted: two or more distinct integers >= 0, comma-separated",
+                           field="--seeds", fix="e.g. --seeds 0,1,2")
+    return seeds
+
+
+def cmd_baseline(args) -> int:
+    from .pipeline import make_baseline
+
+    seeds = _seeds(args.seeds)
+    cfg = _load(args)
+    output = Path(args.output or Path("baselines") / f"{cfg.preset}.json")
+    path, data = make_baseline(cfg, seeds, output, force_regen=args.force_regen, progress=not args.no_progress)
+    print(f"\nbaseline of seeds {', '.join(map(str, seeds))}: {path}")
+    rows = [(name, f"{m['mean']:.4g}", f"{m['spread']:.3g}", f"{m['tolerance']:.3g}")
+            for name, m in data["metrics"].items()]
+    widths = [max(len(r[i]) for r in rows + [("metric", "mean", "spread", "tolerance")]) for i in range(4)]
+    for r in [("metric", "mean", "spread", "tolerance")] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     return EXIT_PASS
 
 
@@ -159,8 +201,8 @@ def cmd_presets(args) -> int:
     return EXIT_PASS
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "build-tiny": cmd_build_tiny,
-            "presets": cmd_presets}
+COMMANDS = {"run": cmd_run, "baseline": cmd_baseline, "eval": cmd_eval, "report": cmd_report,
+            "build-tiny": cmd_build_tiny, "presets": cmd_presets}
 
 
 def _quiet_libraries(verbose: bool, progress: bool) -> None:

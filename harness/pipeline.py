@@ -31,6 +31,7 @@ class RunOutcome:
     passed: bool = True
     interrupted: bool = False
     report: Path | None = None
+    baseline_checks: list = field(default_factory=list)  # baselines.MetricCheck, with --baseline
 
     @property
     def exit_code(self) -> int:
@@ -106,14 +107,20 @@ def phase_line(m: dict) -> str:
 
 
 def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = False, progress: bool = True,
-        echo=print) -> RunOutcome:
-    """Run the whole job; returns the outcome (results, bounds, exit code)."""
+        echo=print, baseline: str | Path | None = None) -> RunOutcome:
+    """Run the whole job; returns the outcome (results, bounds, exit code).
+
+    ``baseline``: a baseline file (:mod:`harness.baselines`); the run then also fails when a guarded metric
+    leaves the baseline's tolerance. Its config is checked against the run's before anything runs.
+    """
+    from . import baselines
     from .evaluation import evaluate_policy, select_prompts
     from .models import count_parameters, format_parameter_count
     from .ppo.trainer import PPOTrainer
     from .thresholds import all_passed, verdict
 
     t_start = time.time()
+    base = baselines.load_baseline(baseline) if baseline is not None else None
     run_dir = resolve_run_dir(cfg, output, resume)
     if rf.is_finished(run_dir) and not resume:
         raise HarnessError("the run directory already holds a finished run", field="--output", value=str(run_dir),
@@ -128,6 +135,8 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
 
             cfg = config_from_dict(yaml.safe_load(saved.read_text()))
             echo(f"resuming {run_dir} with its saved config")
+    if base is not None:
+        baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
     cfg.save(run_dir / rf.CONFIG_FILE)
     inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size)
     device, policy, classifier, second, data = (inputs.device, inputs.policy, inputs.classifier, inputs.second,
@@ -176,8 +185,14 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
                                                "checkpoint": result.checkpoint})
     bounds = verdict(results, cfg.thresholds)
     results["verdict"] = {"passed": all_passed(bounds), "bounds": [b.to_dict() for b in bounds]}
+    checks = []
+    if base is not None:
+        checks = baselines.compare(results, base, baseline_name=str(baseline))
+        results["baseline"] = {"file": str(baseline), "passed": all(c.passed for c in checks),
+                               "seeds": base["seeds"], "checks": [c.to_dict() for c in checks]}
     rf.write_run_files(run_dir, results, samples)
-    outcome = RunOutcome(run_dir=run_dir, results=results, bounds=bounds, passed=all_passed(bounds))
+    outcome = RunOutcome(run_dir=run_dir, results=results, bounds=bounds,
+                         passed=all_passed(bounds) and all(c.passed for c in checks), baseline_checks=checks)
     if cfg.output.report:
         from .report import render_index, render_run
 
@@ -268,3 +283,29 @@ def summary_table(results: dict) -> str:
                  f"({confidence}% CI {_pct(c['mean_improvement_ci_low'])} .. {_pct(c['mean_improvement_ci_high'])}), "
                  f"std improvement: {_pct(c['std_improvement'])}")
     return "\n".join(lines)
+
+
+def make_baseline(cfg: HarnessConfig, seeds: list[int], output: str | Path, *, force_regen: bool = False,
+                  progress: bool = True, echo=print) -> tuple[Path, dict]:
+    """``detox-harness baseline``: one run per seed (into ``output.dir``), then the baseline file of them.
+
+    Refuses an existing ``output`` without ``force_regen`` before running anything.
+    """
+    from . import baselines
+
+    output = Path(output)
+    if output.exists() and not force_regen:
+        baselines.write_baseline(output, {}, force_regen=False)  # raises the "exists" error
+    runs = []
+    for seed in seeds:
+        seeded = copy.deepcopy(cfg)
+        seeded.seed = seed
+        seeded.output.run_id = None
+        run_dir = Path(seeded.output.dir) / f"{default_run_id(seeded)}-baseline"
+        echo(f"baseline: seed {seed} -> {run_dir}")
+        outcome = run(seeded, output=run_dir, progress=progress, echo=echo)
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        runs.append(outcome.results)
+    data = baselines.build_baseline(runs)
+    return baselines.write_baseline(output, data, force_regen=force_regen), data

@@ -47,7 +47,7 @@ SAMPLE_SCHEMA_FILE = SCHEMA_DIR / "sample.schema.json"
 SCHEMA_FIX = "see docs/results-schema.md"
 
 _RESERVED = {"schema_version", "run_id", "created", "preset", "config", "seeds", "environment", "timings", "metrics",
-             "qualitative", "verdict", "files"}
+             "qualitative", "verdict", "baseline", "files"}
 
 
 # ---------------------------------------------------------------------------------------------- schema

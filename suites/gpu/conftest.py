@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def gpu_overrides(config) -> list[str]:
     out = ["device=cuda"]
     for option, key in (("--policy-model", "policy.model"), ("--policy-adapter", "policy.adapter"),
-                        ("--reward-model", "reward.model"), ("--data-path", "data.path")):
+                        ("--reward-model", "reward.model"), ("--second-classifier", "eval.second_classifier"),
+                        ("--data-path", "data.path")):
         value = config.getoption(option)
         if value:
             out.append(f"{key}={value}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.baselines import compare, format_checks, load_baseline
 from harness.thresholds import load_bounds, verdict
 
 pytestmark = pytest.mark.gpu
@@ -26,3 +27,17 @@ def test_runs_in_bfloat16_on_cuda(gpu_run, pytestconfig):
     env = outcome.results["environment"]
     assert str(env["device"]).startswith("cuda")
     assert outcome.results["config"]["policy"]["dtype"] in ("auto", "bfloat16")
+
+
+def test_runs_stay_within_the_baseline(gpu_run, pytestconfig):
+    """With ``--baseline FILE`` (made by ``detox-harness baseline`` on the same runner), every case's guarded
+    metrics stay within its tolerance."""
+    path = pytestconfig.getoption("--baseline")
+    if not path:
+        pytest.skip("no --baseline FILE given")
+    baseline = load_baseline(path)
+    seeds = [int(s) for s in pytestconfig.getoption("--gpu-seeds").split(",") if s.strip()]
+    for seed in seeds:
+        outcome = gpu_run(baseline["preset"], seed)
+        checks = compare(outcome.results, baseline, baseline_name=path)
+        assert all(c.passed for c in checks), format_checks(checks, path)

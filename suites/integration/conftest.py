@@ -42,6 +42,14 @@ def report_dir(pytestconfig, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_baseline(pytestconfig) -> dict:
+    """``--baseline FILE``, else the committed ``baselines/tiny.json``."""
+    from harness.baselines import load_baseline
+
+    return load_baseline(pytestconfig.getoption("--baseline") or ROOT / "baselines" / "tiny.json")
+
+
+@pytest.fixture(scope="session")
 def tiny_run(report_dir):
     cache: dict[int, CliRun] = {}
 

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),
     ("metrics",),  # pure statistics, no torch
     ("results",),  # run files: names, schema, build, write, read
+    ("baselines",),  # metrics of honest seeds as a data file; a run compared with it
     ("tiny",),
     ("models",),
     ("data",),
