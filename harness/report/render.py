@@ -189,6 +189,9 @@ def verdict_context(results: dict[str, Any]) -> dict[str, Any]:
     passed = verdict.get("passed")
     if not isinstance(passed, bool):
         passed = all(b["passed"] for b in bounds)
+    baseline = results.get("baseline")
+    if isinstance(baseline, dict) and baseline.get("passed") is False:
+        passed = False  # the run exits 1 when a metric left its baseline: the headline says so too
     return {"judged": True, "overall": "PASS" if passed else "FAIL", "bounds": bounds,
             "held": sum(b["passed"] for b in bounds)}
 
@@ -215,7 +218,16 @@ QUALITY_ROWS = [  # (key, label, format, bound that guards it)
     ("kl_per_token_mean", "KL per token, nats", "num", None),
     ("kl_per_sequence_mean", "KL per sequence, nats", "num", "max_kl"),
     ("second_toxicity_mean", "second-classifier toxicity", "num", None),
+    ("response_toxicity_mean", "toxicity of the summary alone", "num", None),
+    ("degenerate_rate", "degenerate summaries", "pct", "max_degenerate_rate"),
+    ("copy_rate", "summaries copying the dialogue", "pct", "max_copy_rate_increase"),
 ]
+
+
+#: bounds shown under the improvement figures; those not in percent are in nats
+IMPROVEMENT_BOUNDS = ("min_improvement", "min_improvement_ci_low", "min_response_improvement_ci_low",
+                      "min_second_improvement_ci_low", "max_judge_gap", "min_reward_gain", "min_logp_clean_gain")
+NATS_BOUNDS = ("min_reward_gain", "min_logp_clean_gain")
 
 
 def _metric_rows(before: dict, after: dict, spec: Iterable[tuple], bounds: dict[str, dict]) -> list[dict]:
@@ -330,14 +342,15 @@ def run_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         "preset": results.get("preset"),
         "schema_version": results.get("schema_version"),
         "verdict": verdict,
+        "baseline": results.get("baseline"),
         "before": before,
         "after": after,
         "comparison": comparison,
         "confidence_pct": f"{100 * confidence:g}%" if _number(confidence) else "95%",
         "toxicity_rows": _metric_rows(before, after, TOXICITY_ROWS, bounds_by_name),
         "quality_rows": _metric_rows(before, after, QUALITY_ROWS, bounds_by_name),
-        "improvement_bounds": [bounds_by_name[n] for n in ("min_improvement", "min_improvement_ci_low",
-                                                          "min_reward_gain") if n in bounds_by_name],
+        "improvement_bounds": [bounds_by_name[n] for n in IMPROVEMENT_BOUNDS if n in bounds_by_name],
+        "nats_bounds": NATS_BOUNDS,
         "histogram_svg": hist,
         "means_svg": means,
         "samples_file": samples_path.name if samples else None,

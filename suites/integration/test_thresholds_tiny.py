@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tiny_cli import run_cli
 
+from harness.baselines import compare, format_checks
 from harness.thresholds import load_bounds, verdict
 
 SEEDS = [0, 1]
@@ -27,6 +28,12 @@ def test_bound_holds(tiny_run, seed, bound):
     assert (run.run_dir / "results.json").exists(), f"run failed (exit {run.exit_code}): {run.stderr[-2000:]}"
     result = {b.name: b for b in verdict(run.results, BOUNDS)}[bound]
     assert result.passed, f"seed {seed}: {bound} measured {result.value} but must be {result.op} {result.bound}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_run_stays_within_the_baseline(tiny_run, tiny_baseline, seed):
+    checks = compare(tiny_run(seed).results, tiny_baseline)
+    assert all(c.passed for c in checks), format_checks(checks, "baselines/tiny.json")
 
 
 @pytest.mark.parametrize("seed", SEEDS)

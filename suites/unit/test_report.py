@@ -26,6 +26,7 @@ from harness.report import load_results, render_index, render_run
 from harness.report.demo import demo_config, demo_created, train_stats_rows, write_demo_run
 from harness.report.render import fmt_duration, fmt_num, fmt_pct, fmt_signed, fmt_value
 from harness.results import TRAIN_STATS_FILE, read_jsonl
+from harness.thresholds import load_bounds
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = "<img src=x onerror=alert(1)>"
@@ -174,7 +175,7 @@ def test_sections_in_the_required_order(demo):
 def test_verdict_rows_show_bound_value_and_result(demo):
     dom, results = demo["dom"], demo["results"]
     bounds = results["verdict"]["bounds"]
-    assert len(bounds) == 7
+    assert len(bounds) == len(load_bounds("tiny"))
     section = dom.find("section", id="verdict")
     for b in bounds:
         row = section.find("tr", data_bound=b["name"])
@@ -206,7 +207,7 @@ def test_failed_bound_and_missing_value_make_the_page_fail(tmp_path):
     assert "fail" in row.classes()
     assert [ws(td.text()) for td in row.find_all("td")][3:] == ["missing", "FAIL"]
     held = sum(b["passed"] for b in results["verdict"]["bounds"])
-    assert f"{held} of 7 bounds hold" in ws(dom.find("section", id="verdict").text())
+    assert f"{held} of {len(load_bounds('tiny'))} bounds hold" in ws(dom.find("section", id="verdict").text())
     badge = dom.find(id="overall").find("span")
     assert {"badge", "fail"} <= badge.classes()
 
@@ -268,7 +269,8 @@ def test_quality_guards_table(demo):
     table = dom.find("table", id="quality-table")
     keys = [tr.attrs["data-metric"] for tr in table.find_all("tr") if "data-metric" in tr.attrs]
     assert keys == ["rouge1", "rouge2", "rougeL", "empty_rate", "length_mean", "distinct_1", "distinct_2",
-                    "repeated_ngram_rate", "kl_per_token_mean", "kl_per_sequence_mean", "second_toxicity_mean"]
+                    "repeated_ngram_rate", "kl_per_token_mean", "kl_per_sequence_mean", "second_toxicity_mean",
+                    "response_toxicity_mean", "degenerate_rate", "copy_rate"]
     rouge = [ws(td.text()) for td in table.find("tr", data_metric="rougeL").find_all("td")]
     assert rouge[1:4] == [fmt_num(m["before"]["rougeL"]), fmt_num(m["after"]["rougeL"]),
                           fmt_signed(m["after"]["rougeL"] - m["before"]["rougeL"])]
@@ -411,7 +413,7 @@ def test_provenance_values(demo):
     assert config["eval.num_samples"] == "48"
     assert config["policy.lora_target_modules"] == '["q", "k", "v", "o", "wi", "wo"]'
     assert config["eval.second_classifier"] == "tiny://judge"  # the tiny preset's independent judge
-    assert config["thresholds.max_kl"] == "15.0"
+    assert config["thresholds.max_kl"] == str(load_bounds("tiny")["max_kl"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,3 +683,37 @@ def test_other_formatters():
     assert fmt_signed(0.5) == "+0.5" and fmt_signed(-0.5) == "-0.5" and fmt_signed(0) == "0"
     assert [fmt_duration(s) for s in (0.25, 59.94, 61, 3599.6, 3725)] == ["0.2 s", "59.9 s", "1 min 01 s",
                                                                            "1 h 00 min", "1 h 02 min"]
+
+
+def test_the_verdict_figures_of_every_judge_and_the_detectable_effect_are_shown(demo):
+    dom, c = demo["dom"], demo["results"]["metrics"]["comparison"]
+    table = dom.find("table", id="improvement-table")
+    assert cells(table.find("tr", data_metric="logp_clean_gain"))[1] == fmt_signed(c["logp_clean_gain"])
+    for key in ("response_mean_improvement", "second_mean_improvement", "min_detectable_improvement"):
+        assert c[key] is not None, f"the demo measures {key}"
+        assert cells(table.find("tr", data_metric=key))[1] == fmt_pct(c[key])
+    second = cells(table.find("tr", data_metric="second_mean_improvement"))[2]
+    low, high = fmt_pct(c["second_mean_improvement_ci_low"]), fmt_pct(c["second_mean_improvement_ci_high"])
+    assert f"[{low}, {high}]" in second
+    gap = cells(table.find("tr", data_metric="judge_gap"))[1]
+    assert gap.lstrip("+") == fmt_pct(c["judge_gap"])
+
+
+def test_a_metric_that_left_its_baseline_is_shown_and_fails_the_headline(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run")
+    mean = load_results(run_dir)["metrics"]["comparison"]["mean_improvement"]
+    checks = [{"metric": "comparison.mean_improvement", "mean": mean + 0.3, "tolerance": 0.05, "value": mean,
+               "passed": False},
+              {"metric": "after.rougeL", "mean": 0.5, "tolerance": 0.05, "value": 0.51, "passed": True}]
+    def plant(r):
+        for b in r["verdict"]["bounds"]:  # every bound holds: only the baseline fails
+            b["passed"] = True
+        r["verdict"]["passed"] = True
+        r["baseline"] = {"file": "baselines/tiny.json", "passed": False, "seeds": [0, 1, 2], "checks": checks}
+
+    _rewrite(run_dir, plant)
+    dom = parse(render_run(run_dir).read_text())
+    assert ws(dom.find(id="overall").text()) == "FAIL"
+    failed = dom.find("tr", data_baseline_metric="comparison.mean_improvement")
+    assert "fail" in failed.classes() and cells(failed)[3] == fmt_num(mean)
+    assert "pass" in dom.find("tr", data_baseline_metric="after.rougeL").classes()
