@@ -1,8 +1,10 @@
 """``detox-harness``: run | baseline | eval | report | build-tiny | presets.
 
-Exit codes (the README's table): 0 every bound holds, 1 a bound failed, 2 usage or input errors (a one-line
-message naming the field and the fix, no traceback), 3 training failed (e.g. too many non-finite steps; the
-last good weights are saved), 130 interrupted (a checkpoint is saved).
+Exit codes (the README's table): 0 every bound holds, 1 a bound failed (or a metric left its baseline),
+2 bad input or environment (settings, data, models, paths, permissions, a full disk: a one-line message
+naming the field and the fix, no traceback), 3 training failed (e.g. too many non-finite steps; the last
+good weights are saved), 4 an unexpected exception (a bug: one line, the traceback in a log file),
+130 interrupted (a checkpoint is saved).
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import EXIT_INTERRUPTED, EXIT_PASS, HarnessError, TrainingError
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_PASS,
+    HarnessError,
+    TrainingError,
+    environment_fault,
+    first_line,
+)
 
 EPILOG = """examples:
   detox-harness run --preset tiny                      # the whole job on the offline tiny world
@@ -35,11 +45,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="settings, e.g. ppo.batch_size=32 policy.model=/path thresholds.max_kl=10")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("detox-harness")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detox-harness", description="Make a seq2seq summarizer less toxic "
                                      "with PPO, and prove it.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="evaluate before, train with PPO, evaluate after, verdict, report")
@@ -102,8 +122,13 @@ def cmd_run(args) -> int:
     from .pipeline import run, summary_table
     from .thresholds import format_table
 
+    if args.resume and args.config:
+        raise HarnessError("--resume continues a run with its saved config", field="--config",
+                           fix="drop --config (settings that may change on resume can be given as key=value)")
     cfg = _load(args)
-    outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline)
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline,
+                  overrides=overrides)
     if outcome.interrupted:
         return outcome.exit_code
     print()
@@ -237,6 +262,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("detox-harness: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # the machine refused: a path, a permission, a full disk (not the model's quality)
+        fault = environment_fault(e, f"detox-harness {args.command}")
+        print(f"detox-harness: error: {fault}", file=sys.stderr)
+        return fault.exit_code
+    except Exception as e:  # a bug: one line here, the traceback in a log file
+        notes = getattr(e, "__notes__", [])
+        trace = next((n.removeprefix("traceback: ") for n in notes if n.startswith("traceback: ")), None)
+        trace = trace or _write_traceback(e)
+        hint = next((n for n in notes if not n.startswith("traceback: ")), None)
+        print(f"detox-harness: internal error ({type(e).__name__}: {first_line(e)}); this is a bug, please report "
+              f"it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _write_traceback(exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a new file in the temporary directory and return its path."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="detox-harness-error-", suffix=".log", delete=False) as f:
+        f.write("".join(traceback.format_exception(exc)))
+    return f.name
 
 
 if __name__ == "__main__":

@@ -415,9 +415,12 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
         if not path.is_file():
             raise ConfigError("config file not found", field="--config", value=str(path))
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"not valid YAML: {e}".splitlines()[0], field="--config", value=str(path)) from e
+        except UnicodeDecodeError as e:
+            raise ConfigError("is not a text (UTF-8) YAML file", field="--config", value=str(path),
+                              fix="give the YAML file of settings") from e
         if not isinstance(data, dict):
             raise ConfigError("must hold a mapping of sections", field="--config", value=str(path))
         if "preset" in data and data["preset"] != preset:
@@ -425,11 +428,31 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
                               value=data["preset"], fix=f"pass --preset {data['preset']} or remove it from the file")
         data.pop("preset", None)
         _apply(cfg, data, str(path))
-    for text in overrides or []:
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: HarnessConfig, overrides: list[str]) -> HarnessConfig:
+    """``cfg`` with ``section.key=value`` settings applied (typed by the field, later wins), validated."""
+    for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), f"override '{text}'")
     validate(cfg)
     return cfg
+
+
+def changed_keys(a: HarnessConfig, b: HarnessConfig) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "thresholds":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
 def config_from_dict(data: dict[str, Any]) -> HarnessConfig:

@@ -12,6 +12,7 @@ EXIT_PASS = 0  # every bound holds
 EXIT_BOUND_FAILED = 1  # the run finished and a bound failed: a model regression
 EXIT_BAD_INPUT = 2  # bad settings, data, models or paths: nothing about the model's quality
 EXIT_TRAINING_FAILED = 3  # training could not go on (e.g. too many non-finite steps)
+EXIT_INTERNAL = 4  # an unexpected exception (a bug): one line on the terminal, the traceback in a log file
 EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM: a checkpoint was written, --resume continues
 
 
@@ -61,6 +62,30 @@ class DataError(HarnessError):
 
 class ModelLoadError(HarnessError):
     """A model, tokenizer or adapter cannot be found or does not fit the rest of the run."""
+
+
+class EnvironmentFault(HarnessError):
+    """The machine refused: a path that cannot be created or written, a full disk, a read-only file system."""
+
+
+def environment_fault(exc: BaseException, action: str) -> EnvironmentFault:
+    """One line for an OSError (or a library's "No space left on device") while ``action`` (e.g. "writing
+    checkpoints/step-000010"): what failed, why, and what to do."""
+    import errno as _errno
+
+    code = getattr(exc, "errno", None)
+    text = first_line(exc)
+    if code == _errno.ENOSPC or "no space left" in text.lower() or "os error 28" in text.lower():
+        why, fix = "no space left on the device", "free disk space"
+    elif code in (_errno.EROFS, _errno.EACCES, _errno.EPERM):
+        why, fix = f"not writable ({text})", "choose a writable directory or fix its permissions"
+    elif code == _errno.EEXIST or isinstance(exc, FileExistsError):
+        why, fix = f"a file is in the way ({text})", "give a directory path, or remove the file"
+    elif code == _errno.ENOENT:
+        why, fix = f"no such file or directory ({text})", "check the path"
+    else:
+        why, fix = text, "check the path, its permissions and the free space"
+    return EnvironmentFault(f"{action} failed: {why}", fix=fix)
 
 
 class TrainingError(HarnessError):

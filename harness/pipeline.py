@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,7 +18,14 @@ from pathlib import Path
 
 from . import results as rf
 from .config import HarnessConfig
-from .errors import EXIT_BOUND_FAILED, EXIT_INTERRUPTED, EXIT_PASS, HarnessError
+from .errors import (
+    EXIT_BOUND_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PASS,
+    EnvironmentFault,
+    HarnessError,
+    environment_fault,
+)
 from .metrics import EvalOutput, training_summary
 
 log = logging.getLogger(__name__)
@@ -106,39 +114,132 @@ def phase_line(m: dict) -> str:
             f"ROUGE-L {_fmt(m['rougeL'])}")
 
 
+#: settings ``--resume`` may change: they do not change what the finished run computes (``ppo.steps``
+#: extends or shortens it: each step's data and seeds depend on the step alone)
+RESUMABLE_KEYS = ("ppo.steps", "ppo.checkpoint_every", "output.report", "eval.batch_size", "reward.batch_size")
+
+
+def _has_started(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in (rf.CHECKPOINTS_DIR, rf.TRAIN_STATS_FILE, rf.BEFORE_FILE))
+
+
+def _resumed_config(run_dir: Path, overrides: list[str], echo) -> HarnessConfig:
+    """The saved config of ``run_dir`` with those ``overrides`` that may change on resume (others refused)."""
+    import yaml
+
+    from .config import apply_overrides, changed_keys, config_from_dict
+
+    saved = config_from_dict(yaml.safe_load((run_dir / rf.CONFIG_FILE).read_text()))
+    if not overrides:
+        echo(f"resuming {run_dir} with its saved config")
+        return saved
+    wanted = apply_overrides(copy.deepcopy(saved), overrides)
+    changed = changed_keys(saved, wanted)
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        raise HarnessError(f"--resume continues the run with its saved config; these settings would change what "
+                           f"it computes: {', '.join(refused)}", field="--resume",
+                           fix=f"drop them (resume may change only {', '.join(RESUMABLE_KEYS)}), or start a new "
+                               "run with another --output")
+    echo(f"resuming {run_dir} with its saved config" + (f", changing {', '.join(changed)}" if changed else ""))
+    return wanted
+
+
+def _resume_hint(cfg: HarnessConfig, run_dir: Path) -> str:
+    from .ppo.trainer import latest_checkpoint
+
+    last = latest_checkpoint(run_dir / rf.CHECKPOINTS_DIR)
+    where = f"last checkpoint {last}" if last else "no checkpoint yet"
+    return f"{where}; continue with: detox-harness run --preset {cfg.preset} --output {run_dir} --resume"
+
+
 def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = False, progress: bool = True,
-        echo=print, baseline: str | Path | None = None) -> RunOutcome:
+        echo=print, baseline: str | Path | None = None, overrides: list[str] | None = None) -> RunOutcome:
     """Run the whole job; returns the outcome (results, bounds, exit code).
 
     ``baseline``: a baseline file (:mod:`harness.baselines`); the run then also fails when a guarded metric
     leaves the baseline's tolerance. Its config is checked against the run's before anything runs.
+    ``resume``: continue ``output`` with its saved config; ``overrides`` (the command line's settings) may
+    change only :data:`RESUMABLE_KEYS`. Without ``resume``, a directory holding an unfinished run is refused.
+
+    A run directory this call created is removed again when the inputs fail to load (no stub is left). A
+    file-system fault (a path that cannot be written, a full disk) raises an :class:`EnvironmentFault` that
+    names the last checkpoint and the resume command; any other unexpected exception gets its traceback
+    written to the run's ``run.log`` (a note on the exception says where).
     """
+    from . import baselines
+
+    base = baselines.load_baseline(baseline) if baseline is not None else None
+    run_dir = resolve_run_dir(cfg, output, resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EnvironmentFault("is a file, not a directory", field="--output", value=str(run_dir),
+                               fix="give a directory path for the run")
+    if rf.is_finished(run_dir) and not resume:
+        raise HarnessError("the run directory already holds a finished run", field="--output", value=str(run_dir),
+                           fix="choose a new --output (or omit it for a fresh run id)")
+    if not resume and run_dir.is_dir() and _has_started(run_dir):
+        raise HarnessError("the run directory holds an unfinished run", field="--output", value=str(run_dir),
+                           fix="continue it with --resume, or choose a new --output")
+    if resume:
+        if not (run_dir / rf.CONFIG_FILE).is_file():
+            raise HarnessError("holds no run to resume (no config.yaml)", field="--output", value=str(run_dir),
+                               fix="give the directory of the interrupted run")
+        cfg = _resumed_config(run_dir, overrides or [], echo)
+    if base is not None:
+        baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
+    created = not run_dir.exists()
+    try:  # a path that cannot be written fails here, before minutes of loading
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise environment_fault(e, f"creating the run directory {run_dir}") from e
+    try:
+        inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size)
+    except BaseException:
+        if created:  # bad input leaves no stub directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    log_handler = _open_run_log(run_dir)
+    try:
+        return _run(cfg, run_dir, inputs, base, baseline, resume=resume, progress=progress, echo=echo)
+    except HarnessError as e:
+        if isinstance(e, EnvironmentFault):
+            raise EnvironmentFault(f"{e}; {_resume_hint(cfg, run_dir)}") from e
+        raise
+    except OSError as e:
+        fault = environment_fault(e, "the run")
+        raise EnvironmentFault(f"{fault}; {_resume_hint(cfg, run_dir)}") from e
+    except Exception as e:
+        log.error("the run failed with an unexpected exception", exc_info=True)
+        e.add_note(f"traceback: {log_handler.baseFilename}")
+        e.add_note(_resume_hint(cfg, run_dir))
+        raise
+    finally:
+        _close_run_log(log_handler)
+
+
+def _open_run_log(run_dir: Path) -> logging.FileHandler:
+    """Append the harness's warnings (and an unexpected traceback) to ``run_dir/run.log`` while the run lasts."""
+    handler = logging.FileHandler(run_dir / rf.LOG_FILE, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("harness").addHandler(handler)
+    return handler
+
+
+def _close_run_log(handler: logging.FileHandler) -> None:
+    logging.getLogger("harness").removeHandler(handler)
+    handler.close()
+
+
+def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *, resume: bool, progress: bool,
+         echo) -> RunOutcome:
     from . import baselines
     from .evaluation import evaluate_policy, select_prompts
     from .models import count_parameters, format_parameter_count
     from .ppo.trainer import PPOTrainer
     from .thresholds import all_passed, verdict
 
-    t_start = time.time()
-    base = baselines.load_baseline(baseline) if baseline is not None else None
-    run_dir = resolve_run_dir(cfg, output, resume)
-    if rf.is_finished(run_dir) and not resume:
-        raise HarnessError("the run directory already holds a finished run", field="--output", value=str(run_dir),
-                           fix="choose a new --output (or omit it for a fresh run id)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        saved = run_dir / rf.CONFIG_FILE
-        if saved.exists():
-            import yaml
-
-            from .config import config_from_dict
-
-            cfg = config_from_dict(yaml.safe_load(saved.read_text()))
-            echo(f"resuming {run_dir} with its saved config")
-    if base is not None:
-        baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
+    t_start = time.time() - inputs.seconds
     cfg.save(run_dir / rf.CONFIG_FILE)
-    inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size)
     device, policy, classifier, second, data = (inputs.device, inputs.policy, inputs.classifier, inputs.second,
                                                  inputs.data)
     timings: dict[str, float] = {"load_s": inputs.seconds}

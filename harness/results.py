@@ -38,6 +38,7 @@ RESULTS_FILE = "results.json"  # written last: its presence marks a finished run
 SAMPLES_FILE = "samples.jsonl"
 TRAIN_STATS_FILE = "train_stats.jsonl"
 CONFIG_FILE = "config.yaml"
+LOG_FILE = "run.log"  # warnings and, after an unexpected exception, its traceback
 BEFORE_FILE = "eval_before.json"  # the "before" evaluation, kept so that a resumed run does not redo it
 CHECKPOINTS_DIR = "checkpoints"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import HarnessConfig
-from ..errors import HarnessError, TrainingError, first_line
+from ..errors import HarnessError, TrainingError, environment_fault, first_line
 from ..results import CHECKPOINTS_DIR, TRAIN_STATS_FILE, append_jsonl, read_jsonl, write_jsonl
 from ..toxicity import Classifier, reward_texts
 from .core import SampledDistribution
@@ -230,6 +230,12 @@ class PPOTrainer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # safetensors reports a full disk as a plain Exception ("No space left on device (os error 28)")
+            if isinstance(e, OSError) or "os error" in str(e).lower():
+                raise environment_fault(e, f"writing the checkpoint {final.name}") from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from harness.config import DataConfig, PolicyConfig, PPOConfig, load_config
 from harness.data import build_prompts, normalize
-from harness.errors import HarnessError, ModelLoadError, TrainingError
+from harness.errors import EnvironmentFault, HarnessError, ModelLoadError, TrainingError
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "harness"
@@ -458,8 +458,10 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_directory(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(EnvironmentFault) as e:  # exit 2 with one line, not a traceback
         t.save_checkpoint()
+    assert "writing the checkpoint step-000000 failed: no space left on the device" in str(e.value)
+    assert isinstance(e.value.__cause__, OSError)
     assert list(t.ckpt_dir.iterdir()) == []
 
 

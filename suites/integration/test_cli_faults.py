@@ -1,0 +1,169 @@
+"""Faults a user meets, through the CLI (in-process): each exits with its code, prints one line (no
+traceback) and loses nothing already written. The exit-code table is the README's and harness/errors.py's.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_cli import run_cli
+
+from harness import results as rf
+from harness.config import load_config
+from harness.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
+
+pytestmark = pytest.mark.integration
+
+SHORT = ["--no-progress", "--no-report", "ppo.steps=4", "ppo.checkpoint_every=2", "eval.num_samples=16"]
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def out(report_dir) -> Path:
+    return report_dir / f"fault-{time.time_ns()}"
+
+
+def test_an_output_path_that_cannot_be_created_is_bad_input():
+    code, _, err = run_cli(["run", "--preset", "tiny", *SHORT, "output.dir=/proc/forbidden"])
+    assert code == EXIT_BAD_INPUT
+    assert "creating the run directory /proc/forbidden" in one_line(err)
+
+
+def test_an_output_that_is_a_file_is_refused_and_left_alone(out):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("my notes")
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    assert code == EXIT_BAD_INPUT and "--output" in one_line(err) and "is a file" in err
+    assert out.read_text() == "my notes"
+
+
+def test_a_binary_config_file_is_bad_input(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_bytes(bytes(range(256)))
+    code, _, err = run_cli(["run", "--preset", "tiny", "--config", str(path), *SHORT])
+    assert code == EXIT_BAD_INPUT and "--config" in one_line(err) and "not a text" in err
+
+
+def test_a_failed_input_leaves_no_stub_directory(out):
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT, "policy.model=/nonexistent/t5"])
+    assert code == EXIT_BAD_INPUT and "policy.model" in one_line(err)
+    assert not out.exists()
+
+
+def test_a_read_only_run_directory_is_bad_input_with_the_resume_command(out, monkeypatch):
+    # root ignores file modes, so the file system's refusal is planted where the run first writes
+    from harness.config import HarnessConfig
+
+    def read_only(self, path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(HarnessConfig, "save", read_only)
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "not writable" in line and "Read-only file system" in line
+    assert f"--output {out} --resume" in line
+
+
+def test_report_on_a_read_only_run_is_bad_input_and_keeps_its_files(tmp_path, monkeypatch):
+    from harness.report import render
+    from harness.report.demo import write_demo_run
+
+    run_dir = write_demo_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(render, "atomic_write_text", read_only)
+    code, _, err = run_cli(["report", str(run_dir)])
+    assert code == EXIT_BAD_INPUT and "not writable" in one_line(err)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_an_unexpected_exception_is_one_line_with_the_traceback_in_the_run_log(out, monkeypatch):
+    from harness import evaluation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(evaluation, "evaluate_policy", broken)
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    line = one_line(err)
+    assert code == EXIT_INTERNAL and "RuntimeError: planted bug" in line and "bug" in line
+    log = out / rf.LOG_FILE
+    assert str(log) in line
+    assert "Traceback" in log.read_text() and "planted bug" in log.read_text()
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_last_one_and_resuming_finishes(out, monkeypatch):
+    real_save = torch.save
+
+    def disk_full_at_step_4(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt") and "step-000004" in str(f):
+            raise Exception("No space left on device (os error 28)")  # as safetensors reports it
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "save", disk_full_at_step_4)
+        code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "no space left on the device" in line
+    assert "last checkpoint" in line and "step-000002" in line and f"--output {out} --resume" in line
+    kept = out / rf.CHECKPOINTS_DIR / "step-000002"
+    assert (kept / "trainer_state.json").is_file()
+    assert not [p for p in (out / rf.CHECKPOINTS_DIR).iterdir() if p.name != "step-000002"]  # no half-written one
+    assert len(rf.read_jsonl(out / rf.TRAIN_STATS_FILE)) == 4  # every finished step's statistics kept
+    # after freeing space: the run resumes from step 2 and finishes
+    code, stdout, err = run_cli(["run", "--preset", "tiny", "--output", str(out), "--resume", "--no-progress"])
+    assert code in (0, 1), err
+    assert "resumed from" in stdout and rf.is_finished(out)
+    assert [r["step"] for r in rf.read_jsonl(out / rf.TRAIN_STATS_FILE)] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ resume and --output
+
+@pytest.fixture
+def unfinished(out) -> Path:
+    """A run directory as an interrupted run leaves it: its config and a checkpoints folder."""
+    cfg = load_config("tiny", overrides=["ppo.steps=12", "eval.num_samples=16"])
+    out.mkdir(parents=True)
+    cfg.save(out / rf.CONFIG_FILE)
+    (out / rf.CHECKPOINTS_DIR).mkdir()
+    return out
+
+
+def test_output_on_an_unfinished_run_without_resume_is_refused(unfinished):
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(unfinished), "--no-progress"])
+    assert code == EXIT_BAD_INPUT and "unfinished run" in one_line(err) and "--resume" in err
+    assert (unfinished / rf.CHECKPOINTS_DIR).is_dir()
+
+
+@pytest.mark.parametrize("args", [["eval.num_samples=32"], ["ppo.learning_rate=1e-3", "ppo.steps=20"], ["--seed", "5"]])
+def test_resume_refuses_settings_that_change_the_run(unfinished, args):
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(unfinished), "--resume", "--no-progress",
+                            *args])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "--resume" in line
+    refused = [a.split("=")[0] for a in args if "=" in a and not a.startswith("ppo.steps")] or ["seed"]
+    assert all(key in line for key in refused)
+    assert "ppo.steps" not in line.split("would change")[1].split(";")[0]  # ppo.steps may change on resume
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"detox-harness {version('detox-harness')}"
