@@ -287,8 +287,12 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
     if cfg.max_rows:
         kept = kept[: cfg.max_rows]
     limit = prompt_token_limit(cfg, tokenizer)
+    from .models import quiet_libraries
+
     prompts = [make_prompt(cfg.prompt_template, r["dialogue"]) for r in kept]
-    full = tokenizer(prompts, truncation=False)["input_ids"]
+    with quiet_libraries():  # the harness truncates long rows itself and counts them (no "indexing errors" notice)
+        full = tokenizer(prompts, truncation=False)["input_ids"]
+        unknown = unknown_token_dialogues([r["dialogue"] for r in kept], tokenizer)
     truncated = sum(len(ids) > limit for ids in full)
     input_ids = [ids[:limit - 1] + [ids[-1]] if len(ids) > limit and tokenizer.eos_token_id == ids[-1]
                  else ids[:limit] for ids in full]
@@ -320,10 +324,48 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
                         field="eval.num_samples", fix="lower eval.num_samples or give more data")
     stats = {"rows_read": len(raw), "dialogues": len(rows), "kept": len(kept),
              "removed_by_length": len(rows) - len(filter_by_length(rows, cfg.min_chars, cfg.max_chars)),
-             "truncated_prompts": truncated, "max_prompt_tokens": limit, "train": len(train), "test": len(test)}
-    if truncated:
-        import logging
+             "truncated_prompts": truncated, "max_prompt_tokens": limit, "train": len(train), "test": len(test),
+             "unknown_token_dialogues": unknown}
+    import logging
 
+    if truncated:
         logging.getLogger(__name__).warning("%d of %d prompts were longer than %d tokens and were truncated",
                                             truncated, len(kept), limit)
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "%d of %d dialogues are mostly characters the policy's tokenizer cannot represent (emoji, another "
+            "script, ...): the policy reads them as unknown tokens, so their summaries cannot be judged fairly",
+            unknown, len(kept))
     return PromptData(train=train, test=test, stats=stats)
+
+
+#: a dialogue is "mostly unknown" when at least this share of its visible characters fall in unknown tokens
+UNKNOWN_SHARE = 0.5
+
+
+def unknown_token_dialogues(dialogues: list[str], tokenizer) -> int:
+    """How many dialogues tokenize to nothing, or have at least :data:`UNKNOWN_SHARE` of their visible
+    characters inside unknown tokens (a SentencePiece tokenizer folds a run of emoji into one ``<unk>``, so
+    characters are counted, not tokens; a slow tokenizer without offsets counts tokens)."""
+    unk = tokenizer.unk_token_id
+    special = set(tokenizer.all_special_ids) - ({unk} if unk is not None else set())
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(dialogues, add_special_tokens=False, return_offsets_mapping=fast)
+    count = 0
+    for i, ids in enumerate(enc["input_ids"]):
+        kept = [(j, t) for j, t in enumerate(ids) if t not in special]
+        if not kept:
+            count += 1
+            continue
+        if unk is None:
+            continue
+        if fast:
+            text = dialogues[i]
+            visible = sum(not c.isspace() for c in text) or 1
+            hidden = sum(sum(not c.isspace() for c in text[a:b]) for j, t in kept if t == unk
+                         for a, b in [enc["offset_mapping"][i][j]])
+            share = hidden / visible
+        else:
+            share = sum(t == unk for _, t in kept) / len(kept)
+        count += share >= UNKNOWN_SHARE
+    return count

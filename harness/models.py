@@ -71,6 +71,29 @@ def hub_offline():
             module.HF_HUB_OFFLINE = False
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Within this block transformers and huggingface_hub print errors only: no per-retry network warnings
+    (an offline machine prints twenty before the harness's own one-line error), no "sequence longer than the
+    model's maximum" notice for rows the harness truncates itself, no MISSING-weights table (the harness
+    checks and reports that itself). ``detox-harness -v`` keeps them."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger("harness").isEnabledFor(logging.INFO):  # --verbose
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    hub = logging.getLogger("huggingface_hub")
+    hub_level = hub.level
+    hf_logging.set_verbosity_error()
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hub.setLevel(hub_level)
+
+
 def _looks_local(location: str) -> bool:
     return location.startswith((".", "/", "~")) or os.path.exists(location)
 
@@ -95,7 +118,7 @@ def load_pretrained(cls, location: str, *, field: str, what: str, **kwargs):
     if offline() and not os.path.exists(resolved):
         kwargs.setdefault("local_files_only", True)
     try:
-        with hub_offline():
+        with hub_offline(), quiet_libraries():
             return cls.from_pretrained(resolved, **kwargs)
     except Exception as e:  # transformers, huggingface_hub and safetensors raise many types here
         detail = first_line(e)

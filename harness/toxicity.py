@@ -60,8 +60,18 @@ class Classifier:
 
         device = resolve_device(device) if isinstance(device, str) else device
         model_field = _model_field(field)
-        model = load_pretrained(AutoModelForSequenceClassification, location, field=model_field,
-                                what="sequence classifier", trust_remote_code=trust_remote_code)
+        # (load_pretrained keeps transformers' MISSING-weights table off the terminal: the error below says it)
+        model, info = load_pretrained(AutoModelForSequenceClassification, location, field=model_field,
+                                      what="sequence classifier", trust_remote_code=trust_remote_code,
+                                      output_loading_info=True)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        untrained = sorted(k for k in info.get("missing_keys") or [] if not (prefix and k.startswith(prefix + ".")))
+        if untrained:
+            raise ModelLoadError(f"is not a trained sequence classifier: {type(model).__name__}'s classification "
+                                 f"head would start from random weights ({len(untrained)} missing, e.g. "
+                                 f"{untrained[0]})", field=model_field, value=location,
+                                 fix="give a text classifier fine-tuned for toxicity (e.g. "
+                                     "facebook/roberta-hate-speech-dynabench-r4-target), not a base or seq2seq model")
         tokenizer = load_pretrained(AutoTokenizer, location, field=model_field, what="classifier tokenizer",
                                     trust_remote_code=trust_remote_code)
         return cls(model.to(device), tokenizer, label=label, toxic_label=toxic_label, batch_size=batch_size,

@@ -93,6 +93,28 @@ def test_empty_dialogue(tmp_path, corpus, t5_tokenizer, empty):
     assert "row 11" in msg and "'dialogue' is empty" in msg
 
 
+def test_dialogues_the_tokenizer_cannot_represent_are_counted_and_warned_about(tmp_path, corpus, t5_tokenizer,
+                                                                               caplog):
+    # emoji and CJK vanish into unknown tokens with the fixture tokenizer (a small SentencePiece model)
+    rows = [dict(r) for r in corpus["train"][:40]]
+    alien = {3: "#Person1#: " + "\U0001F600\U0001F621\U0001F92C\U0001F4A9 " * 30,
+             7: "#Person1#: " + "\u4f60\u597d\uff0c\u4eca\u5929\u600e\u4e48\u6837\uff1f " * 30,
+             11: "\U0001F600" * 250}
+    for i, text in alien.items():
+        rows[i]["dialogue"] = text
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with caplog.at_level("WARNING", logger="harness.data"):
+        data = build_prompts(data_cfg(path, min_chars=50, max_chars=5000), t5_tokenizer)
+    assert data.stats["unknown_token_dialogues"] == len(alien)
+    assert f"{len(alien)} of {data.stats['kept']} dialogues are mostly characters" in caplog.text
+    # and the clean corpus raises no such warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="harness.data"):
+        clean = build_prompts(data_cfg(write_jsonl(tmp_path / "clean.jsonl", corpus["train"][:40]), min_chars=50,
+                                       max_chars=5000), t5_tokenizer)
+    assert clean.stats["unknown_token_dialogues"] == 0 and "cannot represent" not in caplog.text
+
+
 def test_every_row_removed_by_the_length_filter_names_the_bounds(corpus_dir, t5_tokenizer):
     with pytest.raises(DataError) as e:
         build_prompts(data_cfg(corpus_dir, min_chars=5000, max_chars=9000), t5_tokenizer)
@@ -443,6 +465,26 @@ def test_second_classifier_errors_name_its_own_settings(tmp_path, t5_tokenizer):
     with pytest.raises(ModelLoadError) as e:
         Classifier.load(str(tmp_path / "nothing"), field="eval.second_classifier")
     one_line(e, "eval.second_classifier")
+
+
+@pytest.mark.parametrize("field", ["reward", "eval.second_classifier"])
+def test_a_seq2seq_model_given_as_a_classifier_is_refused_not_trained_with_a_random_head(tmp_path, t5_tokenizer,
+                                                                                         field, caplog):
+    # transformers loads a T5 directory as T5ForSequenceClassification with a random head and a MISSING
+    # table; following the label hint would train against noise. One line naming the field instead.
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from harness.toxicity import Classifier
+
+    d = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(t5_tokenizer), d_model=16, d_ff=32, d_kv=8, num_heads=2,
+                                        num_layers=1, decoder_start_token_id=0)).save_pretrained(d)
+    t5_tokenizer.save_pretrained(d)
+    with pytest.raises(ModelLoadError) as e:
+        Classifier.load(str(d), field=field)
+    msg = one_line(e, "reward.model" if field == "reward" else "eval.second_classifier")
+    assert "not a trained sequence classifier" in msg and "classification_head" in msg
+    assert "MISSING" not in caplog.text
 
 
 def test_classifier_directory_corrupt(tmp_path, t5_tokenizer):

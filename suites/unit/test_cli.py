@@ -73,3 +73,22 @@ def test_summary_table_without_references_shows_rouge_as_not_measured():
     rouge = next(line for line in pipeline.summary_table(results).splitlines() if line.startswith("ROUGE-L"))
     assert rouge.split()[1:] == ["-", "-"]
     assert pipeline.phase_line(results["metrics"]["before"]).endswith("ROUGE-L -")  # the line run() prints
+
+
+def test_library_noise_is_kept_off_the_terminal_while_models_load(caplog):
+    # offline, huggingface_hub warns on every retry (twenty lines before the harness's one-line error), and
+    # transformers notices rows longer than a model's limit that the harness truncates itself
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from harness.models import quiet_libraries
+
+    hub = logging.getLogger("huggingface_hub.utils._http")
+    with caplog.at_level(logging.WARNING):
+        with quiet_libraries():
+            hub.warning("Retrying in 1s [Retry 1/5]")
+            hf_logging.get_logger("transformers.tokenization_utils_base").warning("(539 > 512) indexing errors")
+        assert "Retry" not in caplog.text and "indexing errors" not in caplog.text
+        hub.warning("after the block: shown")
+    assert "after the block: shown" in caplog.text
