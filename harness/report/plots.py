@@ -67,20 +67,22 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def to_svg(fig: Figure, name: str, label: str) -> Markup:
+def to_svg(fig: Figure, name: str, label: str, uid: str | None = None) -> Markup:
     """Serialize ``fig`` to inline SVG markup.
 
-    ``name`` salts matplotlib's element ids so that several SVGs on one page never share an id;
-    ``label`` becomes the accessible name (``aria-label``) of the plot.
+    ``name`` becomes ``data-plot``; it (with ``uid`` when one page holds several plots of the same name)
+    salts matplotlib's element ids so that several SVGs on one page never share an id; ``label`` becomes
+    the accessible name (``aria-label``) of the plot.
     """
+    salt = f"{name}-{uid}" if uid else name
     buf = io.StringIO()
-    with matplotlib.rc_context({**_RC, "svg.hashsalt": f"detox-{name}"}):
+    with matplotlib.rc_context({**_RC, "svg.hashsalt": f"detox-{salt}"}):
         fig.savefig(buf, format="svg", metadata={"Date": None})
     text = _PROLOG.sub("", buf.getvalue(), count=1)
     text = _METADATA.sub("", text, count=1)
     # matplotlib numbers its ids per figure (figure_1, axes_1, ...): prefix them so that the SVGs on
     # one page never share an id, and keep every internal reference (clip paths, glyphs) pointing home
-    text = _ID_REF.sub(lambda m: f"{m.group(1)}{name}-{m.group(2)}", text)
+    text = _ID_REF.sub(lambda m: f"{m.group(1)}{salt}-{m.group(2)}", text)
     match = _SVG_OPEN.search(text)
     if match is None:  # pragma: no cover - matplotlib always writes an <svg> element
         raise RuntimeError("matplotlib wrote no <svg> element")
@@ -240,86 +242,127 @@ def _date_axis(ax, times: list[datetime]) -> None:
     ax.set_xlabel("run created (UTC)")
 
 
-def _errbar(ax, times, means, lows, highs, color, label, marker="o"):
+def _errbar(ax, times, means, lows, highs, color, label, marker="o") -> tuple[bool, bool]:
+    """Points with error bars; returns (anything drawn, any interval drawn)."""
     pts = [(t, m, lo, hi) for t, m, lo, hi in zip(times, means, lows, highs) if not math.isnan(m)]
     if not pts:
-        return False
+        return False, False
     t = [p[0] for p in pts]
     m = [p[1] for p in pts]
     lo = [p[1] - p[2] if not math.isnan(p[2]) else 0.0 for p in pts]
     hi = [p[3] - p[1] if not math.isnan(p[3]) else 0.0 for p in pts]
     ax.errorbar(t, m, yerr=[[max(x, 0.0) for x in lo], [max(x, 0.0) for x in hi]], color=color, marker=marker,
                 markersize=4, capsize=3, linewidth=1.3, label=label)
-    return True
+    intervals = any(not (math.isnan(p[2]) or math.isnan(p[3])) for p in pts)
+    return True, intervals
+
+
+def _bound_text(value: float, percent: bool) -> str:
+    return f"{100 * value:g}%" if percent else f"{value:g}"
+
+
+def _trend(name: str, svg: Markup, caption: list[str]) -> dict[str, Any]:
+    """A trend plot and its caption; the caption names only what the plot draws."""
+    return {"name": name, "svg": svg, "caption": "; ".join(caption) + "."}
+
+
+def _points(n: int) -> str:
+    return f"{n} run{'' if n == 1 else 's'}"
 
 
 @_styled
-def trend_toxicity(runs: Sequence[dict[str, Any]]) -> Markup | None:
-    """Mean toxicity before and after of each run (``runs`` oldest first, each with ``time`` and ``metrics``)."""
+def trend_toxicity(runs: Sequence[dict[str, Any]], *, uid: str | None = None,
+                   confidence: str = "95%") -> dict[str, Any] | None:
+    """Mean toxicity before and after of each run (``runs`` oldest first, each with ``time`` and ``metrics``).
+
+    Returns ``{"name", "svg", "caption"}`` (None when no run measured a mean).
+    """
     times = [r["time"] for r in runs]
     fig = _new_figure(4.2, 2.8)
     ax = fig.add_subplot()
-    drawn = False
-    for phase, color in (("before", BEFORE_COLOR), ("after", AFTER_COLOR)):
+    drawn, intervals, counts = [], False, []
+    for phase, color, colour_name in (("before", BEFORE_COLOR, "red"), ("after", AFTER_COLOR, "blue")):
         ms = [r["metrics"].get(phase) or {} for r in runs]
-        drawn |= _errbar(ax, times, [_as_float(m.get("toxicity_mean")) for m in ms],
-                         [_as_float(m.get("toxicity_ci_low")) for m in ms],
-                         [_as_float(m.get("toxicity_ci_high")) for m in ms], color, phase)
+        means = [_as_float(m.get("toxicity_mean")) for m in ms]
+        d, i = _errbar(ax, times, means, [_as_float(m.get("toxicity_ci_low")) for m in ms],
+                       [_as_float(m.get("toxicity_ci_high")) for m in ms], color, phase)
+        if d:
+            drawn.append(f"{phase} PPO ({colour_name})")
+            counts.append(sum(not math.isnan(v) for v in means))
+        intervals |= i
     if not drawn:
         return None
     _date_axis(ax, times)
     ax.set_ylabel("mean toxicity")
     ax.set_title("Mean toxicity per run")
     ax.legend(loc="best")
-    return to_svg(fig, "trend-toxicity", "Mean toxicity before and after PPO for each run")
+    caption = [f"Mean toxicity {' and '.join(drawn)}, one point per run ({_points(max(counts))}), by creation time"]
+    if intervals:
+        caption.append(f"bars: each run's {confidence} interval")
+    return _trend("trend-toxicity", to_svg(fig, "trend-toxicity", "Mean toxicity before and after PPO for each run",
+                                           uid), caption)
 
 
 @_styled
-def trend_improvement(runs: Sequence[dict[str, Any]], bound: float | None = None) -> Markup | None:
-    """Relative mean-toxicity improvement of each run with its bootstrap interval."""
+def trend_improvement(runs: Sequence[dict[str, Any]], bound: float | None = None, *, uid: str | None = None,
+                      bound_name: str = "min_improvement") -> dict[str, Any] | None:
+    """Relative mean-toxicity improvement of each run with its bootstrap interval (``bound``: a dashed line)."""
     times = [r["time"] for r in runs]
     cs = [r["metrics"].get("comparison") or {} for r in runs]
     fig = _new_figure(4.2, 2.8)
     ax = fig.add_subplot()
-    drawn = _errbar(ax, times, [_as_float(c.get("mean_improvement")) for c in cs],
-                    [_as_float(c.get("mean_improvement_ci_low")) for c in cs],
-                    [_as_float(c.get("mean_improvement_ci_high")) for c in cs], ACCENT_COLOR, "improvement")
+    means = [_as_float(c.get("mean_improvement")) for c in cs]
+    drawn, intervals = _errbar(ax, times, means, [_as_float(c.get("mean_improvement_ci_low")) for c in cs],
+                               [_as_float(c.get("mean_improvement_ci_high")) for c in cs], ACCENT_COLOR,
+                               "improvement")
     if not drawn:
         return None
+    caption = [f"Relative drop of mean toxicity, one point per run ({_points(sum(not math.isnan(v) for v in means))})"]
+    if intervals:
+        caption.append("bars: bootstrap intervals")
     if bound is not None and math.isfinite(bound):
         ax.axhline(bound, color=BOUND_COLOR, linestyle="--", linewidth=1, label="bound (newest run)")
+        caption.append(f"dashed line: the newest run's bound {bound_name} = {_bound_text(bound, True)}")
     ax.axhline(0.0, color="black", linewidth=0.6)
+    caption.append("thin black line: no change")
     _date_axis(ax, times)
     ax.set_ylabel("relative drop of mean toxicity")
     ax.set_title("Improvement per run")
     ax.legend(loc="best")
-    return to_svg(fig, "trend-improvement", "Relative improvement of mean toxicity for each run")
+    return _trend("trend-improvement", to_svg(fig, "trend-improvement",
+                                              "Relative improvement of mean toxicity for each run", uid), caption)
 
 
 @_styled
-def trend_kl(runs: Sequence[dict[str, Any]], bound: float | None = None) -> Markup | None:
-    """KL of each run: evaluation KL per sequence and mean training objective/kl."""
+def trend_kl(runs: Sequence[dict[str, Any]], bound: float | None = None, *, uid: str | None = None,
+             bound_name: str = "max_kl") -> dict[str, Any] | None:
+    """KL of each run: evaluation KL per sequence and mean training objective/kl (``bound``: a dashed line)."""
     times = [r["time"] for r in runs]
     fig = _new_figure(4.2, 2.8)
     ax = fig.add_subplot()
-    drawn = False
+    drawn = []
     series = (
-        (lambda m: (m.get("after") or {}).get("kl_per_sequence_mean"), AFTER_COLOR, "eval KL / sequence", "o"),
-        (lambda m: (m.get("training") or {}).get("objective_kl_mean"), ACCENT_COLOR, "train objective/kl", "s"),
+        (lambda m: (m.get("after") or {}).get("kl_per_sequence_mean"), AFTER_COLOR, "eval KL / sequence", "o",
+         "evaluation KL per sequence (circles)"),
+        (lambda m: (m.get("training") or {}).get("objective_kl_mean"), ACCENT_COLOR, "train objective/kl", "s",
+         "mean training objective/kl (squares)"),
     )
-    for get, color, label, marker in series:
+    for get, color, label, marker, words in series:
         values = [_as_float(get(r["metrics"])) for r in runs]
         pts = [(t, v) for t, v in zip(times, values) if not math.isnan(v)]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, markersize=4,
                     linewidth=1.3, label=label)
-            drawn = True
+            drawn.append(f"{words[:-1]}, {_points(len(pts))})")
     if not drawn:
         return None
+    caption = [f"KL from the reference model in nats, one point per run: {' and '.join(drawn)}"]
     if bound is not None and math.isfinite(bound):
         ax.axhline(bound, color=BOUND_COLOR, linestyle="--", linewidth=1, label="bound (newest run)")
+        caption.append(f"dashed line: the newest run's bound {bound_name} = {_bound_text(bound, False)}")
     _date_axis(ax, times)
     ax.set_ylabel("KL, nats")
     ax.set_title("KL per run")
     ax.legend(loc="best")
-    return to_svg(fig, "trend-kl", "KL divergence from the reference model for each run")
+    return _trend("trend-kl", to_svg(fig, "trend-kl", "KL divergence from the reference model for each run", uid),
+                  caption)

@@ -10,6 +10,7 @@ File formats: ``docs/results-schema.md``. Usage: ``docs/reports.md``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from datetime import datetime, timezone
@@ -40,6 +41,12 @@ QUALITATIVE_FALLBACK_ROWS = 40
 
 NOT_MEASURED = "not measured"
 
+#: a reward difference smaller than this (in absolute value) is no change: float noise of two scorings of
+#: (nearly) the same summary, never a gain or a loss
+REWARD_NOISE = 1e-4
+#: below this, :func:`fmt_num` writes scientific notation (four significant digits either way)
+SCIENTIFIC_BELOW = 1e-4
+
 
 # --------------------------------------------------------------------------------------------
 # reading: the run files' names, schema and readers live in harness.results
@@ -56,7 +63,13 @@ def _number(v: Any) -> bool:
 
 
 def fmt_num(v: Any, digits: int = 4) -> str:
-    """A number for a table cell: ``None`` -> "not measured", NaN -> "NaN", otherwise ``digits`` significant."""
+    """A number for a table cell: ``None`` -> "not measured", NaN -> "NaN", otherwise ``digits`` significant.
+
+    Every float gets the same number of significant digits, trailing zeros included (``0.9580``, ``12.30``),
+    so that a column reads consistently; integers stay integers, zero is ``0``, values from
+    ``10**digits`` on are whole numbers with thousands separators, and only magnitudes below
+    :data:`SCIENTIFIC_BELOW` use scientific notation (``1.230e-05``).
+    """
     if v is None:
         return NOT_MEASURED
     if isinstance(v, bool):
@@ -72,7 +85,12 @@ def fmt_num(v: Any, digits: int = 4) -> str:
             return "0"
         if abs(v) >= 10 ** digits:
             return f"{v:,.0f}"
-        return f"{v:.{digits}g}"
+        if abs(v) < SCIENTIFIC_BELOW:
+            return f"{v:.{digits - 1}e}"
+        text = f"{v:#.{digits}g}"
+        if "e" in text:  # rounded up to 10**digits (9999.7)
+            return f"{v:,.0f}"
+        return text.rstrip(".")
     return str(v)
 
 
@@ -81,6 +99,14 @@ def fmt_signed(v: Any, digits: int = 4) -> str:
     if _number(v) and math.isfinite(v) and v > 0:
         return "+" + text
     return text
+
+
+def fmt_diff(v: Any, digits: int = 4) -> str:
+    """A reward difference: below :data:`REWARD_NOISE` in absolute value it is no change ("0"), never noise
+    such as ``+2.384e-07``; otherwise signed, like :func:`fmt_signed`."""
+    if _number(v) and math.isfinite(v) and abs(v) < REWARD_NOISE:
+        return "0"
+    return fmt_signed(v, digits)
 
 
 def fmt_pct(v: Any, digits: int = 1) -> str:
@@ -125,7 +151,8 @@ def _env() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(num=fmt_num, signed=fmt_signed, pct=fmt_pct, duration=fmt_duration, value=fmt_value)
+    env.filters.update(num=fmt_num, signed=fmt_signed, diff=fmt_diff, pct=fmt_pct, duration=fmt_duration,
+                       value=fmt_value)
     env.tests.update(missing=is_missing)
     return env
 
@@ -195,6 +222,9 @@ def verdict_context(results: dict[str, Any]) -> dict[str, Any]:
     return {"judged": True, "overall": "PASS" if passed else "FAIL", "bounds": bounds,
             "held": sum(b["passed"] for b in bounds)}
 
+
+#: rows of TOXICITY_ROWS that need several samples per prompt: with one they repeat the mean and the toxic rate
+PER_PROMPT_ROWS = ("expected_max_toxicity", "toxicity_probability")
 
 TOXICITY_ROWS = [  # (key, label, format)
     ("toxicity_mean", "mean toxicity", "num"),
@@ -281,11 +311,27 @@ def qualitative_rows(results: dict[str, Any], samples: list[dict[str, Any]]) -> 
     return rows, source
 
 
-def split_qualitative(rows: list[dict], visible: int = QUALITATIVE_VISIBLE) -> dict[str, list[dict]]:
-    """Best ``visible`` rows, worst ``visible`` rows, and the rest (shown behind a disclosure element)."""
+def split_qualitative(rows: list[dict], visible: int = QUALITATIVE_VISIBLE,
+                       noise: float = REWARD_NOISE) -> dict[str, Any]:
+    """The largest real gains and losses, and the rest (shown behind a disclosure element).
+
+    ``rows`` are ranked best first. ``best`` holds at most ``visible`` rows whose reward rose by
+    ``noise`` or more, ``worst`` at most ``visible`` rows whose reward fell by ``noise`` or more (the
+    last such rows of the ranking); a smaller difference is no change and never listed as a gain or a
+    loss. With ``2 * visible`` rows or fewer, every row is in ``best`` ("all rows") and ``split`` is
+    False. ``rest`` keeps the ranking's order.
+    """
     if len(rows) <= 2 * visible:
-        return {"best": rows, "worst": [], "rest": []}
-    return {"best": rows[:visible], "worst": rows[-visible:], "rest": rows[visible:-visible]}
+        return {"split": False, "best": rows, "worst": [], "rest": [], "rest_ranks": None}
+    gains = [r for r in rows if r["reward_diff"] is not None and r["reward_diff"] >= noise]
+    losses = [r for r in rows if r["reward_diff"] is not None and r["reward_diff"] <= -noise]
+    best, worst = gains[:visible], losses[-visible:] if losses else []
+    shown = {id(r) for r in best + worst}
+    rest = [r for r in rows if id(r) not in shown]
+    ranks = [r["rank"] for r in rest]
+    contiguous = bool(ranks) and ranks == list(range(ranks[0], ranks[0] + len(ranks)))
+    return {"split": True, "best": best, "worst": worst, "rest": rest,
+            "rest_ranks": (ranks[0], ranks[-1]) if contiguous else None}
 
 
 def _training_context(results: dict[str, Any], stats: list[dict[str, Any]], stats_path: Path) -> dict[str, Any]:
@@ -316,8 +362,13 @@ def _parse_time(text: Any) -> datetime | None:
     return t.astimezone(timezone.utc)
 
 
-def run_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
-    """Everything the run template needs, from the run's files."""
+def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | None = None) -> dict[str, Any]:
+    """Everything the run template needs, from the run's files.
+
+    ``history_link``: whether the page links to ``../index.html`` (the history page); None: when that
+    page exists already. :func:`render_index` re-renders a page that lacks the link when it writes the
+    history page for the first time, so the first run of a reports folder links to it too.
+    """
     samples_path = run_file(run_dir, results, "samples", SAMPLES_FILE)
     stats_path = run_file(run_dir, results, "train_stats", TRAIN_STATS_FILE)
     samples = read_jsonl(samples_path, missing_ok=True)
@@ -336,6 +387,15 @@ def run_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     confidence = comparison.get("confidence")
     env = _lenient(results.get("environment"))
     created = results.get("created")
+    per_prompt = comparison.get("samples_per_prompt")
+    single_sample = _number(per_prompt) and per_prompt <= 1
+    toxicity_rows = _metric_rows(before, after, TOXICITY_ROWS, bounds_by_name)
+    hidden_rows = []
+    if single_sample:  # k = 1: the expected maximum is the mean, the probability of >= 1 toxic is the toxic rate
+        hidden_rows = [r for r in toxicity_rows if r["key"] in PER_PROMPT_ROWS]
+        toxicity_rows = [r for r in toxicity_rows if r["key"] not in PER_PROMPT_ROWS]
+    if history_link is None:
+        history_link = (run_dir.parent / PAGE).is_file()
     return {
         "run_id": str(results.get("run_id") or run_dir.name),
         "created": str(created) if created is not None else None,
@@ -347,7 +407,8 @@ def run_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         "after": after,
         "comparison": comparison,
         "confidence_pct": f"{100 * confidence:g}%" if _number(confidence) else "95%",
-        "toxicity_rows": _metric_rows(before, after, TOXICITY_ROWS, bounds_by_name),
+        "toxicity_rows": toxicity_rows,
+        "hidden_toxicity_rows": hidden_rows,
         "quality_rows": _metric_rows(before, after, QUALITY_ROWS, bounds_by_name),
         "improvement_bounds": [bounds_by_name[n] for n in IMPROVEMENT_BOUNDS if n in bounds_by_name],
         "nats_bounds": NATS_BOUNDS,
@@ -365,7 +426,8 @@ def run_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         "versions": env.get("versions") or {},
         "timings": results.get("timings") or {},
         "files": results.get("files") or {},
-        "history_link": (run_dir.parent / PAGE).is_file(),
+        "history_link": history_link,
+        "reward_noise": REWARD_NOISE,
     }
 
 
@@ -378,18 +440,46 @@ def write_atomic(path: Path, text: str) -> Path:
     return Path(path)
 
 
-def render_run_html(run_dir: str | Path) -> str:
-    """The HTML of a run's page (without writing it)."""
+def render_run_html(run_dir: str | Path, *, history_link: bool | None = None) -> str:
+    """The HTML of a run's page (without writing it); ``history_link`` as in :func:`run_context`."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    return environment().get_template("run.html.j2").render(**run_context(run_dir, results))
+    return environment().get_template("run.html.j2").render(**run_context(run_dir, results, history_link))
 
 
-def render_run(run_dir: str | Path) -> Path:
-    """Render ``run_dir/index.html`` from the run's files and return its path."""
+def render_run(run_dir: str | Path, *, history_link: bool | None = None) -> Path:
+    """Render ``run_dir/index.html`` from the run's files and return its path.
+
+    The page links to the history page ``../index.html`` when it exists (``history_link=None``), or
+    as ``history_link`` says; :func:`render_index` adds the link to pages rendered before it.
+    """
     run_dir = Path(run_dir)
-    html = render_run_html(run_dir)
+    html = render_run_html(run_dir, history_link=history_link)
     return write_atomic(run_dir / PAGE, html)
+
+
+#: config keys that never split a trend group: seeds (a history varies them on purpose), where the run
+#: was written, and the bounds (they judge the measurements, they do not change them)
+GROUP_IGNORED_PREFIXES = ("output", "thresholds")
+#: hex digits of the configuration hash that names a trend group
+GROUP_HASH_DIGITS = 8
+
+
+def _group_ignored(key: str) -> bool:
+    parts = key.split(".")
+    return parts[0] in GROUP_IGNORED_PREFIXES or parts[-1] in ("seed", "run_id")
+
+
+def group_settings(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings of a configuration that decide its trend group (:func:`config_hash`), flattened."""
+    return {k: v for k, v in flatten_config(config) if not _group_ignored(k)}
+
+
+def config_hash(config: dict[str, Any] | None) -> str:
+    """A short hash of the configuration minus seeds, ``output`` and ``thresholds``: runs that share it are
+    the same experiment repeated, so their figures make one trend."""
+    text = json.dumps(sorted(group_settings(config).items()), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:GROUP_HASH_DIGITS]
 
 
 def _index_row(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -401,6 +491,15 @@ def _index_row(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     if time is None:  # no usable "created": the file's modification time orders it
         time = datetime.fromtimestamp((run_dir / RESULTS_FILE).stat().st_mtime, tz=timezone.utc)
     commit = env.get("git_commit")
+    trained = isinstance(metrics.get("training"), dict)
+    if verdict["judged"] and trained:
+        why = None
+    elif trained:
+        why = "trained, not judged (no bounds)"
+    else:
+        why = "evaluation only (no training)" + ("" if verdict["judged"] else ", not judged")
+    target = results.get("target")
+    config = results.get("config") if isinstance(results.get("config"), dict) else {}
     return {
         "folder": run_dir.name,
         "href": quote(run_dir.name, safe="") + "/" + PAGE,
@@ -410,12 +509,18 @@ def _index_row(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         "when": time.strftime("%Y-%m-%d %H:%M UTC"),
         "preset": results.get("preset"),
         "verdict": verdict,
+        "judged": why is None,
+        "why_apart": why,
+        "target": str(target) if target else ("base model" if not trained and "target" in results else None),
         "metrics": metrics,
+        "group": config_hash(config),
+        "settings": group_settings(config),
         "before": metrics["before"].get("toxicity_mean"),
         "after": metrics["after"].get("toxicity_mean"),
         "improvement": (metrics.get("comparison") or {}).get("mean_improvement"),
         "improvement_ci": ((metrics.get("comparison") or {}).get("mean_improvement_ci_low"),
                            (metrics.get("comparison") or {}).get("mean_improvement_ci_high")),
+        "confidence": (metrics.get("comparison") or {}).get("confidence"),
         "kl": metrics["after"].get("kl_per_sequence_mean"),
         "train_kl": (metrics.get("training") or {}).get("objective_kl_mean"),
         "steps": (metrics.get("training") or {}).get("steps"),
@@ -437,43 +542,108 @@ def collect_runs(reports_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str
     return runs, broken
 
 
+def _group_trends(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trend plots of one group of judged runs; the bounds drawn are its newest run's."""
+    chronological = list(reversed(group["runs"]))
+    newest = group["runs"][0]
+    bounds = {b["name"]: b["bound"] for b in newest["verdict"]["bounds"]}
+    confidence = newest["confidence"]
+    uid = group["key"]
+    trends = [
+        plots.trend_toxicity(chronological, uid=uid,
+                             confidence=f"{100 * confidence:g}%" if _number(confidence) else "95%"),
+        plots.trend_improvement(chronological, _bound(bounds.get("min_improvement")), uid=uid),
+        plots.trend_kl(chronological, _bound(bounds.get("max_kl")), uid=uid),
+    ]
+    return [t for t in trends if t is not None]
+
+
+def _bound(v: Any) -> float | None:
+    return float(v) if _number(v) and math.isfinite(v) else None
+
+
+_UNSET = object()
+
+
+def group_differences(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings whose value differs between the groups (each group's newest run), in config order."""
+    if len(groups) < 2:
+        return []
+    keys: list[str] = []
+    for g in groups:
+        keys.extend(k for k in g["runs"][0]["settings"] if k not in keys)
+    rows = []
+    for k in keys:
+        values = [g["runs"][0]["settings"].get(k, _UNSET) for g in groups]
+        canonical = {None if v is _UNSET else json.dumps(v, sort_keys=True, default=str) for v in values}
+        if len(canonical) > 1:
+            rows.append({"key": k, "cells": [None if v is _UNSET else {"value": v} for v in values]})
+    return rows
+
+
+def index_context(reports_dir: Path, runs: list[dict[str, Any]], broken: list[dict[str, str]]) -> dict[str, Any]:
+    """What the history page shows: judged runs (headline, trends per configuration) apart from the others."""
+    judged = [r for r in runs if r["judged"]]
+    apart = [r for r in runs if not r["judged"]]
+    groups: dict[str, dict[str, Any]] = {}
+    for r in judged:  # newest first: the first group is the newest judged run's
+        g = groups.setdefault(r["group"], {"key": r["group"], "preset": r["preset"], "runs": []})
+        g["runs"].append(r)
+    ordered = list(groups.values())
+    for g in ordered:
+        g["trends"] = _group_trends(g)
+        g["first"], g["last"] = g["runs"][-1]["when"], g["runs"][0]["when"]
+    return {
+        "runs": runs,
+        "judged": judged,
+        "apart": apart,
+        "latest": judged[0] if judged else None,
+        "groups": ordered,
+        "differences": group_differences(ordered),
+        "multiple_groups": len(ordered) > 1,
+        "broken": broken,
+        "ignored_prefixes": GROUP_IGNORED_PREFIXES,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _links_history(page: Path) -> bool:
+    try:
+        return 'href="../index.html"' in page.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
 def render_index_html(reports_dir: str | Path, *, render_missing: bool = True) -> str:
     reports_dir = Path(reports_dir)
     if not reports_dir.is_dir():
         raise _err(reports_dir, "reports folder not found")
     runs, broken = collect_runs(reports_dir)
-    if render_missing:  # every row links to a page: render the ones that were never rendered
-        for r in runs:
-            page = reports_dir / r["folder"] / PAGE
-            r["has_page"] = page.is_file()
-            if not r["has_page"]:
-                try:
-                    render_run(reports_dir / r["folder"])
-                    r["has_page"] = True
-                except HarnessError as e:
-                    broken.append({"folder": r["folder"], "error": str(e)})
-    else:
-        for r in runs:
-            r["has_page"] = (reports_dir / r["folder"] / PAGE).is_file()
-    chronological = list(reversed(runs))
-    newest_bounds = {b["name"]: b["bound"] for b in runs[0]["verdict"]["bounds"]} if runs else {}
-    trends = []
-    if runs:
-        trends = [
-            plots.trend_toxicity(chronological),
-            plots.trend_improvement(chronological, newest_bounds.get("min_improvement")),
-            plots.trend_kl(chronological, newest_bounds.get("max_kl")),
-        ]
-    return environment().get_template("index.html.j2").render(
-        runs=runs, broken=broken, trends=[t for t in trends if t is not None],
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    first_index = not (reports_dir / PAGE).is_file()
+    for r in runs:
+        page = reports_dir / r["folder"] / PAGE
+        r["has_page"] = page.is_file()
+        # every row links to a page: render the ones that were never rendered; the first time the history
+        # page is written, pages rendered before it (the first run's) get their link to it
+        stale = r["has_page"] and first_index and not _links_history(page)
+        if render_missing and (not r["has_page"] or stale):
+            try:
+                render_run(reports_dir / r["folder"], history_link=True)
+                r["has_page"] = True
+            except HarnessError as e:
+                broken.append({"folder": r["folder"], "error": str(e)})
+    return environment().get_template("index.html.j2").render(**index_context(reports_dir, runs, broken))
 
 
 def render_index(reports_dir: str | Path, *, render_missing: bool = True) -> Path:
     """Write ``reports_dir/index.html``: every run folder with a results.json, newest first, with trends.
 
-    Run folders whose page was never rendered get it rendered first (``render_missing``), so that
-    every row links to a page; a folder with a broken results.json is listed apart, not fatal.
+    Judged training runs (a verdict and ``metrics.training``) make the headline, the runs table and the
+    trends, one set of trend plots per configuration (:func:`config_hash`); evaluation-only and unjudged
+    runs are listed in a table of their own. Run folders whose page was never rendered get it rendered
+    first (``render_missing``), so that every row links to a page, and when the history page is written
+    for the first time, pages rendered before it get their link to it; a folder with a broken
+    results.json is listed apart, not fatal.
     """
     reports_dir = Path(reports_dir)
     html = render_index_html(reports_dir, render_missing=render_missing)

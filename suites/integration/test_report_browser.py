@@ -10,6 +10,7 @@ Needs Debian's ``chromium`` (``apt-get install chromium``); skipped without it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.report import render_index, render_run
-from harness.report.demo import write_demo_run
+from harness.report.demo import demo_created, write_demo_run
 
 CHROMIUM = shutil.which("chromium")
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +135,8 @@ def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path):
     dom, messages = load(index, tmp_path)
     assert messages == [], "\n".join(messages)
     elements = _Elements(dom)
-    assert [a.get("href") for t, a in elements.elements if t == "a"] == [f"{run_dir.name}/index.html"]
+    links = {a.get("href") for t, a in elements.elements if t == "a" and not a.get("href", "").startswith("#")}
+    assert links == {f"{run_dir.name}/index.html"}
     assert {a.get("data-plot") for t, a in elements.elements if t == "svg"} == {
         "trend-toxicity", "trend-improvement", "trend-kl"}
     screenshot(index, SCREENSHOTS / "index.png", tmp_path)
@@ -151,3 +153,73 @@ def test_injected_markup_stays_text_in_chromium(tmp_path):
     elements = _Elements(dom)
     assert not [t for t, _ in elements.elements if t in ("script", "img")]
     assert payload in "".join(elements.text)  # shown to the reader as text
+
+
+# --------------------------------------------------------------------------------------------
+# a phone-sized window: 400 px wide
+
+# Measures the laid-out page and writes the result into the probe's DOM (``--dump-dom`` returns it). Headless
+# Chromium keeps its window at least 500 px wide, so the page is laid out in a 400 px wide ``srcdoc`` frame of a
+# probe page (a frame of the same origin: the script in it can write to the probe). The script goes into that
+# copy only: the pages themselves have no JavaScript.
+_MEASURE = """<script>
+(function () {
+  var vw = document.documentElement.clientWidth;
+  var out = {viewport: vw, page: document.documentElement.scrollWidth, tables: [], cut: []};
+  document.querySelectorAll("table").forEach(function (t) {
+    var box = t.closest(".scroll") || t.parentElement;
+    var overflow = getComputedStyle(box).overflowX;
+    var r = t.getBoundingClientRect(), b = box.getBoundingClientRect();
+    out.tables.push({table: t.id || t.className, fits: r.right <= b.right + 1,
+                     scrolls: overflow === "auto" || overflow === "scroll", box_right: b.right});
+  });
+  document.querySelectorAll("#verdict-table td").forEach(function (c) {
+    var r = c.getBoundingClientRect();
+    if (r.right > vw + 1 || r.left < -1) { out.cut.push(c.textContent.trim()); }
+  });
+  out.verdict_cells = document.querySelectorAll("#verdict-table td").length;
+  var pre = parent.document.createElement("pre");
+  pre.id = "layout";
+  pre.textContent = JSON.stringify(out);
+  parent.document.body.appendChild(pre);
+})();
+</script>"""
+
+
+def layout(page: Path, tmp_path: Path, width: int = 400) -> dict:
+    """The page's layout in a ``width``-px wide frame, measured by a script added to a copy of the page."""
+    import html as html_lib
+
+    framed = page.read_text().replace("</body>", _MEASURE + "</body>")
+    probe = page.with_name(f"layout-{width}-{page.name}")
+    probe.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>probe</title></head>'
+                     f'<body style="margin:0"><iframe style="width:{width}px;height:900px;border:0" '
+                     f'srcdoc="{html_lib.escape(framed, quote=True)}"></iframe></body></html>')
+    proc = chromium(probe, tmp_path, "--dump-dom", "--hide-scrollbars", "--window-size=800,1000")
+    assert console_messages(proc.stderr) == [], proc.stderr[-2000:]
+    match = re.search(r'<pre id="layout">(.*?)</pre>', proc.stdout, re.S)
+    assert match, proc.stdout[-2000:]
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">")
+                      .replace("&amp;", "&"))
+
+
+def test_pages_fit_a_400px_window(tmp_path):
+    # at 400 px nothing is cut off: the page never scrolls sideways, every table either fits its box or scrolls
+    # inside it, and the verdict table's rows wrap so that every cell of it is on screen
+    reports = tmp_path / "reports"
+    run_dir = write_demo_run(reports / "narrow", created=demo_created(20), num_samples=16, steps=5)
+    write_demo_run(reports / "narrow-eval", created=demo_created(21), num_samples=16, training=False, judged=False)
+    page = render_run(run_dir)
+    index = render_index(reports)
+    for p in (page, index):
+        m = layout(p, tmp_path)
+        assert m["viewport"] == 400, m
+        assert m["page"] <= m["viewport"], f"{p.name}: the page is {m['page']} px wide in a 400 px window"
+        assert m["tables"], m
+        for t in m["tables"]:
+            assert t["fits"] or t["scrolls"], f"{p.name}: table {t['table']} is cut off: {t}"
+            assert t["box_right"] <= m["viewport"] + 1, t
+    m = layout(page, tmp_path)
+    assert m["verdict_cells"] > 0 and m["cut"] == [], m["cut"]
+    verdict = [t for t in m["tables"] if t["table"] == "verdict-table"]
+    assert verdict and verdict[0]["fits"], verdict

@@ -24,7 +24,17 @@ import harness.ppo
 from harness.errors import HarnessError
 from harness.report import load_results, render_index, render_run
 from harness.report.demo import demo_config, demo_created, train_stats_rows, write_demo_run
-from harness.report.render import fmt_duration, fmt_num, fmt_pct, fmt_signed, fmt_value
+from harness.report.render import (
+    REWARD_NOISE,
+    config_hash,
+    flatten_config,
+    fmt_diff,
+    fmt_duration,
+    fmt_num,
+    fmt_pct,
+    fmt_signed,
+    fmt_value,
+)
 from harness.results import TRAIN_STATS_FILE, read_jsonl
 from harness.thresholds import load_bounds
 
@@ -344,25 +354,69 @@ def _ranked_rows(dom: Node):
             for tr in section.find_all("tr") if "data-rank" in tr.attrs]
 
 
+def _expected_split(diffs: list[float], visible: int = 5) -> tuple[list[int], list[int], list[int]]:
+    """Ranks (1-based) of the visible gains, the visible losses and the rest, from the diffs themselves."""
+    gains = [i + 1 for i, d in enumerate(diffs) if d >= REWARD_NOISE][:visible]
+    losses = [i + 1 for i, d in enumerate(diffs) if d <= -REWARD_NOISE][-visible:]
+    rest = [r for r in range(1, len(diffs) + 1) if r not in gains and r not in losses]
+    return gains, losses, rest
+
+
 def test_qualitative_best_and_worst_first_rest_in_details(tmp_path):
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
     # build_results writes the rows sorted by reward_diff, descending (the schema's rule)
     diffs = [q["reward_diff"] for q in load_results(run_dir)["qualitative"]]
     assert len(diffs) == 20 and diffs == sorted(diffs, reverse=True)
+    gains, losses, rest = _expected_split(diffs)
+    assert len(gains) == 5 and 0 < len(losses) < 5  # the demo's seed 3 has fewer real losses than rows shown
     dom = parse(render_run(run_dir).read_text())
     rows = _ranked_rows(dom)
     in_details = [any(a.tag == "details" for a in tr.ancestors()) for tr, _, _ in rows]
     ranks = [rank for _, _, rank in rows]
-    # document order: best 5, worst 5 (both visible), then ranks 6..15 behind <details>
-    assert ranks == [1, 2, 3, 4, 5, 16, 17, 18, 19, 20, *range(6, 16)]
-    assert in_details == [False] * 10 + [True] * 10
+    # document order: best 5, the real losses (both visible), then the rest behind <details>
+    assert ranks == gains + losses + rest
+    assert in_details == [False] * (len(gains) + len(losses)) + [True] * len(rest)
     by_rank = {rank: d for _, d, rank in rows}
     assert [by_rank[r] for r in range(1, 21)] == pytest.approx(diffs)
     # the displayed Δ reward is the first numeric cell of each row
     top = rows[0][0].find_all("td")
     assert ws(top[1].text()) == fmt_signed(diffs[0])
+    section = dom.find("section", id="samples")
+    assert ws(section.find("h3", id="worst-heading").text()) == f"Worst {len(losses)}"
     details = dom.find("details", id="more-samples")
-    assert "The other 10 rows (ranks 6–15)" in ws(details.find("summary").text())
+    assert f"The other {len(rest)} rows (ranks {rest[0]}–{rest[-1]})" in ws(details.find("summary").text())
+
+
+def test_worst_rows_are_real_losses_and_noise_is_no_change(tmp_path):
+    # float noise of two scorings of the same summary (+2.384e-07, some positive) is no change: it is never
+    # listed as a loss, and no Δ reward is written in scientific notation
+    run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
+    noise = [2.384e-07, 1.0e-07, -3.1e-07]
+
+    def add_noise(r):
+        rows = r["qualitative"]
+        losses = [i for i, q in enumerate(rows) if q["reward_diff"] < 0]
+        for q, d in zip(rows[losses[0] - len(noise):losses[0]], noise):  # just above the real losses: still sorted
+            q["reward_after"] = q["reward_before"] + d
+            q["reward_diff"] = d
+
+    results = _rewrite(run_dir, add_noise)
+    diffs = [q["reward_diff"] for q in results["qualitative"]]
+    assert sum(abs(d) < REWARD_NOISE for d in diffs) == len(noise)
+    gains, losses, rest = _expected_split(diffs)
+    dom = parse(render_run(run_dir).read_text())
+    assert ws(dom.find("h3", id="worst-heading").text()) == f"Worst {len(losses)}"
+    table = dom.find("table", id="worst-table")
+    shown = [(int(tr.attrs["data-rank"]), float(tr.attrs["data-reward-diff"]))
+             for tr in table.find_all("tr") if "data-rank" in tr.attrs]
+    assert [rank for rank, _ in shown] == losses
+    assert shown and all(d <= -REWARD_NOISE for _, d in shown)
+    assert "Largest reward losses" in ws(table.text())
+    rows = {rank: tr for tr, _, rank in _ranked_rows(dom)}
+    for rank, d in enumerate(diffs, 1):
+        text = ws(rows[rank].find_all("td")[1].text())
+        assert text == ("0" if abs(d) < REWARD_NOISE else fmt_signed(d)), (rank, d, text)
+        assert not re.search(r"\de[-+]?\d", text), text
 
 
 def test_qualitative_rows_out_of_order_are_refused(tmp_path):
@@ -435,7 +489,8 @@ def test_model_output_and_config_strings_are_escaped(demo):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in html
     # shown as text where it belongs: the best row's summary after, the worst row's summary before ...
     rows = _ranked_rows(dom)
-    best, worst = rows[0][0].find_all("td"), rows[9][0].find_all("td")
+    best = rows[0][0].find_all("td")
+    worst = max(rows, key=lambda r: r[2])[0].find_all("td")  # the last rank: the largest loss
     assert PAYLOAD in best[6].text() and PAYLOAD in best[4].text()
     assert worst[5].text().strip() == PAYLOAD
     # ... and in the config table
@@ -620,9 +675,9 @@ def test_load_results_accepts_a_valid_file(demo):
 def test_index_lists_runs_newest_first_with_links_and_trends(tmp_path):
     reports = tmp_path / "reports"
     # folder names sort the other way round from the creation times; one time has a +02:00 offset
-    write_demo_run(reports / "a-oldest", created=demo_created(3), training=False, seed=1)
-    write_demo_run(reports / "b-newest", created="2026-11-25T07:00:00+00:00", training=False, seed=2)
-    write_demo_run(reports / "c-middle", created="2026-11-25T08:00:00+02:00", training=False, seed=3)
+    write_demo_run(reports / "a-oldest", created=demo_created(3), steps=4, num_samples=16, seed=1)
+    write_demo_run(reports / "b-newest", created="2026-11-25T07:00:00+00:00", steps=4, num_samples=16, seed=2)
+    write_demo_run(reports / "c-middle", created="2026-11-25T08:00:00+02:00", steps=4, num_samples=16, seed=3)
     (reports / "screenshots").mkdir()  # no results.json: not a run
     (reports / "d-broken").mkdir()
     (reports / "d-broken" / "results.json").write_text("{oops")
@@ -633,6 +688,7 @@ def test_index_lists_runs_newest_first_with_links_and_trends(tmp_path):
     rows = dom.find("section", id="runs").find_all("tr", **{"class": "run"})
     assert [r.attrs["data-run-id"] for r in rows] == ["b-newest", "c-middle", "a-oldest"]
     links = [r.find("a").attrs["href"] for r in rows]
+    assert [r.attrs["data-group"] for r in rows] == [config_hash(load_results(reports / "a-oldest")["config"])] * 3
     assert links == ["b-newest/index.html", "c-middle/index.html", "a-oldest/index.html"]
     assert all((reports / link).is_file() for link in links)  # pages rendered where missing
     plots = {svg.attrs["data-plot"] for svg in dom.find("section", id="trends").find_all("svg")}
@@ -664,7 +720,7 @@ def test_index_links_are_url_encoded(tmp_path):
     reports = tmp_path / "reports"
     write_demo_run(reports / "run #1?x", training=False, num_samples=4)
     dom = parse(render_index(reports).read_text())
-    assert dom.find("section", id="runs").find("a").attrs["href"] == "run%20%231%3Fx/index.html"
+    assert dom.find("tr", data_run_id="run #1?x").find("a").attrs["href"] == "run%20%231%3Fx/index.html"
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,7 +728,9 @@ def test_index_links_are_url_encoded(tmp_path):
 
 @pytest.mark.parametrize("value,text", [
     (None, "not measured"), (float("nan"), "NaN"), (math.inf, "∞"), (0.0, "0"), (3, "3"), (True, "yes"),
-    (0.123456, "0.1235"), (12.345678, "12.35"), (123456.7, "123,457"), (0.000349, "0.000349"), (0.0000123, "1.23e-05"),
+    (0.123456, "0.1235"), (12.345678, "12.35"), (123456.7, "123,457"), (0.000349, "0.0003490"),
+    (0.0000123, "1.230e-05"), (0.958, "0.9580"), (-0.148, "-0.1480"), (4.6, "4.600"), (5.0, "5.000"),
+    (9999.7, "10,000"), (-2.5e-7, "-2.500e-07"),
 ])
 def test_fmt_num(value, text):
     assert fmt_num(value) == text
@@ -680,7 +738,10 @@ def test_fmt_num(value, text):
 
 def test_other_formatters():
     assert fmt_pct(0.4302) == "43.0%" and fmt_pct(None) == "not measured"
-    assert fmt_signed(0.5) == "+0.5" and fmt_signed(-0.5) == "-0.5" and fmt_signed(0) == "0"
+    assert fmt_signed(0.5) == "+0.5000" and fmt_signed(-0.5) == "-0.5000" and fmt_signed(0) == "0"
+    # a reward difference below the noise floor is no change, never "+2.384e-07"
+    assert [fmt_diff(v) for v in (2.384e-07, -3.1e-07, 0.0, -0.0935, 1.2, None)] == [
+        "0", "0", "0", "-0.09350", "+1.200", "not measured"]
     assert [fmt_duration(s) for s in (0.25, 59.94, 61, 3599.6, 3725)] == ["0.2 s", "59.9 s", "1 min 01 s",
                                                                            "1 h 00 min", "1 h 02 min"]
 
@@ -717,3 +778,177 @@ def test_a_metric_that_left_its_baseline_is_shown_and_fails_the_headline(tmp_pat
     failed = dom.find("tr", data_baseline_metric="comparison.mean_improvement")
     assert "fail" in failed.classes() and cells(failed)[3] == fmt_num(mean)
     assert "pass" in dom.find("tr", data_baseline_metric="after.rougeL").classes()
+
+
+# --------------------------------------------------------------------------------------------
+# report nits: rows that need k > 1, the folded config, the link to the history, significant digits
+
+def test_per_prompt_rows_need_several_samples(tmp_path):
+    # with one sample per prompt, "expected maximum toxicity" is the mean and "toxicity probability" the toxic rate
+    run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=12)
+    m = load_results(run_dir)["metrics"]
+    assert m["comparison"]["samples_per_prompt"] == 1
+    for phase in ("before", "after"):  # the repetition the page must not show as two more figures
+        assert m[phase]["expected_max_toxicity"] == pytest.approx(m[phase]["toxicity_mean"])
+    dom = parse(render_run(run_dir).read_text())
+    table = dom.find("table", id="toxicity-table")
+    keys = [tr.attrs["data-metric"] for tr in table.find_all("tr") if "data-metric" in tr.attrs]
+    assert "toxicity_mean" in keys and "toxic_rate" in keys
+    assert "expected_max_toxicity" not in keys and "toxicity_probability" not in keys
+    note = ws(dom.find(id="per-prompt-note").text())
+    assert "expected maximum toxicity" in note and "samples_per_prompt > 1" in note
+
+    # with k > 1 they are figures of their own and are shown
+    _rewrite(run_dir, _set("metrics.comparison.samples_per_prompt", 4))
+    dom = parse(render_run(run_dir).read_text())
+    row = cells(dom.find("table", id="toxicity-table").find("tr", data_metric="expected_max_toxicity"))
+    assert row[1:3] == [fmt_num(m["before"]["expected_max_toxicity"]), fmt_num(m["after"]["expected_max_toxicity"])]
+    assert dom.find_all(id="per-prompt-note") == []
+
+
+def test_config_table_is_folded(demo):
+    details = demo["dom"].find("details", id="config")
+    assert "open" not in details.attrs
+    rows = [tr for tr in details.find_all("tr") if tr.find_all("td")]
+    assert len(rows) == len(flatten_config(demo["results"]["config"]))  # every setting, behind the fold
+
+
+def _links_to_history(page: Path) -> bool:
+    return any(a.attrs.get("href") == "../index.html" for a in parse(page.read_text()).find_all("a"))
+
+
+def test_first_report_links_to_the_history_page(tmp_path):
+    # the pipeline renders the run's page, then the history page: the first run of a reports folder must link to it
+    reports = tmp_path / "reports"
+    first = write_demo_run(reports / "first", training=False, num_samples=8)
+    page = render_run(first)
+    assert not (reports / "index.html").exists()
+    index = render_index(reports)
+    assert _links_to_history(page) and index == page.parent.parent / "index.html"
+    assert any(a.attrs.get("href") == "first/index.html" for a in parse(index.read_text()).find_all("a"))
+    # the second run's page links to the history that now exists; pages are not rewritten when it does
+    second = write_demo_run(reports / "second", training=False, num_samples=8, seed=1)
+    assert _links_to_history(render_run(second))
+    before = page.stat().st_mtime_ns
+    render_index(reports)
+    assert page.stat().st_mtime_ns == before
+    # a run folder outside any reports folder gets no dead link
+    alone = write_demo_run(tmp_path / "alone", training=False, num_samples=8)
+    assert not _links_to_history(render_run(alone))
+
+
+def _significant_digits(text: str) -> int | None:
+    """Significant digits of a formatted number (None for an integer, zero, a percentage or text)."""
+    t = text.replace(",", "").lstrip("+-−<>= ")
+    if not re.fullmatch(r"\d+\.\d+(e[-+]\d+)?", t):
+        return None
+    mantissa = t.split("e")[0].replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+def test_table_numbers_have_four_significant_digits(demo):
+    # one format in every table: 4 significant digits, trailing zeros kept (0.9580, not 0.958 next to 0.4388)
+    dom = demo["dom"]
+    numbers = []
+    for table_id in ("verdict-table", "toxicity-table", "improvement-table", "quality-table", "best-table"):
+        for td in dom.find("table", id=table_id).find_all("td"):
+            if "num" in td.classes():
+                numbers.append(ws(td.text()))
+    digits = {text: _significant_digits(text) for text in numbers}
+    counted = [d for d in digits.values() if d is not None]
+    assert len(counted) > 40, digits
+    assert set(counted) == {4}, {t: d for t, d in digits.items() if d not in (None, 4)}
+    kpi = ws(dom.find("section", id="toxicity").find("div", **{"class": "kpis"}).text())
+    gain = demo["results"]["metrics"]["comparison"]["reward_gain"]
+    assert fmt_signed(gain) in kpi and _significant_digits(fmt_signed(gain)) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# the history page: judged runs apart from evaluation-only ones, trends per configuration
+
+def _overall(results: dict) -> str:
+    return "PASS" if results["verdict"]["passed"] else "FAIL"
+
+
+def test_history_keeps_eval_runs_apart_and_groups_trends_by_config(tmp_path):
+    reports = tmp_path / "reports"
+    small = dict(num_samples=16, qualitative_rows=6)
+    # two seeds of one configuration, one run of another (more PPO steps), then an evaluation of the base model
+    # and a trained run without bounds, both newer than every judged run
+    write_demo_run(reports / "a", created=demo_created(20), steps=4, seed=1, **small)
+    write_demo_run(reports / "b", created=demo_created(21), steps=4, seed=2, strength=0.3, **small)
+    write_demo_run(reports / "x", created=demo_created(22), steps=6, seed=1, **small)
+    write_demo_run(reports / "e", created=demo_created(23), training=False, judged=False, strength=0.0, **small)
+    write_demo_run(reports / "u", created=demo_created(24), steps=4, judged=False, **small)
+    results = {name: load_results(reports / name) for name in "abxeu"}
+    assert "verdict" not in results["e"] and "training" not in results["e"]["metrics"]
+
+    dom = parse(render_index(reports).read_text())
+    # the headline is the newest judged run's verdict, never "NOT JUDGED" of a newer evaluation
+    latest = dom.find(id="latest")
+    assert latest.attrs["data-run-id"] == "x" and latest.attrs["data-overall"] == _overall(results["x"])
+    assert ws(latest.text()).endswith(_overall(results["x"]))
+    judged = [tr.attrs["data-run-id"] for tr in dom.find("section", id="runs").find_all("tr", **{"class": "run"})]
+    apart = [tr.attrs["data-run-id"] for tr in dom.find("section", id="eval-runs").find_all("tr", **{"class": "run"})]
+    assert judged == ["x", "b", "a"] and apart == ["u", "e"]
+    kinds = {tr.attrs["data-run-id"]: ws(tr.find_all("td")[2].text())
+             for tr in dom.find("table", id="eval-runs-table").find_all("tr", **{"class": "run"})}
+    assert "evaluation only" in kinds["e"] and "not judged" in kinds["u"]
+
+    # one trend group per configuration (seeds aside), holding judged runs only
+    hashes = {name: config_hash(r["config"]) for name, r in results.items()}
+    assert hashes["a"] == hashes["b"] != hashes["x"]
+    groups = dom.find("section", id="trends").find_all("div", **{"class": "trend-group"})
+    members = {g.attrs["data-group"]: [n.attrs["data-run-id"] for n in g.find_all("span") if "data-run-id" in n.attrs]
+               for g in groups}
+    assert members == {hashes["x"]: ["x"], hashes["a"]: ["a", "b"]}
+    assert [g.attrs["data-group"] for g in groups] == [hashes["x"], hashes["a"]]  # the newest judged run's first
+    for g in groups:
+        assert {svg.attrs["data-plot"] for svg in g.find_all("svg")} == {"trend-toxicity", "trend-improvement",
+                                                                          "trend-kl"}
+        n = len(members[g.attrs["data-group"]])
+        caption = ws(g.find("figure", data_trend="trend-improvement").find("figcaption").text())
+        assert f"one point per run ({n} run{'' if n == 1 else 's'})" in caption
+    ids = [n.attrs["id"] for n in dom.iter() if "id" in n.attrs]
+    assert len(ids) == len(set(ids)), "duplicate element ids across the groups' plots"
+
+    # what differs between the groups: ppo.steps, with each group's value
+    table = dom.find("table", id="group-differences")
+    rows = {tr.attrs["data-setting"]: cells(tr)[1:] for tr in table.find_all("tr") if "data-setting" in tr.attrs}
+    assert rows == {"ppo.steps": [str(results["x"]["config"]["ppo"]["steps"]),
+                                  str(results["b"]["config"]["ppo"]["steps"])]}
+
+
+def test_trend_captions_name_only_what_the_plots_draw(tmp_path):
+    reports = tmp_path / "reports"
+    small = dict(num_samples=16, qualitative_rows=6, steps=4)
+    write_demo_run(reports / "a", created=demo_created(20), seed=1, **small)
+    write_demo_run(reports / "b", created=demo_created(21), seed=2, **small)
+    b = load_results(reports / "b")
+    bounds = {x["name"]: x["bound"] for x in b["verdict"]["bounds"]}
+
+    def figures(dom):
+        return {f.attrs["data-trend"]: (ws(f.find("figcaption").text()), ws(f.find("svg").text()))
+                for f in dom.find("section", id="trends").find_all("figure")}
+
+    shown = figures(parse(render_index(reports).read_text()))
+    assert set(shown) == {"trend-toxicity", "trend-improvement", "trend-kl"}
+    for name, (caption, svg) in shown.items():  # a caption speaks of a dashed line exactly when one is drawn
+        assert ("dashed line" in caption) == ("bound (newest run)" in svg), name
+    assert f"min_improvement = {100 * bounds['min_improvement']:g}%" in shown["trend-improvement"][0]
+    assert f"max_kl = {bounds['max_kl']:g}" in shown["trend-kl"][0]
+
+    # the newest run of the group has neither bound: no dashed line, and no caption that mentions one
+    def drop(r):
+        r["verdict"]["bounds"] = [x for x in r["verdict"]["bounds"] if x["name"] not in ("min_improvement", "max_kl")]
+
+    _rewrite(reports / "b", drop)
+    shown = figures(parse(render_index(reports).read_text()))
+    for name, (caption, svg) in shown.items():
+        assert "dashed" not in caption and "bound (newest run)" not in svg, name
+    # and with no intervals recorded, no caption speaks of bars
+    for run in ("a", "b"):
+        _rewrite(reports / run, lambda r: r["metrics"]["comparison"].update(mean_improvement_ci_low=None,
+                                                                            mean_improvement_ci_high=None))
+    caption = figures(parse(render_index(reports).read_text()))["trend-improvement"][0]
+    assert "bars" not in caption and "one point per run (2 runs)" in caption
