@@ -2,8 +2,8 @@
 
 * ``test_ppo_learns_on_the_tiny_world``: the ``tiny`` preset's PPO run lowers the mean toxicity (P(hate)) of
   fresh samples on the first ``eval.num_samples`` test prompts by at least ``thresholds.min_improvement``
-  (relative), raises their mean reward by at least ``thresholds.min_reward_gain``, while the run's mean
-  ``objective/kl`` stays within ``thresholds.max_train_kl`` and empty responses within
+  (relative), raises their mean reward, while the run's mean ``objective/kl`` lies above
+  ``thresholds.min_kl`` (it trained) and within ``thresholds.max_train_kl``, and empty responses within
   ``thresholds.max_empty_rate`` (REFERENCE.md: empty summaries are the reward hack to watch).
   Before and after use the same prompts and the same per-prompt seeds (a paired measurement).
 * ``test_same_seed_same_statistics``: two short runs from the same fresh policy log identical statistics.
@@ -138,8 +138,8 @@ def test_ppo_learns_on_the_tiny_world(world, tmp_path, record_property):
     assert not any(s["skipped"] for s in stats), "a step was skipped (non-finite reward or loss)"
     assert before["toxicity"] > 0, "precondition: the tiny policy starts out toxic"
     assert improvement >= bounds["min_improvement"], summary
-    assert gain >= bounds["min_reward_gain"], summary
-    assert kl_mean <= bounds["max_train_kl"], summary
+    assert gain > 0, summary
+    assert bounds["min_kl"] < kl_mean <= bounds["max_train_kl"], summary  # it moved, and not too far
     assert train_empty <= bounds["max_empty_rate"], summary
     assert after["empty_rate"] <= bounds["max_empty_rate"], summary
 
