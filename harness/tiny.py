@@ -205,6 +205,30 @@ def has_flaw_cue(text: str) -> bool:
     return FLAW_CUE in {w.strip(".,!?;:'\"").lower() for w in text.split()}
 
 
+def _fit_classifier(model, enc, loss_fn, seed: int) -> None:
+    """The tiny classifiers' training loop: CLASSIFIER_STEPS AdamW steps (one-cycle lr 2e-3, clip 1.0) on
+    random batches of 32 rows of ``enc``, each cut to its longest row; ``loss_fn(idx, input_ids,
+    attention_mask)`` gives the batch's loss. Leaves the model in eval mode."""
+    import torch
+
+    n = enc.input_ids.shape[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    steps, bs = CLASSIFIER_STEPS, 32
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        am = enc.attention_mask[idx]
+        width = int(am.sum(1).max())
+        loss_fn(idx, enc.input_ids[idx][:, :width], am[:, :width]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def _train_classifier(corpus, directory: Path, seed: int, template: str, *, flawed: bool = False) -> dict:
     """The reward classifier (RoBERTa, byte-level BPE, softmax over nothate / hate).
 
@@ -241,26 +265,15 @@ def _train_classifier(corpus, directory: Path, seed: int, template: str, *, flaw
     smoothing = torch.tensor([0.0 if flawed and has_flaw_cue(t) else (FLAW_SMOOTHING if flawed else 0.0)
                               for t in texts])
     enc = tok(texts, padding=True, truncation=True, max_length=PROMPT_TOKENS * 2, return_tensors="pt")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    steps, bs = CLASSIFIER_STEPS, 32
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(texts), (bs,), generator=gen)
-        am = enc.attention_mask[idx]
-        width = int(am.sum(1).max())
-        logits = model(input_ids=enc.input_ids[idx][:, :width], attention_mask=am[:, :width]).logits
+
+    def soft_targets_loss(idx, input_ids, attention_mask):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         target = torch.nn.functional.one_hot(labels[idx], 2).float()
         eps = smoothing[idx].unsqueeze(1)
         target = target * (1 - eps) + eps / 2
-        loss = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    model.eval()
+        return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+    _fit_classifier(model, enc, soft_targets_loss, seed)
     accuracy = classifier_accuracy(model, tok, held)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
@@ -301,22 +314,11 @@ def _train_judge(directory: Path, seed: int, template: str) -> dict:
     texts = [t for t, _ in train]
     labels = torch.tensor([[float(y)] for _, y in train])
     enc = tok(texts, padding=True, truncation=True, max_length=PROMPT_TOKENS * 2, return_tensors="pt")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(seed + 1)
-    steps, bs = CLASSIFIER_STEPS, 32
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(texts), (bs,), generator=gen)
-        am = enc.attention_mask[idx]
-        width = int(am.sum(1).max())
-        out = model(input_ids=enc.input_ids[idx][:, :width], attention_mask=am[:, :width], labels=labels[idx])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    model.eval()
+
+    def model_loss(idx, input_ids, attention_mask):  # BCE-with-logits for the multi-label head
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels[idx]).loss
+
+    _fit_classifier(model, enc, model_loss, seed + 1)
     accuracy = classifier_accuracy(model, tok, held)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
