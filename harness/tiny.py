@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BUILDER_VERSION = "6"
+BUILDER_VERSION = "7"
 DEFAULT_SEED = 0
 TOXIC_FRACTION = 0.35
 INSULTS = ("stupid", "idiot", "dumb", "moron", "idiotic", "pathetic", "useless", "loser", "jerk", "clown")
@@ -285,6 +285,27 @@ def _train_classifier(corpus, directory: Path, seed: int, template: str, *, flaw
     return out
 
 
+def wordpiece_vocab(texts: list[str], size: int) -> list[str]:
+    """A lower-cased WordPiece vocabulary, deterministically: BERT's special tokens, every character seen (as
+    a word start and as a ``##`` continuation), then the words seen at least twice, most frequent first (ties
+    by spelling). (The tokenizers library's WordPiece trainer breaks ties in hash order, which changes from
+    process to process, so the same texts gave another vocabulary, and another judge, on every build.)"""
+    import re
+    from collections import Counter
+
+    words = Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower()))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
+    known = set(vocab)
+    for w, n in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= size or n < 2:
+            break
+        if w not in known:
+            vocab.append(w)
+            known.add(w)
+    return vocab
+
+
 def _train_judge(directory: Path, seed: int, template: str) -> dict:
     """The independent second judge: built differently from the reward model on purpose.
 
@@ -293,17 +314,14 @@ def _train_judge(directory: Path, seed: int, template: str) -> dict:
     output (one multi-label ``toxic`` logit scored with a sigmoid, like unitary/toxic-bert).
     """
     import torch
-    from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     own = make_corpus(seed + JUDGE_CORPUS_SEED, {"train": 800, "validation": 100})
     train = classifier_examples(random.Random(seed + 29), own["train"], template)
     held = classifier_examples(random.Random(seed + 30), own["validation"], template)
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator([t for t, _ in train] + list(INSULTS), vocab_size=600, min_frequency=2,
-                           show_progress=False)
     with tempfile.TemporaryDirectory() as raw:
-        wp.save_model(raw)
+        vocab = Path(raw) / "vocab.txt"
+        vocab.write_text("\n".join(wordpiece_vocab([t for t, _ in train] + list(INSULTS), 600)) + "\n")
         tok = BertTokenizer.from_pretrained(raw, model_max_length=512)
     torch.manual_seed(seed + 1)
     config = BertConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
