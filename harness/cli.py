@@ -126,7 +126,8 @@ def cmd_run(args) -> int:
         raise HarnessError("--resume continues a run with its saved config", field="--config",
                            fix="drop --config (settings that may change on resume can be given as key=value)")
     cfg = _load(args)
-    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []) \
+        + (["output.report=false"] if args.no_report else [])
     outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline,
                   overrides=overrides)
     if outcome.interrupted:
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         notes = getattr(e, "__notes__", [])
         trace = next((n.removeprefix("traceback: ") for n in notes if n.startswith("traceback: ")), None)
         trace = trace or _write_traceback(e)
-        hint = next((n for n in notes if not n.startswith("traceback: ")), None)
+        hint = next((n.removeprefix("resume: ") for n in notes if n.startswith("resume: ")), None)
         print(f"detox-harness: internal error ({type(e).__name__}: {first_line(e)}); this is a bug, please report "
               f"it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERNAL
@@ -281,9 +282,12 @@ def _write_traceback(exc: BaseException) -> str:
     import tempfile
     import traceback
 
-    with tempfile.NamedTemporaryFile("w", prefix="detox-harness-error-", suffix=".log", delete=False) as f:
-        f.write("".join(traceback.format_exception(exc)))
-    return f.name
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="detox-harness-error-", suffix=".log", delete=False) as f:
+            f.write("".join(traceback.format_exception(exc)))
+        return f.name
+    except OSError:
+        return "(nowhere: no file could be written; run again with -v)"
 
 
 if __name__ == "__main__":

@@ -75,10 +75,13 @@ def environment_fault(exc: BaseException, action: str) -> EnvironmentFault:
 
     code = getattr(exc, "errno", None)
     text = first_line(exc)
-    if code == _errno.ENOSPC or "no space left" in text.lower() or "os error 28" in text.lower():
+    lower = text.lower()
+    if code == _errno.ENOSPC or "no space left" in lower or "os error 28" in lower or "file write failed" in lower:
         why, fix = "no space left on the device", "free disk space"
-    elif code in (_errno.EROFS, _errno.EACCES, _errno.EPERM):
-        why, fix = f"not writable ({text})", "choose a writable directory or fix its permissions"
+    elif code == _errno.EROFS:
+        why, fix = f"not writable ({text})", "choose a writable directory"
+    elif code in (_errno.EACCES, _errno.EPERM):
+        why, fix = f"permission denied ({text})", "fix the permissions or choose another path"
     elif code == _errno.EEXIST or isinstance(exc, FileExistsError):
         why, fix = f"a file is in the way ({text})", "give a directory path, or remove the file"
     elif code == _errno.ENOENT:

@@ -25,6 +25,7 @@ from .errors import (
     EnvironmentFault,
     HarnessError,
     environment_fault,
+    first_line,
 )
 from .metrics import EvalOutput, training_summary
 
@@ -129,7 +130,16 @@ def _resumed_config(run_dir: Path, overrides: list[str], echo) -> HarnessConfig:
 
     from .config import apply_overrides, changed_keys, config_from_dict
 
-    saved = config_from_dict(yaml.safe_load((run_dir / rf.CONFIG_FILE).read_text()))
+    try:
+        data = yaml.safe_load((run_dir / rf.CONFIG_FILE).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("it holds no mapping of settings")
+        saved = config_from_dict(data)
+    except HarnessError:
+        raise
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise HarnessError(f"its config.yaml cannot be read ({first_line(e)})", field="--output", value=str(run_dir),
+                           fix="restore the run's config.yaml, or start a new run") from e
     if not overrides:
         echo(f"resuming {run_dir} with its saved config")
         return saved
@@ -209,9 +219,16 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
         fault = environment_fault(e, "the run")
         raise EnvironmentFault(f"{fault}; {_resume_hint(cfg, run_dir)}") from e
     except Exception as e:
-        log.error("the run failed with an unexpected exception", exc_info=True)
-        e.add_note(f"traceback: {log_handler.baseFilename}")
-        e.add_note(_resume_hint(cfg, run_dir))
+        # straight into the file: through logging, the root logger's terminal handler would print it too
+        try:
+            import traceback
+
+            with open(log_handler.baseFilename, "a", encoding="utf-8") as f:
+                f.write("the run failed with an unexpected exception:\n" + "".join(traceback.format_exception(e)))
+            e.add_note(f"traceback: {log_handler.baseFilename}")
+        except OSError:
+            pass  # the CLI writes it to a temporary file instead
+        e.add_note(f"resume: {_resume_hint(cfg, run_dir)}")
         raise
     finally:
         _close_run_log(log_handler)
@@ -265,6 +282,9 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
     trainer = PPOTrainer(cfg, policy, classifier, data.train, run_dir)
     if resume:
         ckpt = trainer.resume()
+        if trainer.step > cfg.ppo.steps:
+            raise HarnessError(f"the run's last checkpoint is at step {trainer.step}, past ppo.steps = {cfg.ppo.steps}",
+                               field="ppo.steps", fix=f"give ppo.steps={trainer.step} or more to finish it")
         echo(f"resumed from {ckpt} (step {trainer.step})" if ckpt else "no checkpoint found: training from step 0")
     elif trainer.stats_path.exists():
         trainer.stats_path.unlink()
@@ -333,9 +353,9 @@ def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str
 
     t_start = time.time()
     run_dir = Path(output_dir)
-    if rf.is_finished(run_dir):
-        raise HarnessError("the run directory already holds results", field="--output", value=str(run_dir),
-                           fix="choose a new --output")
+    if rf.is_finished(run_dir) or (run_dir.is_dir() and _has_started(run_dir)):
+        raise HarnessError("the run directory already holds a run", field="--output", value=str(run_dir),
+                           fix="choose a new --output for the evaluation")
     cfg = copy.deepcopy(cfg)
     adapter = None
     if target is not None:

@@ -232,8 +232,11 @@ class PPOTrainer:
                 os.replace(tmp, final)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            # safetensors reports a full disk as a plain Exception ("No space left on device (os error 28)")
-            if isinstance(e, OSError) or "os error" in str(e).lower():
+            # safetensors reports a full disk as a plain Exception ("No space left on device (os error 28)"),
+            # torch.save as a RuntimeError ("PytorchStreamWriter failed writing file ...: file write failed")
+            text = str(e).lower()
+            if isinstance(e, OSError) or any(s in text for s in ("os error", "pytorchstreamwriter", "file write failed",
+                                                                 "no space left")):
                 raise environment_fault(e, f"writing the checkpoint {final.name}") from e
             raise
         except BaseException:

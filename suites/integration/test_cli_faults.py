@@ -158,6 +158,19 @@ def test_resume_refuses_settings_that_change_the_run(unfinished, args):
     assert "ppo.steps" not in line.split("would change")[1].split(";")[0]  # ppo.steps may change on resume
 
 
+def test_eval_into_an_unfinished_run_is_refused(unfinished):
+    code, _, err = run_cli(["eval", "--preset", "tiny", "--output", str(unfinished), "--no-progress"])
+    assert code == EXIT_BAD_INPUT and "--output" in one_line(err)
+    assert not rf.is_finished(unfinished)
+
+
+@pytest.mark.parametrize("content", ["", "- a list\n", "\x00\x01binary"])
+def test_resume_with_a_broken_config_yaml_is_bad_input(unfinished, content):
+    (unfinished / rf.CONFIG_FILE).write_text(content)
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(unfinished), "--resume", "--no-progress"])
+    assert code == EXIT_BAD_INPUT and "config.yaml cannot be read" in one_line(err)
+
+
 def test_version(capsys):
     from importlib.metadata import version
 

@@ -451,17 +451,22 @@ def test_a_corrupt_checkpoint_is_a_training_error_naming_it(tmp_path):
     assert e.value.field == "--resume" and str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_failed_checkpoint_write_leaves_no_temporary_directory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),  # torch.save on a full disk
+])
+def test_a_failed_checkpoint_write_leaves_no_temporary_directory(tmp_path, monkeypatch, error):
     t = _trainer(tmp_path)
 
     def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise error
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(EnvironmentFault) as e:  # exit 2 with one line, not a traceback
         t.save_checkpoint()
     assert "writing the checkpoint step-000000 failed: no space left on the device" in str(e.value)
-    assert isinstance(e.value.__cause__, OSError)
+    assert e.value.__cause__ is error
     assert list(t.ckpt_dir.iterdir()) == []
 
 
