@@ -334,8 +334,13 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(cfg.dtype, device)
-    base = load_pretrained(AutoModelForSeq2SeqLM, cfg.model, field="policy.model", what="seq2seq model",
-                           dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    base, info = load_pretrained(AutoModelForSeq2SeqLM, cfg.model, field="policy.model", what="seq2seq model",
+                                 dtype=dtype, trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers' own table is kept off the terminal (quiet_libraries): say it in one line
+        logging.getLogger(__name__).warning(
+            "policy.model: %d weights were not in the checkpoint and start from random values (e.g. %s): a "
+            "partial checkpoint summarizes badly", len(missing), missing[0])
     if not base.config.is_encoder_decoder:
         raise ModelLoadError("the policy must be an encoder-decoder model (T5, FLAN-T5, BART)",
                              field="policy.model", value=cfg.model)

@@ -401,6 +401,25 @@ def test_policy_that_is_not_an_encoder_decoder(tmp_path):
     one_line(e, "policy.model")
 
 
+def test_a_partial_policy_checkpoint_is_said_in_one_line(tmp_path, caplog):
+    # transformers' MISSING table is kept off the terminal while models load; the harness says it instead
+    from safetensors.torch import load_file, save_file
+
+    from harness.models import load_policy
+
+    d = tmp_path / "partial"
+    shutil.copytree(FX / "model", d)
+    weights = load_file(str(d / "model.safetensors"))
+    dropped = sorted(k for k in weights if "decoder" in k and "layer_norm" in k)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="harness.models"):
+        load_policy(PolicyConfig(model=str(d), dtype="float32", lora_target_modules=["q", "v"]))
+    warned = [r.getMessage() for r in caplog.records if r.name == "harness.models"]
+    assert len(warned) == 1 and "policy.model: 1 weights were not in the checkpoint" in warned[0]
+    assert dropped in warned[0]
+
+
 def test_lora_target_modules_the_model_lacks():
     from harness.models import load_policy
 
