@@ -20,9 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .config import flatten_dict
 from .errors import HarnessError
 from .results import environment_info, read_json, write_json
-from .thresholds import BOUNDS
+from .thresholds import BOUNDS, lookup, text_table
 
 BASELINE_FORMAT = 1
 #: tolerance of a metric = max(SIGMAS x spread, RELATIVE x |mean|, ABSOLUTE): wide enough for seed noise
@@ -53,29 +54,15 @@ class MetricCheck:
         return asdict(self)
 
 
-def _lookup(metrics: dict, path: tuple[str, ...]):
-    node: Any = metrics
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
+def _lookup(metrics: dict, path: tuple[str, ...]) -> float | None:
+    """The metric at ``path`` when it is a finite number, else None."""
+    node = lookup(metrics, path)
     return node if isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node) else None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def comparable_config(config: dict) -> dict[str, Any]:
     """The flattened config without the keys a baseline does not fix (:data:`FREE_KEYS`)."""
-    return {k: v for k, v in _flatten(config).items()
+    return {k: v for k, v in flatten_dict(config).items()
             if not any(k == free or k.startswith(free + ".") for free in FREE_KEYS)}
 
 
@@ -167,15 +154,9 @@ def compare(results: dict, baseline: dict, *, baseline_name: str = "baseline") -
 
 
 def format_checks(checks: list[MetricCheck], name: str) -> str:
-    rows = [("metric", "baseline", "tolerance", "measured", "result")]
-    for c in checks:
-        measured = "missing" if c.value is None else f"{c.value:.4g}"
-        rows.append((c.metric, f"{c.mean:.4g}", f"{c.tolerance:.3g}", measured,
-                     "PASS" if c.passed else "FAIL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows = [(c.metric, f"{c.mean:.4g}", f"{c.tolerance:.3g}", "missing" if c.value is None else f"{c.value:.4g}",
+             "PASS" if c.passed else "FAIL") for c in checks]
     moved = [c.metric for c in checks if not c.passed]
-    lines.append(f"baseline {name}: " + (f"FAIL, moved: {', '.join(moved)}" if moved else
-                                         f"PASS ({len(checks)} metrics within tolerance)"))
-    return "\n".join(lines)
+    return (text_table(("metric", "baseline", "tolerance", "measured", "result"), rows)
+            + f"\nbaseline {name}: " + (f"FAIL, moved: {', '.join(moved)}" if moved else
+                                        f"PASS ({len(checks)} metrics within tolerance)"))

@@ -182,17 +182,16 @@ def _seeds(text: str) -> list[int]:
 
 def cmd_baseline(args) -> int:
     from .pipeline import make_baseline
+    from .thresholds import text_table
 
     seeds = _seeds(args.seeds)
     cfg = _load(args)
     output = Path(args.output or Path("baselines") / f"{cfg.preset}.json")
     path, data = make_baseline(cfg, seeds, output, force_regen=args.force_regen, progress=not args.no_progress)
     print(f"\nbaseline of seeds {', '.join(map(str, seeds))}: {path}")
-    rows = [(name, f"{m['mean']:.4g}", f"{m['spread']:.3g}", f"{m['tolerance']:.3g}")
-            for name, m in data["metrics"].items()]
-    widths = [max(len(r[i]) for r in rows + [("metric", "mean", "spread", "tolerance")]) for i in range(4)]
-    for r in [("metric", "mean", "spread", "tolerance")] + rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(text_table(("metric", "mean", "spread", "tolerance"),
+                     [(name, f"{m['mean']:.4g}", f"{m['spread']:.3g}", f"{m['tolerance']:.3g}")
+                      for name, m in data["metrics"].items()]))
     return EXIT_PASS
 
 

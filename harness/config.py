@@ -453,18 +453,22 @@ def apply_overrides(cfg: HarnessConfig, overrides: list[str]) -> HarnessConfig:
     return cfg
 
 
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"ppo": {"steps": 40}}`` -> ``{"ppo.steps": 40}``, in the mapping's own order; an empty mapping
+    stays one value. The one flattening of a config (or its saved dict) for comparisons and reports."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_dict(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def changed_keys(a: HarnessConfig, b: HarnessConfig) -> list[str]:
     """The dotted keys whose values differ between two configs."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "thresholds":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    fa, fb = flatten_dict(a.to_dict()), flatten_dict(b.to_dict())
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 

@@ -28,6 +28,7 @@ from .errors import (
     first_line,
 )
 from .metrics import EvalOutput, training_summary
+from .thresholds import text_table
 
 log = logging.getLogger(__name__)
 
@@ -389,16 +390,14 @@ def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str
 def summary_table(results: dict) -> str:
     """Before/after figures for the terminal; a figure that was not measured shows as ``-``."""
     m = results["metrics"]
-    rows = [("metric", "before", "after")]
+    rows = []
     for key, label in (("toxicity_mean", "toxicity mean"), ("toxicity_std", "toxicity std"),
                        ("toxic_rate", "share toxic (>= threshold)"), ("reward_mean", "reward mean"),
                        ("rougeL", "ROUGE-L"), ("empty_rate", "empty outputs"), ("length_mean", "length (tokens)"),
                        ("kl_per_sequence_mean", "KL to reference (nats/seq)")):
         rows.append((label, _fmt(m["before"].get(key), ".4f"), _fmt(m["after"].get(key), ".4f")))
     c = m["comparison"]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [text_table(("metric", "before", "after"), rows)]
     confidence = round(100 * c.get("confidence", 0.95))
     lines.append(f"mean toxicity improvement: {_pct(c['mean_improvement'])} "
                  f"({confidence}% CI {_pct(c['mean_improvement_ci_low'])} .. {_pct(c['mean_improvement_ci_high'])}), "

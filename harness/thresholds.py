@@ -99,7 +99,7 @@ def load_bounds(preset: str, path: str | Path | None = None) -> dict[str, float]
     return bounds
 
 
-def _lookup(metrics: dict[str, Any], path: tuple[str, ...]):
+def lookup(metrics: dict[str, Any], path: tuple[str, ...]):
     node: Any = metrics
     for part in path:
         if not isinstance(node, dict) or part not in node:
@@ -114,7 +114,7 @@ def verdict(results: dict[str, Any], bounds: dict[str, float]) -> list[BoundResu
     out = []
     for name, bound in bounds.items():
         path, op, description = BOUNDS[name]
-        value = _lookup(metrics, path)
+        value = lookup(metrics, path)
         if value is None or value != value:  # missing or NaN
             passed = False
             value = None
@@ -131,13 +131,17 @@ def all_passed(results: list[BoundResult]) -> bool:
 
 def format_table(results: list[BoundResult]) -> str:
     """A plain-text table for the terminal."""
-    rows = [("bound", "op", "limit", "measured", "result")]
-    for r in results:
-        rows.append((r.name, r.op, f"{r.bound:.4g}", "missing" if r.value is None else f"{r.value:.4g}",
-                     "PASS" if r.passed else "FAIL"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    rows = [(r.name, r.op, f"{r.bound:.4g}", "missing" if r.value is None else f"{r.value:.4g}",
+             "PASS" if r.passed else "FAIL") for r in results]
+    overall = "PASS" if all_passed(results) else "FAIL"
+    return (text_table(("bound", "op", "limit", "measured", "result"), rows)
+            + f"\nverdict: {overall} ({sum(r.passed for r in results)}/{len(results)} bounds hold)")
+
+
+def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, two spaces apart, a dashed line under the header: the terminal's tables."""
+    rows = [header, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    overall = "PASS" if all_passed(results) else "FAIL"
-    lines.append(f"verdict: {overall} ({sum(r.passed for r in results)}/{len(results)} bounds hold)")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import jinja2
 
+from ..config import flatten_dict
 from ..errors import HarnessError
 from ..results import (
     RESULTS_FILE,
@@ -181,20 +182,9 @@ def _lenient(d: Any) -> Lenient:
     return Lenient(d) if isinstance(d, dict) else Lenient()
 
 
-def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
-    if isinstance(value, dict) and value:
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out.append((prefix, value))
-
-
 def flatten_config(config: dict[str, Any] | None) -> list[tuple[str, Any]]:
     """``{"ppo": {"steps": 40}}`` -> ``[("ppo.steps", 40)]``, in the config's own order."""
-    out: list[tuple[str, Any]] = []
-    if config:
-        _flatten("", config, out)
-    return out
+    return list(flatten_dict(config).items()) if config else []
 
 
 def verdict_context(results: dict[str, Any]) -> dict[str, Any]:
