@@ -106,11 +106,16 @@ def build_baseline(runs: list[dict]) -> dict[str, Any]:
     }
 
 
-def write_baseline(path: str | Path, baseline: dict, *, force_regen: bool = False) -> Path:
-    path = Path(path)
-    if path.exists() and not force_regen:
+def refuse_existing(path: str | Path, force_regen: bool) -> None:
+    """A HarnessError when ``path`` exists and regeneration was not asked for."""
+    if Path(path).exists() and not force_regen:
         raise HarnessError("the baseline file exists", field="--output", value=str(path),
                            fix="pass --force-regen to rewrite it (review the diff before committing it)")
+
+
+def write_baseline(path: str | Path, baseline: dict, *, force_regen: bool = False) -> Path:
+    path = Path(path)
+    refuse_existing(path, force_regen)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, baseline)
     return path

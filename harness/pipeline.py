@@ -30,8 +30,6 @@ from .errors import (
 from .metrics import EvalOutput, training_summary
 from .thresholds import text_table
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class RunOutcome:
@@ -414,8 +412,7 @@ def make_baseline(cfg: HarnessConfig, seeds: list[int], output: str | Path, *, f
     from . import baselines
 
     output = Path(output)
-    if output.exists() and not force_regen:
-        baselines.write_baseline(output, {}, force_regen=False)  # raises the "exists" error
+    baselines.refuse_existing(output, force_regen)  # before any run
     runs = []
     for seed in seeds:
         seeded = copy.deepcopy(cfg)
