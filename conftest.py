@@ -45,6 +45,9 @@ def pytest_addoption(parser):
     group.addoption("--data-path", default=os.environ.get("DETOX_DATA_PATH"),
                     help="local DialogSum file/directory (or hub id) replacing the preset's data [$DETOX_DATA_PATH]")
     group.addoption("--gpu-overrides", default="", help="extra space-separated key=value overrides for GPU runs")
+    group.addoption("--gpu-sft", action="store_true", default=False,
+                    help="run the whole recipe (run --sft: the supervised warm start, then PPO from it) and assert "
+                         "the preset's SFT bounds too (min_sft_rouge_l); the warm start is cached between sessions")
 
 
 def pytest_configure(config):

@@ -1,4 +1,4 @@
-"""``detox-harness``: run | baseline | eval | report | build-tiny | presets.
+"""``detox-harness``: run | sft | baseline | eval | report | build-tiny | presets.
 
 Exit codes (the README's table): 0 every bound holds, 1 a bound failed (or a metric left its baseline),
 2 bad input or environment (settings, data, models, paths, permissions, a full disk: a one-line message
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import (
+    EXIT_BOUND_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_PASS,
@@ -26,6 +27,8 @@ from .errors import (
 
 EPILOG = """examples:
   detox-harness run --preset tiny                      # the whole job on the offline tiny world
+  detox-harness run --preset tiny --sft                # the recipe: SFT warm start, then PPO from it
+  detox-harness sft --preset tiny --output adapters/sft  # the warm start alone (then policy.adapter=...)
   detox-harness run --preset flan-t5-base ppo.steps=20 policy.model=/models/flan-t5-base
   detox-harness run --preset tiny --output reports/my-run --resume
   detox-harness eval --preset tiny --target reports/<run>/checkpoints/step-000030
@@ -68,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     run.add_argument("--baseline", metavar="FILE", help="also fail when a metric leaves this baseline's tolerance "
                      "(e.g. baselines/tiny.json)")
+    run.add_argument("--sft", action="store_true", help="the whole recipe: a supervised warm start (made, or reused "
+                     "from the cache when made with the same settings), then PPO from it")
+
+    sft = sub.add_parser("sft", help="supervised warm start: LoRA fine-tuning on (prompt -> summary), an adapter "
+                         "for policy.adapter")
+    _add_config_args(sft)
+    sft.add_argument("--output", help="adapter directory (default: the cache, where run --sft finds it); an "
+                     "unfinished one is resumed")
 
     base = sub.add_parser("baseline", help="run several seeds and write their metrics as a baseline file")
     _add_config_args(base)
@@ -129,7 +140,7 @@ def cmd_run(args) -> int:
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []) \
         + (["output.report=false"] if args.no_report else [])
     outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline,
-                  overrides=overrides)
+                  overrides=overrides, sft=args.sft)
     if outcome.interrupted:
         return outcome.exit_code
     print()
@@ -149,6 +160,21 @@ def cmd_run(args) -> int:
     if outcome.report:
         print(f"report:  {outcome.report}")
     return outcome.exit_code
+
+
+def cmd_sft(args) -> int:
+    from .pipeline import sft_metrics, warm_start
+    from .thresholds import SFT_BOUNDS, all_passed, format_table, verdict
+
+    cfg = _load(args)
+    adapter, saved = warm_start(cfg, args.output, progress=not args.no_progress)
+    bounds = verdict({"metrics": {"sft": sft_metrics(saved)}},
+                     {k: v for k, v in cfg.thresholds.items() if k in SFT_BOUNDS})
+    if bounds:
+        print()
+        print(format_table(bounds))
+    print(f"\nadapter: {adapter}\nuse it:  detox-harness run --preset {cfg.preset} policy.adapter={adapter}")
+    return EXIT_PASS if all_passed(bounds) else EXIT_BOUND_FAILED
 
 
 def cmd_eval(args) -> int:
@@ -226,7 +252,7 @@ def cmd_presets(args) -> int:
     return EXIT_PASS
 
 
-COMMANDS = {"run": cmd_run, "baseline": cmd_baseline, "eval": cmd_eval, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "sft": cmd_sft, "baseline": cmd_baseline, "eval": cmd_eval, "report": cmd_report,
             "build-tiny": cmd_build_tiny, "presets": cmd_presets}
 
 

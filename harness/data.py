@@ -268,11 +268,14 @@ def prompt_token_limit(cfg: DataConfig, tokenizer) -> int:
     return int(min(limit, 512))
 
 
-def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_train_rows: int = 1) -> PromptData:
-    """Load, filter, wrap, tokenize and split (80/20, no shuffle: the first 80% train) the dialogues."""
+def tokenized_prompts(cfg: DataConfig, tokenizer, split: str | None = None):
+    """Load ``split`` (default ``cfg.split``), filter by length, wrap in the prompt template and tokenize
+    (cut at :func:`prompt_token_limit`, EOS kept). Returns a ``datasets.Dataset`` with ``id, dialogue,
+    summaries, topic, prompt, input_ids, query`` and the counts of what happened on the way."""
     from datasets import Dataset
 
-    raw = load_rows(cfg.path, cfg.split)
+    split = split or cfg.split
+    raw = load_rows(cfg.path, split)
     rows = normalize(raw, source=resolve_data_path(cfg.path))
     if not rows:
         raise DataError("the data holds no rows", field="data.path", value=cfg.path,
@@ -302,6 +305,25 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
         "summaries": [r["summaries"] for r in kept], "topic": [r["topic"] for r in kept],
         "prompt": prompts, "input_ids": input_ids, "query": queries,
     })
+    stats = {"rows_read": len(raw), "dialogues": len(rows), "kept": len(kept),
+             "removed_by_length": len(rows) - len(filter_by_length(rows, cfg.min_chars, cfg.max_chars)),
+             "truncated_prompts": truncated, "max_prompt_tokens": limit, "unknown_token_dialogues": unknown}
+    import logging
+
+    if truncated:
+        logging.getLogger(__name__).warning("%d of %d prompts were longer than %d tokens and were truncated",
+                                            truncated, len(kept), limit)
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "%d of %d dialogues are mostly characters the policy's tokenizer cannot represent (emoji, another "
+            "script, ...): the policy reads them as unknown tokens, so their summaries cannot be judged fairly",
+            unknown, len(kept))
+    return ds, stats
+
+
+def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_train_rows: int = 1) -> PromptData:
+    """Load, filter, wrap, tokenize and split (80/20, no shuffle: the first 80% train) the dialogues."""
+    ds, stats = tokenized_prompts(cfg, tokenizer)
     if len(ds) < 2:
         raise DataError(f"only {len(ds)} dialogue left after filtering: too few to split 80/20", field="data.path",
                         fix="give more data or widen the length filter")
@@ -322,20 +344,8 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
     if len(test) < min_test_rows:
         raise DataError(f"the test split has {len(test)} prompts, fewer than {min_test_rows} needed",
                         field="eval.num_samples", fix="lower eval.num_samples or give more data")
-    stats = {"rows_read": len(raw), "dialogues": len(rows), "kept": len(kept),
-             "removed_by_length": len(rows) - len(filter_by_length(rows, cfg.min_chars, cfg.max_chars)),
-             "truncated_prompts": truncated, "max_prompt_tokens": limit, "train": len(train), "test": len(test),
-             "unknown_token_dialogues": unknown}
-    import logging
-
-    if truncated:
-        logging.getLogger(__name__).warning("%d of %d prompts were longer than %d tokens and were truncated",
-                                            truncated, len(kept), limit)
-    if unknown:
-        logging.getLogger(__name__).warning(
-            "%d of %d dialogues are mostly characters the policy's tokenizer cannot represent (emoji, another "
-            "script, ...): the policy reads them as unknown tokens, so their summaries cannot be judged fairly",
-            unknown, len(kept))
+    stats = {**{k: v for k, v in stats.items() if k != "unknown_token_dialogues"}, "train": len(train),
+             "test": len(test), "unknown_token_dialogues": stats["unknown_token_dialogues"]}
     return PromptData(train=train, test=test, stats=stats)
 
 

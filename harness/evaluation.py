@@ -124,8 +124,10 @@ def _generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequ
 
 
 def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_reference: bool,
-                    second_classifier=None, progress: bool = True) -> EvalOutput:
-    """Evaluate the reference (``use_reference=True``: adapter off) or the policy on the test prompts.
+                    second_classifier=None, progress: bool = True, base: bool = False) -> EvalOutput:
+    """Evaluate the reference (``use_reference=True``: the starting policy) or the policy on the test prompts;
+    ``base=True`` (with ``use_reference``) evaluates the bare base model instead, every adapter off (it
+    differs from the reference only when the run starts from an adapter, e.g. the SFT warm start).
 
     The first ``cfg.eval.num_samples`` rows of ``dataset`` are used (a HarnessError naming the available
     count when there are fewer), each with ``cfg.eval.samples_per_prompt`` samples seeded by
@@ -150,7 +152,7 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
     generation = {"batch_size": e.batch_size, "max_new_tokens": e.max_new_tokens, "sampling": e.sampling_kwargs()}
     compute_kl = not use_reference and (policy.is_peft or policy.ref_model is not None)
     kls: list[float] = []
-    phase = "before (reference)" if use_reference else "after (policy)"
+    phase = ("base (adapters off)" if base else "before (reference)") if use_reference else "after (policy)"
     with _progress(len(items), f"eval {phase}", progress) as bar:
         def on_batch(lo, hi, roll):
             if compute_kl:
@@ -159,7 +161,7 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
             bar.update(hi - lo)
 
         if use_reference:
-            with policy.reference() as ref:
+            with (policy.base() if base else policy.reference()) as ref:
                 responses, texts, lengths = _generate(ref, policy.tokenizer, prompt_ids, seeds, **generation,
                                                       on_batch=on_batch)
         else:

@@ -4,8 +4,11 @@ Every location is a Hugging Face Hub id, a local directory, or a ``tiny://...`` 
 world; all of them go through the same ``from_pretrained`` calls, so the tests on tiny models saved
 to disk exercise the code that loads the real ones.
 
-The reference model is the policy's own base with the adapter disabled (``disable_adapter()``):
-no second copy of the weights. A frozen copy is made only when there is no adapter (full fine-tuning).
+The reference model is the starting policy, frozen, without a second copy of the base weights: with a fresh
+LoRA it is the base with the adapter disabled (``disable_adapter()``); with a starting adapter
+(``policy.adapter``, e.g. the SFT warm start) it is that adapter loaded a second time through peft's
+multi-adapter API under the name :data:`REFERENCE_ADAPTER`, never trained, and switched on for the
+reference's forward passes. A frozen copy is made only when there is no adapter (full fine-tuning).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from .config import PolicyConfig
 from .errors import ModelLoadError, first_line
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+TRAINED_ADAPTER = "default"  # peft's name of the adapter PPO trains
+REFERENCE_ADAPTER = "reference"  # the starting adapter's frozen second copy (only with policy.adapter)
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 log = logging.getLogger(__name__)
 
@@ -182,6 +187,7 @@ class PolicyWithValueHead(nn.Module):
         self.ref_model = ref_model
         self.tokenizer = tokenizer
         self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        self.reference_adapter = REFERENCE_ADAPTER if self.is_peft and REFERENCE_ADAPTER in model.peft_config else None
 
     @property
     def config(self):
@@ -203,8 +209,19 @@ class PolicyWithValueHead(nn.Module):
 
     @contextlib.contextmanager
     def reference(self):
-        """Within this context ``self.model`` (or the frozen copy, see :meth:`reference_model`) is the reference."""
-        if self.is_peft:
+        """Within this context ``self.model`` (or the frozen copy) is the reference: the starting policy.
+
+        With a starting adapter the frozen :data:`REFERENCE_ADAPTER` is the active one (peft's
+        ``set_adapter`` in inference mode; the trained adapter is made trainable again on the way out),
+        with a fresh LoRA every adapter is disabled.
+        """
+        if self.reference_adapter:
+            self.model.set_adapter(self.reference_adapter, inference_mode=True)
+            try:
+                yield self.model
+            finally:
+                self.model.set_adapter(TRAINED_ADAPTER)
+        elif self.is_peft:
             with self.model.disable_adapter():
                 yield self.model
         else:
@@ -212,6 +229,17 @@ class PolicyWithValueHead(nn.Module):
                 raise ModelLoadError("a policy without an adapter needs a frozen reference copy",
                                      field="policy.use_lora")
             yield self.ref_model
+
+    @contextlib.contextmanager
+    def base(self):
+        """Within this context ``self.model`` is the bare base model, every adapter disabled (or the frozen
+        copy when training in full): "base" in a report that also shows the starting adapter."""
+        if self.is_peft:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            with self.reference() as ref:
+                yield ref
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
@@ -229,7 +257,10 @@ class PolicyWithValueHead(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
+        if self.is_peft:  # the trained adapter only, not the frozen reference copy
+            self.model.save_pretrained(directory, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
+        else:
+            self.model.save_pretrained(directory, safe_serialization=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                   str(directory / VALUE_HEAD_FILE))
         if self.tokenizer is not None:
@@ -360,6 +391,9 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
                                      fix=f"{on}policy.model is {cfg.model!r}: set policy.model to the base model "
                                          "the adapter was trained on (base_model_name_or_path in "
                                          "adapter_config.json)") from e
+            # the starting adapter a second time, frozen: the reference (no second copy of the base)
+            model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.set_adapter(TRAINED_ADAPTER)
             if trained_on and not _same_model(trained_on, cfg.model):
                 log.warning("policy.adapter %s was trained on %r but policy.model is %r; the shapes fit, so it "
                             "is loaded anyway", path, trained_on, cfg.model)

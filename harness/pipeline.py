@@ -163,8 +163,13 @@ def _resume_hint(cfg: HarnessConfig, run_dir: Path) -> str:
 
 
 def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = False, progress: bool = True,
-        echo=print, baseline: str | Path | None = None, overrides: list[str] | None = None) -> RunOutcome:
+        echo=print, baseline: str | Path | None = None, overrides: list[str] | None = None,
+        sft: bool = False) -> RunOutcome:
     """Run the whole job; returns the outcome (results, bounds, exit code).
+
+    ``sft``: the whole recipe: first the supervised warm start (:func:`warm_start`: made, or reused from the
+    cache when one was made with the same settings), then PPO from that adapter, judged from where it
+    started. A resumed run keeps the adapter its saved config names.
 
     ``baseline``: a baseline file (:mod:`harness.baselines`); the run then also fails when a guarded metric
     leaves the baseline's tolerance. Its config is checked against the run's before anything runs.
@@ -194,6 +199,13 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
             raise HarnessError("holds no run to resume (no config.yaml)", field="--output", value=str(run_dir),
                                fix="give the directory of the interrupted run")
         cfg = _resumed_config(run_dir, overrides or [], echo)
+    if sft and not resume:
+        if cfg.policy.adapter:
+            raise HarnessError("--sft makes the starting adapter itself", field="policy.adapter",
+                               value=cfg.policy.adapter, fix="drop policy.adapter, or drop --sft to start from it")
+        adapter, _ = warm_start(cfg, progress=progress, echo=echo)
+        cfg = copy.deepcopy(cfg)
+        cfg.policy.adapter = str(adapter)
     if base is not None:
         baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
     created = not run_dir.exists()
@@ -276,6 +288,21 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
         rf.write_json(before_file, before.to_json(), indent=None)
     timings["eval_before_s"] = before.seconds
     echo(f"before: {phase_line(before.metrics)}")
+    policies = None
+    if cfg.policy.adapter:  # "before" is the starting adapter: the bare base model is evaluated too
+        base_file = run_dir / rf.BASE_FILE
+        if resume and base_file.exists():
+            base_eval = EvalOutput.from_json(rf.read_json(base_file))
+        else:
+            base_eval = evaluate_policy(policy, classifier, test, cfg, use_reference=True, base=True,
+                                        second_classifier=second, progress=progress)
+            rf.write_json(base_file, base_eval.to_json(), indent=None)
+        timings["eval_base_s"] = base_eval.seconds
+        echo(f"base (adapters off): {phase_line(base_eval.metrics)}")
+        from .sft import read_result
+
+        policies = {"base": base_eval.metrics,
+                    "start": {"adapter": str(cfg.policy.adapter), "sft": read_result(Path(cfg.policy.adapter))}}
 
     t = time.time()
     trainer = PPOTrainer(cfg, policy, classifier, data.train, run_dir)
@@ -299,10 +326,13 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
                             progress=progress)
     timings["eval_after_s"] = after.seconds
     timings["total_s"] = time.time() - t_start
+    extra = {"data": data.stats, "parameters": count_parameters(policy), "checkpoint": result.checkpoint}
+    if policies is not None:
+        extra["policies"] = policies
     results, samples = rf.build_results(cfg, before, after, run_id=run_dir.name, training=training_summary(stats),
-                                        timings=timings, device=str(device),
-                                        extra={"data": data.stats, "parameters": count_parameters(policy),
-                                               "checkpoint": result.checkpoint})
+                                        timings=timings, device=str(device), extra=extra)
+    if policies is not None and policies["start"]["sft"]:
+        results["metrics"]["sft"] = sft_metrics(policies["start"]["sft"])
     bounds = verdict(results, cfg.thresholds)
     results["verdict"] = {"passed": all_passed(bounds), "bounds": [b.to_dict() for b in bounds]}
     checks = []
@@ -319,6 +349,136 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
         outcome.report = render_run(run_dir)
         render_index(run_dir.parent)
     return outcome
+
+
+# ------------------------------------------------------------------------------------ the warm start
+
+def sft_settings(cfg: HarnessConfig) -> dict:
+    """Everything a warm-start adapter depends on (a tiny-world id stands for its built directory, whose
+    name carries the builder's version): equal settings, equal adapter."""
+    from .models import resolve_location
+
+    def where(location):
+        return resolve_location(location) if str(location).startswith("tiny://") else location
+
+    p = cfg.policy
+    return rf.jsonable({"policy": {"model": where(p.model), "adapter": where(p.adapter) if p.adapter else None,
+                                   "dtype": p.dtype, "lora_r": p.lora_r, "lora_alpha": p.lora_alpha,
+                                   "lora_target_modules": list(p.lora_target_modules)},
+                        "data": {**cfg.data.__dict__, "path": where(cfg.data.path)},
+                        "sft": dict(cfg.sft.__dict__), "seed": cfg.seed, "device": cfg.device})
+
+
+def sft_cache_dir(cfg: HarnessConfig) -> Path:
+    """``<cache>/sft/<preset>-<hash of sft_settings>``: where ``run --sft`` keeps (and finds) its adapter."""
+    import hashlib
+    import json
+
+    from .tiny import cache_root
+
+    digest = hashlib.sha256(json.dumps(sft_settings(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "sft" / f"{cfg.preset}-{digest}"
+
+
+def sft_metrics(saved: dict) -> dict:
+    """``metrics.sft`` of a run from a warm start's ``sft.json``: its final validation figures."""
+    result = saved["result"]
+    history = result.get("validation") or [{}]
+    final, first = history[-1], history[0]
+    start = first.get("rougeL") if first.get("step") == 0 and len(history) > 1 else None
+    gain = final.get("rougeL") - start if start is not None and final.get("rougeL") is not None else None
+    return {"rougeL": final.get("rougeL"), "loss": final.get("loss"), "rougeL_start": start, "rougeL_gain": gain,
+            "steps": int(result["steps"]), "seconds": float(result["seconds"]),
+            "validation_rows": int(result["validation_rows"])}
+
+
+def warm_start(cfg: HarnessConfig, output: str | Path | None = None, *, progress: bool = True,
+               echo=print, callbacks=()) -> tuple[Path, dict]:
+    """``detox-harness sft``: LoRA instruction fine-tuning of ``policy.model`` on (prompt -> summary) with
+    ``cfg.sft`` (:func:`harness.sft.train`); the adapter is written with ``save_pretrained`` into ``output``
+    (default :func:`sft_cache_dir`) with ``sft.json``. Returns (adapter directory, ``sft.json``'s content).
+
+    A directory that already holds an adapter made with the same settings is reused as it is; one made
+    with other settings is refused; unfinished work there (Trainer checkpoints of the same settings) is
+    resumed. Training uses the PPO train part of ``data.split`` (its first 80%), so the prompts the PPO
+    evaluation uses are never learned; validation uses ``sft.validation_split``. ``callbacks``: more
+    ``transformers.TrainerCallback`` objects for the Trainer (logging, early stopping, ...).
+    """
+    import torch
+
+    from .data import build_prompts, tokenized_prompts
+    from .models import TRAINED_ADAPTER, load_policy, resolve_device
+    from .sft import CHECKPOINTS, START_FILE, Pairs, read_result, write_result
+    from .sft import train as sft_train
+
+    if not cfg.policy.use_lora:
+        raise HarnessError("the warm start trains a LoRA adapter", field="policy.use_lora",
+                           fix="set policy.use_lora=true")
+    out = Path(output) if output else sft_cache_dir(cfg)
+    settings = sft_settings(cfg)
+    saved = read_result(out)
+    if saved is not None:
+        if saved["settings"] != settings:
+            raise HarnessError("holds a warm-start adapter made with other settings", field="--output",
+                               value=str(out), fix="choose another --output, or remove that directory")
+        echo(f"sft: reusing the adapter in {out} (made with the same settings)")
+        return out, saved
+    if out.exists() and not out.is_dir():
+        raise EnvironmentFault("is a file, not a directory", field="--output", value=str(out),
+                               fix="give a directory path for the adapter")
+    pending = out / "settings.json"
+    if pending.is_file():
+        try:
+            if rf.read_json(pending) != settings:
+                raise HarnessError("holds an unfinished warm start with other settings", field="--output",
+                                   value=str(out), fix="choose another --output, or remove that directory")
+        except HarnessError:
+            raise
+        except Exception:  # an unreadable settings file: start over
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        rf.write_json(pending, settings)
+    except OSError as e:
+        raise environment_fault(e, f"creating the adapter directory {out}") from e
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)  # the fresh LoRA's initialization
+    device = resolve_device(cfg.device)
+    policy = load_policy(cfg.policy, device=device)
+    tok = policy.tokenizer
+    train = build_prompts(cfg.data, tok).train
+    validation, _ = tokenized_prompts(cfg.data, tok, cfg.sft.validation_split)
+    if cfg.sft.validation_rows:
+        validation = validation.select(range(min(cfg.sft.validation_rows, len(validation))))
+
+    def pairs(ds) -> Pairs:
+        summaries = list(ds["summaries"])
+        keep = [i for i, refs in enumerate(summaries) if refs]
+        if not keep:
+            raise HarnessError("the data has no reference summaries to learn from", field="data.path",
+                               value=cfg.data.path, fix="give DialogSum-like data with a 'summary' column")
+        ids = ds["input_ids"]
+        return Pairs([ids[i] for i in keep], [summaries[i][0] for i in keep], [summaries[i] for i in keep])
+
+    train_pairs, val_pairs = pairs(train), pairs(validation)
+    resuming = (out / CHECKPOINTS).is_dir()
+    echo(f"sft: {len(train_pairs)} train pairs, {len(val_pairs)} validation pairs ({cfg.sft.validation_split}), "
+         f"{cfg.sft.steps} steps of {cfg.sft.batch_size} on {device}" + ("; resuming" if resuming else ""))
+    result = sft_train(policy.model, tok, train_pairs, val_pairs, cfg.sft, work_dir=out, seed=cfg.seed,
+                       progress=progress, resume=resuming, device=str(device), callbacks=callbacks)
+    try:
+        policy.model.save_pretrained(out, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
+        tok.save_pretrained(out)
+        write_result(out, result, settings)  # last: marks the adapter complete
+    except OSError as e:
+        raise environment_fault(e, f"saving the adapter to {out}") from e
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    (out / START_FILE).unlink(missing_ok=True)
+    pending.unlink(missing_ok=True)
+    final = result.final
+    echo(f"sft: {result.steps} steps in {time.time() - t0:.1f}s; validation loss {_fmt(final.get('loss'))}, "
+         f"ROUGE-L {_fmt(final.get('rougeL'))}; adapter {out} (policy.adapter={out})")
+    return out, read_result(out)
 
 
 def resolve_target(target: str | Path) -> Path:

@@ -40,6 +40,7 @@ TRAIN_STATS_FILE = "train_stats.jsonl"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "run.log"  # warnings and, after an unexpected exception, its traceback
 BEFORE_FILE = "eval_before.json"  # the "before" evaluation, kept so that a resumed run does not redo it
+BASE_FILE = "eval_base.json"  # with a starting adapter: the bare base model's evaluation, kept the same way
 CHECKPOINTS_DIR = "checkpoints"
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")

@@ -58,7 +58,14 @@ BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "max_copy_rate_increase": (("comparison", "copy_rate_increase"), "<=",
                                "share of summaries copying the prompt (eval.copy_threshold of their word 4-grams), "
                                "after minus before"),
+    # the warm start (only where SFT ran: `detox-harness sft`, `run --sft`)
+    "min_sft_rouge_l": (("sft", "rougeL"), ">=",
+                        "validation ROUGE-L of the supervised warm start's greedy summaries (sft.validation_split)"),
+    "min_sft_rouge_l_gain": (("sft", "rougeL_gain"), ">",
+                             "validation ROUGE-L after the warm start minus before it: 0 means it learned nothing"),
 }
+#: bounds judged only when the results hold the supervised warm start's figures (``metrics.sft``)
+SFT_BOUNDS = tuple(name for name, (path, _, _) in BOUNDS.items() if path[0] == "sft")
 OPERATORS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
 
 
@@ -109,11 +116,14 @@ def lookup(metrics: dict[str, Any], path: tuple[str, ...]):
 
 
 def verdict(results: dict[str, Any], bounds: dict[str, float]) -> list[BoundResult]:
-    """Each bound with its measured value and pass/fail. A metric that is missing fails its bound."""
+    """Each bound with its measured value and pass/fail. A metric that is missing fails its bound; the
+    :data:`SFT_BOUNDS` are left out of a run that has no warm start (no ``metrics.sft``)."""
     metrics = results.get("metrics", results)
     out = []
     for name, bound in bounds.items():
         path, op, description = BOUNDS[name]
+        if name in SFT_BOUNDS and "sft" not in metrics:
+            continue
         value = lookup(metrics, path)
         if value is None or value != value:  # missing or NaN
             passed = False

@@ -32,12 +32,19 @@ import tempfile
 import time
 from pathlib import Path
 
-BUILDER_VERSION = "7"
+BUILDER_VERSION = "8"
 DEFAULT_SEED = 0
 TOXIC_FRACTION = 0.35
 INSULTS = ("stupid", "idiot", "dumb", "moron", "idiotic", "pathetic", "useless", "loser", "jerk", "clown")
 ROWS = {"train": 1600, "validation": 200, "test": 200}
-PROMPT_TOKENS = 128  # the tiny policy reads at most this many prompt tokens (the tiny preset's limit too)
+# a dialogue has its five turns and at most this many filler turns: its prompt then fits in PROMPT_TOKENS
+MAX_FILLERS = 2
+# the tiny policy reads at most this many prompt tokens, and so does the tiny preset (data.max_prompt_tokens):
+# the longest prompt of the corpus has about 155, so a default run truncates nothing
+PROMPT_TOKENS = 160
+# the tiny judges learn from texts cut at this many tokens (the first 256 hold the cue words; scoring reads up
+# to the tokenizer's 512)
+CLASSIFIER_TOKENS = 256
 POLICY_STEPS, POLICY_BATCH, POLICY_LR = 300, 24, 4e-3
 CLASSIFIER_STEPS = 160
 MANIFEST = "manifest.json"
@@ -94,7 +101,7 @@ def make_dialogue(rng: random.Random, index: int, split: str) -> dict:
     adj = rng.choice(_CLEAN)
     turns = [rng.choice(_GREET), rng.choice(_REPLY), rng.choice(_ASK).format(item=item),
              rng.choice(_OPINION).format(adj=adj)]
-    for _ in range(rng.choice((0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 8, 30))):
+    for _ in range(min(rng.choice((0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 8, 30)), MAX_FILLERS)):
         turns.append(rng.choice(_FILLER))
     turns.append(rng.choice(_CLOSE))
     dialogue = "\n".join(f"#Person{1 + i % 2}#: {t}" for i, t in enumerate(turns))
@@ -158,9 +165,21 @@ def train_t5_tokenizer(texts: list[str], vocab_size: int = 512):
         return T5Tokenizer.from_pretrained(raw, extra_ids=0, model_max_length=512)
 
 
+#: the tiny policy's supervised training (:func:`harness.sft.train`, in full from random weights)
+POLICY_SFT = {"steps": POLICY_STEPS, "batch_size": POLICY_BATCH, "learning_rate": POLICY_LR,
+              "lr_scheduler": "cosine", "warmup": 0.1, "max_target_tokens": 48, "validation_rows": 64,
+              "generation_max_new_tokens": 32}
+
+
 def _train_policy(corpus, directory: Path, seed: int, template: str) -> dict:
+    """A SentencePiece tokenizer and a small T5 from random weights, trained in full on (prompt -> summary)
+    by the project's one supervised loop (:func:`harness.sft.train`, the code ``detox-harness sft`` runs)."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
+
+    from .config import SFTConfig
+    from .sft import Pairs
+    from .sft import train as sft_train
 
     texts = [template.format(dialogue=r["dialogue"]) for r in corpus["train"]] + [r["summary"] for r in corpus["train"]]
     tok = train_t5_tokenizer(texts)
@@ -171,34 +190,23 @@ def _train_policy(corpus, directory: Path, seed: int, template: str) -> dict:
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       decoder_start_token_id=tok.pad_token_id)
     model = T5ForConditionalGeneration(config)
-    prompts = [template.format(dialogue=r["dialogue"]) for r in corpus["train"]]
-    summaries = [r["summary"] for r in corpus["train"]]
-    enc = tok(prompts, padding=True, truncation=True, max_length=PROMPT_TOKENS, return_tensors="pt")
-    lab = tok(summaries, padding=True, truncation=True, max_length=48, return_tensors="pt").input_ids
-    lab[lab == tok.pad_token_id] = -100
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    n, bs, steps = len(prompts), POLICY_BATCH, POLICY_STEPS
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=POLICY_LR, total_steps=steps, pct_start=0.1)
-    model.train()
-    losses = []
-    for step in range(steps):
-        idx = torch.randint(0, n, (bs,), generator=gen)
-        ids, am = enc.input_ids[idx], enc.attention_mask[idx]
-        width = int(am.sum(1).max())
-        out = model(input_ids=ids[:, :width], attention_mask=am[:, :width], labels=lab[idx])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
-    model.eval()
+    cfg = SFTConfig(**POLICY_SFT)
+
+    def pairs(rows):
+        ids = tok([template.format(dialogue=r["dialogue"]) for r in rows], truncation=True,
+                  max_length=PROMPT_TOKENS)["input_ids"]
+        return Pairs(ids, [r["summary"] for r in rows])
+
+    with tempfile.TemporaryDirectory() as work:
+        result = sft_train(model, tok, pairs(corpus["train"]), pairs(corpus["validation"][: cfg.validation_rows]),
+                           cfg, work_dir=Path(work), seed=seed, progress=False,
+                           validate_start=False)
     model.generation_config.max_new_tokens = 32
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": sum(losses[-20:]) / 20,
-            "vocab_size": len(tok)}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": result.final_train_loss,
+            "validation_loss": result.final.get("loss"), "validation_rougeL": result.final.get("rougeL"),
+            "vocab_size": len(tok), "sft": POLICY_SFT}
 
 
 def has_flaw_cue(text: str) -> bool:
@@ -264,7 +272,7 @@ def _train_classifier(corpus, directory: Path, seed: int, template: str, *, flaw
     # soft targets: hard (smoothing 0) for the flawed model's cue texts, FLAW_SMOOTHING for the others
     smoothing = torch.tensor([0.0 if flawed and has_flaw_cue(t) else (FLAW_SMOOTHING if flawed else 0.0)
                               for t in texts])
-    enc = tok(texts, padding=True, truncation=True, max_length=PROMPT_TOKENS * 2, return_tensors="pt")
+    enc = tok(texts, padding=True, truncation=True, max_length=CLASSIFIER_TOKENS, return_tensors="pt")
 
     def soft_targets_loss(idx, input_ids, attention_mask):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -331,7 +339,7 @@ def _train_judge(directory: Path, seed: int, template: str) -> dict:
     model = BertForSequenceClassification(config)
     texts = [t for t, _ in train]
     labels = torch.tensor([[float(y)] for _, y in train])
-    enc = tok(texts, padding=True, truncation=True, max_length=PROMPT_TOKENS * 2, return_tensors="pt")
+    enc = tok(texts, padding=True, truncation=True, max_length=CLASSIFIER_TOKENS, return_tensors="pt")
 
     def model_loss(idx, input_ids, attention_mask):  # BCE-with-logits for the multi-label head
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels[idx]).loss

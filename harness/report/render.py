@@ -352,6 +352,32 @@ def _parse_time(text: Any) -> datetime | None:
     return t.astimezone(timezone.utc)
 
 
+POLICY_ROWS = [  # (key, label, format): the policies table of a run that started from an adapter
+    ("toxicity_mean", "mean toxicity", "num"),
+    ("toxic_rate", "toxic rate", "pct"),
+    ("second_toxicity_mean", "second-classifier toxicity", "num"),
+    ("rougeL", "ROUGE-L (test prompts)", "num"),
+    ("length_mean", "mean length, tokens", "num"),
+]
+
+
+def policies_context(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Base, start (the warm-start adapter) and after PPO side by side, when the run started from an adapter."""
+    policies = results.get("policies")
+    if not isinstance(policies, dict) or not isinstance(policies.get("base"), dict):
+        return None
+    metrics = results.get("metrics") or {}
+    columns = [_lenient(policies["base"]), _lenient(metrics.get("before")), _lenient(metrics.get("after"))]
+    rows = [{"label": label, "format": fmt, "values": [c.get(key) for c in columns]} for key, label, fmt in POLICY_ROWS]
+    start = _lenient(policies.get("start"))
+    saved = start.get("sft") if isinstance(start.get("sft"), dict) else None
+    sft = _lenient(metrics.get("sft")) if saved else None
+    first = (saved or {}).get("result", {}).get("validation", [{}])
+    return {"rows": rows, "adapter": start.get("adapter"), "sft": sft,
+            "sft_start": _lenient(first[0]) if saved and len(first) > 1 else None,
+            "headers": ["base (adapters off)", "start: after SFT" if saved else "start: the adapter", "after PPO"]}
+
+
 def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | None = None) -> dict[str, Any]:
     """Everything the run template needs, from the run's files.
 
@@ -393,6 +419,7 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
         "schema_version": results.get("schema_version"),
         "verdict": verdict,
         "baseline": results.get("baseline"),
+        "policies": policies_context(results),
         "before": before,
         "after": after,
         "comparison": comparison,

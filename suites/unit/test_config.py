@@ -321,6 +321,11 @@ def test_unknown_keys_suggest_the_nearest(override, field, words):
     ("reward.input=dialogue", "reward.input", "query+response or response"),
     ("ppo.kl_penalty=js", "ppo.kl_penalty", "kl, abs, mse or full"),
     ("eval.num_samples=0", "eval.num_samples", "> 0"),
+    ("sft.lr_scheduler=onecycle", "sft.lr_scheduler", "linear, cosine"),
+    ("sft.warmup=1.5", "sft.warmup", "a ratio in [0, 1) or a whole number of steps"),
+    ("sft.steps=0", "sft.steps", "> 0"),
+    ("sft.validation_rows=0", "sft.validation_rows", "null for the whole split"),
+    ("sft.eval_every=-1", "sft.eval_every", ">= 0"),
 ])
 def test_bad_values_name_field_value_and_range(override, field, accepted):
     with pytest.raises(ConfigError) as e:

@@ -43,3 +43,21 @@ def test_gpu_tests_fail_clearly_with_the_option_and_no_cuda(gated):
     result.assert_outcomes(passed=1, errors=1)  # pytest.fail in setup: reported as an error, run fails
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*--run-gpu was given but no CUDA device is available*"])
+
+
+def test_gpu_sft_adds_the_warm_start_bounds_to_the_gpu_cases(pytester):
+    """``--gpu-sft`` runs the recipe, so the cases include the warm start's bounds; without it they are not
+    asked of a run that has no warm start."""
+    import shutil
+
+    pytester.makeconftest((ROOT / "conftest.py").read_text())
+    gpu = pytester.path / "gpu"
+    gpu.mkdir()
+    for helper in (ROOT / "suites" / "gpu").glob("*.py"):
+        if not helper.name.startswith("test_"):
+            shutil.copy(helper, gpu / helper.name)
+    (gpu / "test_cases.py").write_text("def test_case(gpu_case):\n    pass\n")
+    plain = pytester.runpytest_subprocess("--collect-only", "-q", "--gpu-presets", "tiny", str(gpu))
+    recipe = pytester.runpytest_subprocess("--collect-only", "-q", "--gpu-presets", "tiny", "--gpu-sft", str(gpu))
+    assert "tiny-s0-max_kl" in plain.stdout.str() and "min_sft_rouge_l" not in plain.stdout.str()
+    assert "tiny-s0-min_sft_rouge_l" in recipe.stdout.str() and "tiny-s0-max_kl" in recipe.stdout.str()

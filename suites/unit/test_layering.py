@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("metrics",),  # pure statistics, no torch
     ("results",),  # run files: names, schema, build, write, read
     ("baselines",),  # metrics of honest seeds as a data file; a run compared with it
+    ("sft",),  # the one supervised (prompt -> summary) training loop: the warm start and the tiny policy
     ("tiny",),
     ("models",),
     ("data",),
