@@ -28,6 +28,8 @@ EPILOG = """examples:
   detox-harness run --preset tiny                      # the whole job on the offline tiny world
   detox-harness run --preset flan-t5-base ppo.steps=20 policy.model=/models/flan-t5-base
   detox-harness run --preset tiny --output reports/my-run --resume
+  detox-harness run --preset tiny --num-processes 2     # data-parallel, through accelerate's launcher
+  accelerate launch --num_processes 4 -m harness.cli run --preset flan-t5-large   # the same, launched by hand
   detox-harness eval --preset tiny --target reports/<run>/checkpoints/step-000030
   detox-harness report reports/<run>
   detox-harness baseline --preset tiny --seeds 0,1,2    # writes baselines/tiny.json
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     run.add_argument("--baseline", metavar="FILE", help="also fail when a metric leaves this baseline's tolerance "
                      "(e.g. baselines/tiny.json)")
+    run.add_argument("--num-processes", type=int, default=1, metavar="N",
+                     help="data-parallel over N processes on this machine, started by accelerate's launcher (one "
+                          "per GPU, or N CPU processes); the same numbers as one process (docs/scale.md)")
 
     base = sub.add_parser("baseline", help="run several seeds and write their metrics as a baseline file")
     _add_config_args(base)
@@ -117,10 +122,54 @@ def _build_tiny_world_if_needed(cfg) -> None:
             tiny.build(seed=seed, verbose=True)
 
 
+def launch_argv(argv: list[str], num_processes: int, port: int) -> list[str]:
+    """``accelerate launch`` arguments that run ``detox-harness`` with ``argv`` (``--num-processes`` dropped) in
+    ``num_processes`` processes on this machine. ``--multi_gpu`` is accelerate's multi-process mode: one
+    process per GPU with CUDA, gloo CPU processes without (the config's ``device=cpu`` keeps them on the CPU)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            rest.append(a)
+    return ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "harness.cli", *rest]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], num_processes: int) -> int:
+    """Start the run in ``num_processes`` processes through accelerate's launcher; the processes' exit code."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(launch_argv(argv, num_processes, _free_port()))
+    try:
+        launch_command(args)
+    except ChildFailedError as e:  # a process exited non-zero: pass on its exit code (1 a bound, 2 bad input...)
+        _rank, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else EXIT_INTERNAL
+    return EXIT_PASS
+
+
 def cmd_run(args) -> int:
     from . import results as rf
+    from .parallel import launched_as_main, launched_world_size
     from .pipeline import run, summary_table
     from .thresholds import format_table
+
+    if args.num_processes < 1:
+        raise HarnessError(f"got {args.num_processes}, accepted: an integer >= 1", field="--num-processes")
+    if args.num_processes > 1 and launched_world_size() == 1:
+        return launch(args.argv, args.num_processes)
 
     if args.resume and args.config:
         raise HarnessError("--resume continues a run with its saved config", field="--config",
@@ -130,7 +179,7 @@ def cmd_run(args) -> int:
         + (["output.report=false"] if args.no_report else [])
     outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline,
                   overrides=overrides)
-    if outcome.interrupted:
+    if outcome.interrupted or not launched_as_main():  # the main process prints
         return outcome.exit_code
     print()
     print(summary_table(outcome.results))
@@ -250,6 +299,7 @@ def _quiet_libraries(verbose: bool, progress: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(verbose=args.verbose, progress=not getattr(args, "no_progress", False))

@@ -33,6 +33,11 @@ def launched_world_size() -> int:
         return 1
 
 
+def launched_as_main() -> bool:
+    """Whether this process is the launcher's rank 0 (or not launched at all), without starting accelerate."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class Parallel:
     """This process's place in the run; one process (``accelerator=None``): every operation is the identity."""
 
