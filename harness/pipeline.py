@@ -325,7 +325,8 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
     results, samples = rf.build_results(cfg, before, after, run_id=run_dir.name, training=training_summary(stats),
                                         timings=timings, device=str(device),
                                         extra={"data": data.stats, "parameters": count_parameters(policy),
-                                               "checkpoint": result.checkpoint})
+                                               "checkpoint": result.checkpoint,
+                                               "processes": parallel.world_size})
     bounds = verdict(results, cfg.thresholds)
     results["verdict"] = {"passed": all_passed(bounds), "bounds": [b.to_dict() for b in bounds]}
     checks = []
