@@ -152,6 +152,8 @@ def launch(argv: list[str], num_processes: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(launch_argv(argv, num_processes, _free_port()))
+    # torchrun logs a failed process at ERROR, also for exit 1 (a bound failed): the processes speak for themselves
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         launch_command(args)
     except ChildFailedError as e:  # a process exited non-zero: pass on its exit code (1 a bound, 2 bad input...)

@@ -203,8 +203,9 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     if base is not None:
         baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
     parallel = Parallel.from_environment(cfg.device)
-    if not parallel.is_main:
+    if not parallel.is_main:  # the main process prints; the others' warnings would repeat its own
         echo = _silent
+        logging.getLogger("harness").setLevel(logging.ERROR)
     parallel.wait()  # every process has checked the directory before the main process writes into it
     created = not run_dir.exists()
     if parallel.is_main:
