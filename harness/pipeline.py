@@ -28,7 +28,7 @@ from .errors import (
     first_line,
 )
 from .metrics import EvalOutput, training_summary
-from .parallel import SINGLE, Parallel
+from .parallel import SINGLE, Parallel, launched_as_main
 from .thresholds import text_table
 
 
@@ -184,6 +184,9 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     """
     from . import baselines
 
+    if not launched_as_main():  # the main process prints; the others' warnings would repeat its own
+        echo = _silent
+        logging.getLogger("harness").setLevel(logging.ERROR)
     base = baselines.load_baseline(baseline) if baseline is not None else None
     run_dir = resolve_run_dir(cfg, output, resume)
     if run_dir.exists() and not run_dir.is_dir():
@@ -203,9 +206,6 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     if base is not None:
         baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
     parallel = Parallel.from_environment(cfg.device)
-    if not parallel.is_main:  # the main process prints; the others' warnings would repeat its own
-        echo = _silent
-        logging.getLogger("harness").setLevel(logging.ERROR)
     parallel.wait()  # every process has checked the directory before the main process writes into it
     created = not run_dir.exists()
     if parallel.is_main:
