@@ -206,6 +206,8 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     if base is not None:
         baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
     parallel = Parallel.from_environment(cfg.device)
+    parallel.check_divides(cfg.ppo.batch_size, "ppo.batch_size")  # before minutes of loading and evaluating
+    parallel.check_divides(cfg.ppo.mini_batch_size, "ppo.mini_batch_size")
     parallel.wait()  # every process has checked the directory before the main process writes into it
     created = not run_dir.exists()
     if parallel.is_main:
