@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(verbose=args.verbose, progress=not getattr(args, "no_progress", False))
     try:
+        _one_process_unless_run(args.command)
         return COMMANDS[args.command](args)
     except HarnessError as e:
         what = "training failed" if isinstance(e, TrainingError) else "error"
@@ -326,6 +327,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detox-harness: internal error ({type(e).__name__}: {first_line(e)}); this is a bug, please report "
               f"it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _one_process_unless_run(command: str) -> None:
+    """Only ``run`` is data-parallel; another command under a multi-process launcher would write its files once
+    per process: refuse it."""
+    from .parallel import launched_world_size
+
+    if command != "run" and launched_world_size() > 1:
+        raise HarnessError(f"detox-harness {command} runs in one process; only run is data-parallel",
+                           field="accelerate launch", value=f"{launched_world_size()} processes",
+                           fix=f"start detox-harness {command} without accelerate launch (or with --num_processes 1)")
 
 
 def _write_traceback(exc: BaseException) -> str:

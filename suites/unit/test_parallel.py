@@ -75,3 +75,11 @@ def test_num_processes_below_one_is_refused():
     from harness.cli import main
 
     assert main(["run", "--preset", "tiny", "--num-processes", "0"]) == 2
+
+
+def test_other_commands_refuse_a_multi_process_launcher(monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["presets"]) == 2
+    assert "only run is data-parallel" in capsys.readouterr().err
