@@ -31,6 +31,8 @@ EPILOG = """examples:
   detox-harness sft --preset tiny --output adapters/sft  # the warm start alone (then policy.adapter=...)
   detox-harness run --preset flan-t5-base ppo.steps=20 policy.model=/models/flan-t5-base
   detox-harness run --preset tiny --output reports/my-run --resume
+  detox-harness run --preset tiny --num-processes 2     # data-parallel, through accelerate's launcher
+  accelerate launch --num_processes 4 -m harness.cli run --preset flan-t5-large   # the same, launched by hand
   detox-harness eval --preset tiny --target reports/<run>/checkpoints/step-000030
   detox-harness report reports/<run>
   detox-harness baseline --preset tiny --seeds 0,1,2    # writes baselines/tiny.json
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(e.g. baselines/tiny.json)")
     run.add_argument("--sft", action="store_true", help="the whole recipe: a supervised warm start (made, or reused "
                      "from the cache when made with the same settings), then PPO from it")
+    run.add_argument("--num-processes", type=int, default=1, metavar="N",
+                     help="data-parallel over N processes on this machine, started by accelerate's launcher (one "
+                          "per GPU, or N CPU processes); the same numbers as one process (docs/scale.md)")
 
     sft = sub.add_parser("sft", help="supervised warm start: LoRA fine-tuning on (prompt -> summary), an adapter "
                          "for policy.adapter")
@@ -128,10 +133,60 @@ def _build_tiny_world_if_needed(cfg) -> None:
             tiny.build(seed=seed, verbose=True)
 
 
+def launch_argv(argv: list[str], num_processes: int, port: int) -> list[str]:
+    """``accelerate launch`` arguments that run ``detox-harness`` with ``argv`` (``--num-processes`` dropped) in
+    ``num_processes`` processes on this machine. ``--multi_gpu`` is accelerate's multi-process mode: one
+    process per GPU with CUDA, gloo CPU processes without (the config's ``device=cpu`` keeps them on the CPU)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            rest.append(a)
+    return ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "harness.cli", *rest]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], num_processes: int) -> int:
+    """Start the run in ``num_processes`` processes through accelerate's launcher; the processes' exit code."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(launch_argv(argv, num_processes, _free_port()))
+    # torchrun logs a failed process at ERROR, also for exit 1 (a bound failed): the processes speak for themselves
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        launch_command(args)
+    except ChildFailedError as e:  # a process exited non-zero: pass on its exit code (1 a bound, 2 bad input...)
+        _rank, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else EXIT_INTERNAL
+    return EXIT_PASS
+
+
 def cmd_run(args) -> int:
     from . import results as rf
+    from .parallel import launched_as_main, launched_world_size
     from .pipeline import run, summary_table
     from .thresholds import format_table
+
+    if args.num_processes < 1:
+        raise HarnessError(f"got {args.num_processes}, accepted: an integer >= 1", field="--num-processes")
+    if args.sft and max(args.num_processes, launched_world_size()) > 1:
+        raise HarnessError("the warm start runs in one process", field="--sft",
+                           fix="make it first (detox-harness sft --preset P --output DIR), then run the processes "
+                               "with policy.adapter=DIR")
+    if args.num_processes > 1 and launched_world_size() == 1:
+        return launch(args.argv, args.num_processes)
 
     if args.resume and args.config:
         raise HarnessError("--resume continues a run with its saved config", field="--config",
@@ -141,7 +196,7 @@ def cmd_run(args) -> int:
         + (["output.report=false"] if args.no_report else [])
     outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline,
                   overrides=overrides, sft=args.sft)
-    if outcome.interrupted:
+    if outcome.interrupted or not launched_as_main():  # the main process prints
         return outcome.exit_code
     print()
     print(summary_table(outcome.results))
@@ -276,10 +331,12 @@ def _quiet_libraries(verbose: bool, progress: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(verbose=args.verbose, progress=not getattr(args, "no_progress", False))
     try:
+        _one_process_unless_run(args.command)
         return COMMANDS[args.command](args)
     except HarnessError as e:
         what = "training failed" if isinstance(e, TrainingError) else "error"
@@ -300,6 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detox-harness: internal error ({type(e).__name__}: {first_line(e)}); this is a bug, please report "
               f"it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _one_process_unless_run(command: str) -> None:
+    """Only ``run`` is data-parallel; another command under a multi-process launcher would write its files once
+    per process: refuse it."""
+    from .parallel import launched_world_size
+
+    if command != "run" and launched_world_size() > 1:
+        raise HarnessError(f"detox-harness {command} runs in one process; only run is data-parallel",
+                           field="accelerate launch", value=f"{launched_world_size()} processes",
+                           fix=f"start detox-harness {command} without accelerate launch (or with --num_processes 1)")
 
 
 def _write_traceback(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from .config import HarnessConfig
 from .errors import HarnessError
 from .metrics import EvalOutput, phase_metrics, sample_seed
+from .parallel import SINGLE, Parallel
 
 KL_CHUNK_BYTES = 256 * 2**20  # bound on one float32 logits tensor in the KL pass
 
@@ -124,7 +125,8 @@ def _generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequ
 
 
 def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_reference: bool,
-                    second_classifier=None, progress: bool = True, base: bool = False) -> EvalOutput:
+                    second_classifier=None, progress: bool = True, base: bool = False,
+                    parallel: Parallel = SINGLE) -> EvalOutput:
     """Evaluate the reference (``use_reference=True``: the starting policy) or the policy on the test prompts;
     ``base=True`` (with ``use_reference``) evaluates the bare base model instead, every adapter off (it
     differs from the reference only when the run starts from an adapter, e.g. the SFT warm start).
@@ -134,6 +136,9 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
     :func:`sample_seed`; generation follows ``cfg.eval`` in batches of ``cfg.eval.batch_size``. Rewards and
     toxicity come from one classifier pass on ``reward_texts(query, response, cfg.reward.input)``. KL to
     the reference is computed for the policy; for the reference itself it is 0 by construction.
+
+    Data-parallel (``parallel`` of several processes): each process generates and scores a contiguous share of
+    the (prompt, sample) items, with their own seeds, and every process gets all the samples, in order.
     """
     import torch
 
@@ -147,13 +152,14 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
     k = e.samples_per_prompt
     queries_p, refs_p, ids_p = list(rows["query"]), _references(rows), _prompt_ids(rows, policy.tokenizer)
     items = [(p, s) for p in range(len(rows)) for s in range(k)]
+    items = [items[i] for i in parallel.shard(len(items))]  # all of them with one process
     seeds = [sample_seed(e.seed, p, s, k) for p, s in items]
     prompt_ids = [ids_p[p] for p, _ in items]
     generation = {"batch_size": e.batch_size, "max_new_tokens": e.max_new_tokens, "sampling": e.sampling_kwargs()}
     compute_kl = not use_reference and (policy.is_peft or policy.ref_model is not None)
     kls: list[float] = []
     phase = ("base (adapters off)" if base else "before (reference)") if use_reference else "after (policy)"
-    with _progress(len(items), f"eval {phase}", progress) as bar:
+    with _progress(len(items), f"eval {phase}", progress and parallel.is_main) as bar:
         def on_batch(lo, hi, roll):
             if compute_kl:
                 kls.extend(sequence_kl(policy, [torch.as_tensor(x) for x in prompt_ids[lo:hi]], roll.responses,
@@ -187,5 +193,8 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
     samples = [{"prompt_index": p, "sample_index": s, "seed": seed, "query": queries_p[p], "references": refs_p[p],
                 "response": text, "length": int(n), "kl": float(kl), **{k: v[i] for k, v in columns.items()}}
                for i, ((p, s), seed, text, n, kl) in enumerate(zip(items, seeds, texts, lengths, kls))]
+    response_ids = [r.tolist() for r in responses]
+    if parallel.distributed:
+        samples, response_ids = parallel.gather_object(samples), parallel.gather_object(response_ids)
     return EvalOutput(metrics=phase_metrics(samples, cfg), samples=samples, seconds=time.time() - t0,
-                      response_ids=[r.tolist() for r in responses])
+                      response_ids=response_ids)

@@ -28,6 +28,7 @@ from .errors import (
     first_line,
 )
 from .metrics import EvalOutput, training_summary
+from .parallel import SINGLE, Parallel, launched_as_main
 from .thresholds import text_table
 
 
@@ -80,9 +81,10 @@ class RunInputs:
     seconds: float
 
 
-def load_inputs(cfg: HarnessConfig, *, min_train_rows: int = 1) -> RunInputs:
+def load_inputs(cfg: HarnessConfig, *, min_train_rows: int = 1, device=None) -> RunInputs:
     """Seed torch with the run seed (the fresh LoRA's initialization depends on it), then load the policy, the
-    reward classifier, the optional second judge and the prompts (at least ``eval.num_samples`` test rows)."""
+    reward classifier, the optional second judge and the prompts (at least ``eval.num_samples`` test rows).
+    ``device``: the process's device of a data-parallel run (accelerate's), instead of ``cfg.device``."""
     import torch
 
     from .data import build_prompts
@@ -91,7 +93,7 @@ def load_inputs(cfg: HarnessConfig, *, min_train_rows: int = 1) -> RunInputs:
 
     t = time.time()
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = device if device is not None else resolve_device(cfg.device)
     policy = load_policy(cfg.policy, device=device)
     classifier, second = load_judges(cfg, device)
     data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples or 1,
@@ -180,9 +182,16 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     file-system fault (a path that cannot be written, a full disk) raises an :class:`EnvironmentFault` that
     names the last checkpoint and the resume command; any other unexpected exception gets its traceback
     written to the run's ``run.log`` (a note on the exception says where).
+
+    Under ``accelerate launch`` with several processes (``detox-harness run --num-processes N``) the run is
+    data-parallel (docs/scale.md): every process evaluates and trains on its share and gets the same numbers;
+    the main process alone prints and writes the run directory.
     """
     from . import baselines
 
+    if not launched_as_main():  # the main process prints; the others' warnings would repeat its own
+        echo = _silent
+        logging.getLogger("harness").setLevel(logging.ERROR)
     base = baselines.load_baseline(baseline) if baseline is not None else None
     run_dir = resolve_run_dir(cfg, output, resume)
     if run_dir.exists() and not run_dir.is_dir():
@@ -208,20 +217,26 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
         cfg.policy.adapter = str(adapter)
     if base is not None:
         baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
+    parallel = Parallel.from_environment(cfg.device)
+    parallel.check_divides(cfg.ppo.batch_size, "ppo.batch_size")  # before minutes of loading and evaluating
+    parallel.check_divides(cfg.ppo.mini_batch_size, "ppo.mini_batch_size")
+    parallel.wait()  # every process has checked the directory before the main process writes into it
     created = not run_dir.exists()
-    try:  # a path that cannot be written fails here, before minutes of loading
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise environment_fault(e, f"creating the run directory {run_dir}") from e
+    if parallel.is_main:
+        try:  # a path that cannot be written fails here, before minutes of loading
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise environment_fault(e, f"creating the run directory {run_dir}") from e
     try:
-        inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size)
+        inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size, device=parallel.device)
     except BaseException:
-        if created:  # bad input leaves no stub directory behind
+        if created and parallel.is_main:  # bad input leaves no stub directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    log_handler = _open_run_log(run_dir)
+    log_handler = _open_run_log(run_dir) if parallel.is_main else None
     try:
-        return _run(cfg, run_dir, inputs, base, baseline, resume=resume, progress=progress, echo=echo)
+        return _run(cfg, run_dir, inputs, base, baseline, resume=resume, progress=progress and parallel.is_main,
+                    echo=echo, parallel=parallel)
     except HarnessError as e:
         if isinstance(e, EnvironmentFault):
             raise EnvironmentFault(f"{e}; {_resume_hint(cfg, run_dir)}") from e
@@ -230,6 +245,8 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
         fault = environment_fault(e, "the run")
         raise EnvironmentFault(f"{fault}; {_resume_hint(cfg, run_dir)}") from e
     except Exception as e:
+        if log_handler is None:  # not the main process: the main one writes run.log
+            raise
         # straight into the file: through logging, the root logger's terminal handler would print it too
         try:
             import traceback
@@ -242,7 +259,12 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
         e.add_note(f"resume: {_resume_hint(cfg, run_dir)}")
         raise
     finally:
-        _close_run_log(log_handler)
+        if log_handler is not None:
+            _close_run_log(log_handler)
+
+
+def _silent(*args, **kwargs) -> None:
+    """``echo`` of the processes other than the main one."""
 
 
 def _open_run_log(run_dir: Path) -> logging.FileHandler:
@@ -259,7 +281,7 @@ def _close_run_log(handler: logging.FileHandler) -> None:
 
 
 def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *, resume: bool, progress: bool,
-         echo) -> RunOutcome:
+         echo, parallel: Parallel = SINGLE) -> RunOutcome:
     from . import baselines
     from .evaluation import evaluate_policy, select_prompts
     from .models import count_parameters, format_parameter_count
@@ -267,11 +289,14 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
     from .thresholds import all_passed, verdict
 
     t_start = time.time() - inputs.seconds
-    cfg.save(run_dir / rf.CONFIG_FILE)
+    main = parallel.is_main
+    if main:
+        cfg.save(run_dir / rf.CONFIG_FILE)
     device, policy, classifier, second, data = (inputs.device, inputs.policy, inputs.classifier, inputs.second,
                                                  inputs.data)
     timings: dict[str, float] = {"load_s": inputs.seconds}
-    echo(f"run {run_dir.name}: preset {cfg.preset}, seed {cfg.seed}, device {device}")
+    echo(f"run {run_dir.name}: preset {cfg.preset}, seed {cfg.seed}, device {device}"
+         + (f", {parallel.world_size} processes" if parallel.distributed else ""))
     echo(format_parameter_count(count_parameters(policy)))
     echo(f"data: {data.stats['kept']} dialogues kept of {data.stats['dialogues']} "
          f"({data.stats['train']} train / {data.stats['test']} test prompts, "
@@ -284,8 +309,9 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
         echo("before: reused the saved evaluation")
     else:
         before = evaluate_policy(policy, classifier, test, cfg, use_reference=True, second_classifier=second,
-                                 progress=progress)
-        rf.write_json(before_file, before.to_json(), indent=None)
+                                 progress=progress, parallel=parallel)
+        if main:
+            rf.write_json(before_file, before.to_json(), indent=None)
     timings["eval_before_s"] = before.seconds
     echo(f"before: {phase_line(before.metrics)}")
     policies = None
@@ -295,8 +321,9 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
             base_eval = EvalOutput.from_json(rf.read_json(base_file))
         else:
             base_eval = evaluate_policy(policy, classifier, test, cfg, use_reference=True, base=True,
-                                        second_classifier=second, progress=progress)
-            rf.write_json(base_file, base_eval.to_json(), indent=None)
+                                        second_classifier=second, progress=progress, parallel=parallel)
+            if main:
+                rf.write_json(base_file, base_eval.to_json(), indent=None)
         timings["eval_base_s"] = base_eval.seconds
         echo(f"base (adapters off): {phase_line(base_eval.metrics)}")
         from .sft import read_result
@@ -305,14 +332,14 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
                     "start": {"adapter": str(cfg.policy.adapter), "sft": read_result(Path(cfg.policy.adapter))}}
 
     t = time.time()
-    trainer = PPOTrainer(cfg, policy, classifier, data.train, run_dir)
+    trainer = PPOTrainer(cfg, policy, classifier, data.train, run_dir, parallel=parallel)
     if resume:
         ckpt = trainer.resume()
         if trainer.step > cfg.ppo.steps:
             raise HarnessError(f"the run's last checkpoint is at step {trainer.step}, past ppo.steps = {cfg.ppo.steps}",
                                field="ppo.steps", fix=f"give ppo.steps={trainer.step} or more to finish it")
         echo(f"resumed from {ckpt} (step {trainer.step})" if ckpt else "no checkpoint found: training from step 0")
-    elif trainer.stats_path.exists():
+    elif main and trainer.stats_path.exists():
         trainer.stats_path.unlink()
     result = trainer.train(progress=progress)
     timings["train_s"] = time.time() - t
@@ -323,10 +350,11 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
         return RunOutcome(run_dir=run_dir, results={}, interrupted=True)
 
     after = evaluate_policy(policy, classifier, test, cfg, use_reference=False, second_classifier=second,
-                            progress=progress)
+                            progress=progress, parallel=parallel)
     timings["eval_after_s"] = after.seconds
     timings["total_s"] = time.time() - t_start
-    extra = {"data": data.stats, "parameters": count_parameters(policy), "checkpoint": result.checkpoint}
+    extra = {"data": data.stats, "parameters": count_parameters(policy), "checkpoint": result.checkpoint,
+             "processes": parallel.world_size}
     if policies is not None:
         extra["policies"] = policies
     results, samples = rf.build_results(cfg, before, after, run_id=run_dir.name, training=training_summary(stats),
@@ -340,10 +368,11 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
         checks = baselines.compare(results, base, baseline_name=str(baseline))
         results["baseline"] = {"file": str(baseline), "passed": all(c.passed for c in checks),
                                "seeds": base["seeds"], "checks": [c.to_dict() for c in checks]}
-    rf.write_run_files(run_dir, results, samples)
+    if main:
+        rf.write_run_files(run_dir, results, samples)
     outcome = RunOutcome(run_dir=run_dir, results=results, bounds=bounds,
                          passed=all_passed(bounds) and all(c.passed for c in checks), baseline_checks=checks)
-    if cfg.output.report:
+    if cfg.output.report and main:
         from .report import render_index, render_run
 
         outcome.report = render_run(run_dir)

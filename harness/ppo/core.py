@@ -19,10 +19,15 @@ KL_ESTIMATORS = ("kl", "abs", "mse", "full")
 
 # ------------------------------------------------------------------------------------ masked stats
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is 1 (over all elements, or along ``axis``)."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None,
+                count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (over all elements, or along ``axis``).
+
+    ``count``: divide the masked sum by this instead of ``mask.sum()``; a process of a data-parallel run
+    passes the action count of the whole mini-batch, so that the processes' results add up to its mean.
+    """
     if axis is None:
-        return (values * mask).sum() / mask.sum()
+        return (values * mask).sum() / (mask.sum() if count is None else count)
     return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
 
 
@@ -223,24 +228,25 @@ def clip_by_value(x: torch.Tensor, tensor_min: torch.Tensor, tensor_max: torch.T
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float):
-    """Clipped surrogate objective. Returns ``(loss, clipfrac, ratio)``."""
+                cliprange: float, count: torch.Tensor | float | None = None):
+    """Clipped surrogate objective. Returns ``(loss, clipfrac, ratio)``; ``count`` as :func:`masked_mean`'s."""
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask, count=count)
+    clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask, count=count)
     return loss, clipfrac, ratio
 
 
 def value_loss(vpreds: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float):
-    """Clipped value loss, 0.5 * max((v - R)^2, (clip(v) - R)^2). Returns ``(loss, clipfrac)``."""
+               cliprange_value: float, count: torch.Tensor | float | None = None):
+    """Clipped value loss, 0.5 * max((v - R)^2, (clip(v) - R)^2). Returns ``(loss, clipfrac)``; ``count`` as
+    :func:`masked_mean`'s."""
     vpredclipped = clip_by_value(vpreds, old_values - cliprange_value, old_values + cliprange_value)
     vf_losses1 = (vpreds - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
-    clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask, count=count)
+    clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask, count=count)
     return loss, clipfrac
 
 

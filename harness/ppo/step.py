@@ -35,6 +35,7 @@ from . import core
 
 if TYPE_CHECKING:
     from ..config import RewardConfig
+    from ..parallel import Parallel
 
 KLController = core.AdaptiveKLController | core.FixedKLController
 
@@ -183,7 +184,7 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
              scores: torch.Tensor, config: PPOConfig, *, pad_token_id: int, decoder_start_token_id: int,
              score_options: ScoreOptions = ScoreOptions(),
              distribution: core.SampledDistribution = core.SampledDistribution(),
-             orders: Iterator[Sequence[int]] | None = None) -> dict[str, float]:
+             orders: Iterator[Sequence[int]] | None = None, parallel: Parallel | None = None) -> dict[str, float]:
     """Run one PPO step and return its statistics (TRL 0.11 names) as floats.
 
     ``scores`` are the classifier's rewards, one per response; ``score_options`` transforms them (with
@@ -197,6 +198,13 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     update: every trainable weight, the optimizer state, the running score moments and the quirks'
     state are restored to what they were before the step, and the statistics carry ``skipped = 1`` and
     ``skip_reason``.
+
+    ``parallel`` (a :class:`harness.parallel.Parallel` of several processes): the rows given are this
+    process's share of the batch (every process the same number); the step gathers the rows' tensors after
+    the forward passes, so that every global quantity (score moments, whitening, KL, statistics, the KL
+    controller's input) is the whole batch's, and sums the gradients of each optimizer step over the
+    processes. ``orders`` is then required and must be the same on every process (the global row orders).
+    Every process returns the same statistics and ends with the same weights (docs/scale.md).
     """
     t0 = time.time()
     if not len(queries) == len(responses) == len(scores):
@@ -204,6 +212,14 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
                          "must match")
     _check_quirks(config, state.quirks)
     raw = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    mine = None  # this process's rows of the batch, when the batch is shared by several processes
+    if parallel is not None and parallel.distributed:
+        if orders is None:
+            raise ValueError("ppo_step: a data-parallel step needs `orders`, the same global row orders on every "
+                             "process (torch's global RNG may differ between processes)")
+        queries, responses, raw, mine = _gather_rows(parallel, queries, responses, raw)
+    else:
+        parallel = None
     if not torch.isfinite(raw).all():
         return _skipped_stats(state.kl_ctl, raw, responses, reason="non-finite score", t0=t0)
     if state.quirks.unsampled_distribution:
@@ -215,18 +231,29 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     policy.eval()  # dropout off for rollout scoring and training alike (see docs/ppo.md)
     inputs = prepare_inputs(queries, responses, pad_token_id, decoder_start_token_id, policy.device)
     stats: dict[str, float] = {}
-    with _timed(stats, "time/ppo/forward_pass"):
-        old = old_outputs(policy, inputs, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
-                          mask_first_action=state.quirks.mask_first_action, distribution=distribution)
-    with _timed(stats, "time/ppo/compute_rewards"):
-        kls, rewards, non_score = kl_rewards(old, scores, config.kl_penalty, state.kl_ctl.value)
+    if parallel is not None:  # forward passes and rewards of this process's rows, then the whole batch's
+        with _timed(stats, "time/ppo/forward_pass"):
+            part = {k: v[mine] for k, v in inputs.items()}
+            old = old_outputs(policy, part, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
+                              mask_first_action=state.quirks.mask_first_action, distribution=distribution)
+        with _timed(stats, "time/ppo/compute_rewards"):
+            kls, rewards, non_score = kl_rewards(old, scores[mine], config.kl_penalty, state.kl_ctl.value)
+            old = OldOutputs(*(parallel.gather(t) for t in (old.logprobs, old.values, old.ref_logprobs, old.masks)))
+            kls, rewards, non_score = (parallel.gather(t) for t in (kls, rewards, non_score))
+    else:
+        with _timed(stats, "time/ppo/forward_pass"):
+            old = old_outputs(policy, inputs, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
+                              mask_first_action=state.quirks.mask_first_action, distribution=distribution)
+        with _timed(stats, "time/ppo/compute_rewards"):
+            kls, rewards, non_score = kl_rewards(old, scores, config.kl_penalty, state.kl_ctl.value)
     old = replace(old, logits=None, ref_logits=None)  # (B, T, V) each: not needed past the KL
     with _timed(stats, "time/ppo/compute_advantages"):
         experience = advantages(old, rewards, config, leak_whitened_padding=state.quirks.leak_whitened_padding)
 
     with _timed(stats, "time/ppo/optimize_step"):
         result = optimise(policy, state.optimizer, state.quirks, inputs, experience, config,
-                          orders if orders is not None else random_orders(len(queries)), distribution)
+                          orders if orders is not None else random_orders(len(queries)), distribution,
+                          parallel=parallel)
     if result.skip_reason is not None:
         state.running.load_state_dict(running_before)  # the score moments saw this batch: undo
         return _skipped_stats(state.kl_ctl, raw, responses, reason=result.skip_reason, t0=t0)
@@ -237,6 +264,17 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     state.kl_ctl.update(stats["objective/kl"], config.batch_size)
     stats["time/ppo/total"] = time.time() - t0
     return stats
+
+
+def _gather_rows(parallel: Parallel, queries, responses, raw: torch.Tensor):
+    """The whole batch from every process's share: (queries, responses, raw scores, this process's rows)."""
+    sizes = parallel.gather_object([len(queries)])
+    if len(set(sizes)) != 1:
+        raise ValueError(f"ppo_step: the processes hold {sizes} rows; each must hold the same number")
+    start = parallel.rank * sizes[0]
+    queries = parallel.gather_object([torch.as_tensor(q).cpu() for q in queries])
+    responses = parallel.gather_object([torch.as_tensor(r).cpu() for r in responses])
+    return queries, responses, parallel.gather(raw), slice(start, start + sizes[0])
 
 
 def _check_quirks(config: PPOConfig, quirks: TRLQuirks) -> None:
@@ -355,7 +393,8 @@ class Optimisation:
 
 def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience,
              config: PPOConfig, orders: Iterator[Sequence[int]],
-             distribution: core.SampledDistribution = core.SampledDistribution()) -> Optimisation:
+             distribution: core.SampledDistribution = core.SampledDistribution(), *,
+             parallel: Parallel | None = None) -> Optimisation:
     """``config.ppo_epochs`` passes over the batch in mini-batches, one optimizer step per
     ``mini_batch_size x gradient_accumulation_steps`` rows; early stop after an epoch whose last mini-batch's
     policy KL passes ``1.5 x target_kl``.
@@ -363,10 +402,14 @@ def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs
     A non-finite loss or gradient stops at once, and non-finite weights at the end count the same: the
     weights, the optimizer state and ``quirks`` are then restored to what they were at the start (and
     before an exception, e.g. ``orders`` running out, propagates).
+
+    With a distributed ``parallel``, ``inputs`` and ``experience`` are the whole batch's; each process
+    forwards its share of every mini-batch (:func:`_sharded_minibatch_loss`) and the gradients are summed
+    over the processes before each optimizer step.
     """
     snapshot = _snapshot(policy, optimizer, quirks)
     try:
-        done = _epochs(policy, optimizer, quirks, inputs, experience, config, orders, distribution)
+        done = _epochs(policy, optimizer, quirks, inputs, experience, config, orders, distribution, parallel)
     except BaseException:
         _restore(policy, optimizer, quirks, snapshot)
         raise
@@ -378,7 +421,8 @@ def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs
 
 
 def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
-            orders: Iterator[Sequence[int]], distribution: core.SampledDistribution) -> Optimisation:
+            orders: Iterator[Sequence[int]], distribution: core.SampledDistribution,
+            parallel: Parallel | None = None) -> Optimisation:
     batch_size = inputs["input_ids"].shape[0]
     done = Optimisation([])
     backward_bs = config.mini_batch_size * config.gradient_accumulation_steps
@@ -386,7 +430,7 @@ def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Expe
         order = _next_order(orders, batch_size)
         for start in range(0, batch_size, backward_bs):
             stats, done.skip_reason = _optimizer_step(policy, optimizer, quirks, inputs, experience, config,
-                                                      order[start:start + backward_bs], distribution)
+                                                      order[start:start + backward_bs], distribution, parallel)
             done.minibatch_stats += stats
             if done.skip_reason:
                 return done
@@ -407,27 +451,38 @@ def _next_order(orders: Iterator[Sequence[int]], batch_size: int) -> torch.Tenso
 
 
 def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
-                    rows: torch.Tensor, distribution: core.SampledDistribution) -> tuple[list[dict], str | None]:
+                    rows: torch.Tensor, distribution: core.SampledDistribution,
+                    parallel: Parallel | None = None) -> tuple[list[dict], str | None]:
     """Gradients of ``rows`` accumulated mini-batch by mini-batch, then one optimizer step.
 
     Returns the mini-batches' statistics and, if something was non-finite, the reason (nothing stepped).
+    With a distributed ``parallel`` each process forwards every ``world_size``-th row of each mini-batch.
     """
     optimizer.zero_grad(set_to_none=True)
     stats = []
     for start in range(0, len(rows), config.mini_batch_size):
         idx = rows[start:start + config.mini_batch_size]
-        part = {k: v[idx.to(v.device)] for k, v in inputs.items()}
+        mine = idx if parallel is None else idx[parallel.rank::parallel.world_size]
+        part = {k: v[mine.to(v.device)] for k, v in inputs.items()}
         new_logits, vpreds = policy(**part)
         new_logits = distribution.apply(new_logits[:, :-1, :])
         new_logprobs = core.logprobs_from_logits(new_logits, part["decoder_input_ids"][:, 1:])
-        loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, new_logits, vpreds[:, :-1],
-                                                   experience.rows(idx.to(policy.device)), config)
-        if not torch.isfinite(loss):
+        if parallel is None:
+            loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, new_logits, vpreds[:, :-1],
+                                                       experience.rows(idx.to(policy.device)), config)
+            finite = bool(torch.isfinite(loss))
+        else:
+            loss, mstats, ratio_skip, finite = _sharded_minibatch_loss(
+                new_logprobs, new_logits, vpreds[:, :-1], experience.rows(mine.to(policy.device)),
+                experience.rows(idx.to(policy.device)), config, parallel)
+        if not finite:
             return stats, "non-finite loss"
         stats.append(mstats)
         if ratio_skip and not quirks.zero_loss_adam_step_on_ratio_skip:
             continue  # the harness skips the update; TRL steps Adam on a zero loss
         (loss / config.gradient_accumulation_steps).backward()
+    if parallel is not None:
+        parallel.sum_gradients(policy.trainable_parameters())
     if not all(p.grad is None or torch.isfinite(p.grad).all() for p in policy.trainable_parameters()):
         return stats, "non-finite gradient"
     if quirks.clips(config.max_grad_norm):
@@ -468,6 +523,58 @@ def _minibatch_loss(logprobs, logits, vpreds, old: Experience, config: PPOConfig
             "policy/ratio_skipped": torch.tensor(float(ratio_skip)),
         }
     return loss, stats, ratio_skip
+
+
+MINIBATCH_PARTS = ("loss/policy", "loss/value", "loss/total", "policy/entropy", "policy/approxkl", "policy/policykl",
+                   "policy/clipfrac", "policy/ratio_mean", "val/vpred", "val/error", "val/clipfrac")
+
+
+def _sharded_minibatch_loss(logprobs, logits, vpreds, mine: Experience, whole: Experience, config: PPOConfig,
+                            parallel: Parallel):
+    """:func:`_minibatch_loss` for one process's rows ``mine`` of a mini-batch whose rows are ``whole``.
+
+    Every masked mean is divided by the action count of the whole mini-batch, so the processes' losses and
+    statistics add up to the single-process ones: the statistics are summed over the processes here (one
+    all-reduce), the gradients after the backward passes. Statistics of the old outputs alone (advantages,
+    returns, values) come from ``whole``, as in one process. Returns ``(loss, stats, ratio_skip, finite)``,
+    the last two the same on every process.
+    """
+    n = whole.masks.sum()
+    mask = mine.masks
+    vf_loss, vf_clipfrac = core.value_loss(vpreds, mine.values, mine.returns, mask, config.cliprange_value, count=n)
+    pg_loss, pg_clipfrac, ratio = core.policy_loss(logprobs, mine.logprobs, mine.advantages, mask, config.cliprange,
+                                                   count=n)
+    loss = pg_loss + config.vf_coef * vf_loss
+    with torch.no_grad():
+        def part(values):
+            return core.masked_mean(values, mask, count=n)
+
+        local = torch.stack([pg_loss, vf_loss, loss, part(core.entropy_from_logits(logits)),
+                             0.5 * part((logprobs - mine.logprobs) ** 2), part(mine.logprobs - logprobs), pg_clipfrac,
+                             part(ratio), part(vpreds), part((vpreds - mine.returns) ** 2), vf_clipfrac]).float()
+        total = dict(zip(MINIBATCH_PARTS, parallel.sum(local)))
+        finite = bool(torch.isfinite(total["loss/total"]))
+        ratio_skip = float(total["policy/ratio_mean"]) > config.ratio_threshold
+        if ratio_skip:
+            for k in ("loss/policy", "loss/value", "loss/total"):
+                total[k] = total[k] * 0.0
+        wmask, returns = whole.masks, whole.returns
+        stats = {
+            "loss/policy": total["loss/policy"], "loss/value": total["loss/value"], "loss/total": total["loss/total"],
+            "policy/entropy": total["policy/entropy"], "policy/approxkl": total["policy/approxkl"],
+            "policy/policykl": total["policy/policykl"], "policy/clipfrac": total["policy/clipfrac"],
+            "policy/advantages_mean": core.masked_mean(whole.advantages, wmask),
+            "policy/ratio_mean": total["policy/ratio_mean"],
+            "returns/mean": core.masked_mean(returns, wmask), "returns/var": core.masked_var(returns, wmask)
+            if wmask.sum() > 1 else torch.tensor(0.0),
+            "val/vpred": total["val/vpred"], "val/error": total["val/error"], "val/clipfrac": total["val/clipfrac"],
+            "val/mean": core.masked_mean(whole.values, wmask),
+            "val/var": core.masked_var(whole.values, wmask) if wmask.sum() > 1 else torch.tensor(0.0),
+            "policy/ratio_skipped": torch.tensor(float(ratio_skip)),
+        }
+    if ratio_skip:
+        loss = loss * 0.0  # as in one process: TRL's quirk still steps Adam on it
+    return loss, stats, ratio_skip, finite
 
 
 def _snapshot(policy, optimizer, quirks: TRLQuirks):

@@ -8,6 +8,12 @@ therefore draws exactly what the uninterrupted run drew.
 Checkpoints (``<output>/checkpoints/step-NNNNNN/``) hold the adapter (safetensors), the value head, the
 optimizer, the KL controller, score moments, the TRL quirks' state, RNG states and the step; each is
 written to a temporary directory and renamed into place, so a half-written checkpoint is never picked up.
+
+Data-parallel (a :class:`harness.parallel.Parallel` of several processes, docs/scale.md): each process
+generates and scores its contiguous share of the step's rows, with the rows' global seeds, and
+:func:`ppo_step` makes the update the whole batch's; every process holds the same weights and state after
+each step. Only the main process writes statistics and checkpoints; a checkpoint holds nothing that depends on
+the number of processes, so a run may resume with another one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 
 from ..config import HarnessConfig
 from ..errors import HarnessError, TrainingError, environment_fault, first_line
+from ..parallel import SINGLE, Parallel
 from ..results import CHECKPOINTS_DIR, TRAIN_STATS_FILE, append_jsonl, read_jsonl, write_jsonl
 from ..toxicity import Classifier, reward_texts
 from .core import SampledDistribution
@@ -57,13 +64,16 @@ class TrainResult:
 class PPOTrainer:
     """Trains ``policy`` against ``classifier`` on the prompts of ``train_data`` (a datasets.Dataset)."""
 
-    def __init__(self, cfg: HarnessConfig, policy, classifier: Classifier, train_data, output_dir: str | Path):
+    def __init__(self, cfg: HarnessConfig, policy, classifier: Classifier, train_data, output_dir: str | Path,
+                 parallel: Parallel = SINGLE):
         self.cfg = cfg
+        self.parallel = parallel
         self.policy = policy
         self.classifier = classifier
         self.data = train_data
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if parallel.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.output_dir / CHECKPOINTS_DIR
         self.stats_path = self.output_dir / TRAIN_STATS_FILE
         # optimizer, KL controller, score moments and TRL quirks: all carried from step to step and checkpointed
@@ -78,6 +88,9 @@ class PPOTrainer:
             raise HarnessError(f"the train split has {len(train_data)} prompts, fewer than one batch",
                                field="ppo.batch_size", value=cfg.ppo.batch_size,
                                fix=f"set ppo.batch_size <= {len(train_data)} or give more data")
+        # every process forwards the same number of rows of the batch and of each mini-batch
+        parallel.check_divides(cfg.ppo.batch_size, "ppo.batch_size")
+        parallel.check_divides(cfg.ppo.mini_batch_size, "ppo.mini_batch_size")
 
     # -------------------------------------------------------------------------------- data
     def batch_indices(self, step: int) -> list[int]:
@@ -97,14 +110,14 @@ class PPOTrainer:
         cfg, tok = self.cfg, self.policy.tokenizer
         t0 = time.time()
         idx = self.batch_indices(self.step)
-        rows = self.data.select(idx)
         sampling = cfg.rollout
         lengths = LengthSampler(sampling.length_min, sampling.length_max,
                                 seed=step_seed(cfg.seed, self.step, 3)).sample(len(idx))
+        mine = self.parallel.shard(len(idx))  # this process's rows; each keeps its global index for its seeds
+        rows = self.data.select([idx[i] for i in mine])
         t = time.time()
-        roll = generate(self.policy.model, tok, rows["input_ids"], max_new_tokens=lengths,
-                        seeds=[step_seed(cfg.seed, self.step, i) for i in range(len(idx))],
-                        **sampling.sampling_kwargs())
+        roll = generate(self.policy.model, tok, rows["input_ids"], max_new_tokens=[lengths[i] for i in mine],
+                        seeds=[step_seed(cfg.seed, self.step, i) for i in mine], **sampling.sampling_kwargs())
         t_gen = time.time() - t
         t = time.time()
         rewards, toxicity = self.score(rows["query"], roll.texts)
@@ -113,9 +126,12 @@ class PPOTrainer:
         stats = ppo_step(self.policy, self.ppo_state, [torch.tensor(x) for x in rows["input_ids"]], roll.responses,
                          rewards, cfg.ppo, pad_token_id=tok.pad_token_id,
                          decoder_start_token_id=self.policy.config.decoder_start_token_id,
-                         score_options=self.score_options, distribution=self.distribution, orders=orders)
+                         score_options=self.score_options, distribution=self.distribution, orders=orders,
+                         parallel=self.parallel)
+        toxicity = self.parallel.gather(toxicity.reshape(-1).float())
+        empty = self.parallel.gather(torch.tensor([float(not s.strip()) for s in roll.texts]))
         stats["env/toxicity_mean"] = float(toxicity.mean())
-        stats["env/empty_rate"] = float(sum(not s.strip() for s in roll.texts) / len(roll.texts))
+        stats["env/empty_rate"] = float(empty.sum() / len(empty))
         stats["time/rollout/generate"] = t_gen
         stats["time/rollout/score"] = t_score
         stats["time/step"] = time.time() - t0
@@ -132,7 +148,7 @@ class PPOTrainer:
         bar = _progress(total, self.step, progress)
         try:
             while self.step < total:
-                if self._stop_signal is not None:  # a signal came while the last checkpoint was written
+                if self._stopping():  # a signal came while the last checkpoint was written
                     result.interrupted = True
                     result.checkpoint = str(self._checkpoint_of_this_step())
                     break
@@ -157,7 +173,7 @@ class PPOTrainer:
                     bar.set_postfix(reward=f"{stats.get('env/reward_mean', float('nan')):.3f}",
                                     kl=f"{stats.get('objective/kl', float('nan')):.2f}",
                                     step_s=f"{stats['time/step']:.2f}")
-                if self._stop_signal is not None:
+                if self._stopping():
                     result.interrupted = True
                     result.checkpoint = str(self.save_checkpoint())
                     log.warning("stopped by signal %d after step %d; checkpoint %s", self._stop_signal, self.step,
@@ -192,12 +208,20 @@ class PPOTrainer:
             old[sig] = signal.signal(sig, handler)
         return old
 
+    def _stopping(self) -> bool:
+        """Whether a stop signal came, to this process or (data-parallel) to any: all processes stop together."""
+        stop = self.parallel.any(self._stop_signal is not None)
+        if stop and self._stop_signal is None:  # another process got it
+            self._stop_signal = int(signal.SIGTERM)
+        return stop
+
     def _checkpoint_of_this_step(self) -> Path:
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         return final if is_complete_checkpoint(final) else self.save_checkpoint()
 
     def _log(self, stats: dict) -> None:
-        append_jsonl(self.stats_path, stats)
+        if self.parallel.is_main:
+            append_jsonl(self.stats_path, stats)
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -206,11 +230,18 @@ class PPOTrainer:
         Everything is written into ``.step-NNNNNN-xxxx/`` and renamed to ``step-NNNNNN/`` only when
         complete, so a crash (even SIGKILL) at any point leaves either the whole checkpoint or none
         (:func:`latest_checkpoint` ignores the temporary directories, :meth:`resume` removes them).
+        Data-parallel: the main process writes it (every process holds the same state) while the others wait.
         """
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if self.parallel.is_main:
+            self._write_checkpoint(final)
+        self.parallel.wait()
+        return final
+
+    def _write_checkpoint(self, final: Path) -> None:
         from safetensors.torch import save_file
 
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
         try:
             ppo = self.ppo_state
@@ -242,7 +273,6 @@ class PPOTrainer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return final
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
@@ -286,7 +316,7 @@ class PPOTrainer:
 
         A row cut short by a crash (SIGKILL while appending) is not valid JSON: it is dropped too.
         """
-        if self.stats_path.exists():
+        if self.parallel.is_main and self.stats_path.exists():
             rows = read_jsonl(self.stats_path, skip_bad_lines=True)
             write_jsonl(self.stats_path, [r for r in rows if r.get("step", 0) <= step])
 
@@ -295,8 +325,9 @@ class PPOTrainer:
 
         Half-written checkpoints (temporary ``.step-*`` directories left by a crash) are removed. Without
         any checkpoint the run starts from step 0, so the rows a crashed run logged are dropped.
+        Data-parallel: the main process tidies the directory, then every process loads the same checkpoint.
         """
-        if self.ckpt_dir.is_dir():
+        if self.parallel.is_main and self.ckpt_dir.is_dir():
             for p in sorted(self.ckpt_dir.iterdir()):  # a crash between the two renames of a same-step re-save
                 inner = p / p.name.split("-old-")[0].lstrip(".") if "-old-" in p.name else None
                 if inner is not None and is_complete_checkpoint(inner) and not (self.ckpt_dir / inner.name).exists():
@@ -305,6 +336,7 @@ class PPOTrainer:
                 if p.is_dir() and TEMP_RE.match(p.name):
                     log.warning("removing half-written checkpoint %s", p)
                     shutil.rmtree(p, ignore_errors=True)
+        self.parallel.wait()
         last = latest_checkpoint(self.ckpt_dir)
         if last is not None:
             self.load_checkpoint(last)

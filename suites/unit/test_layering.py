@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("thresholds",),  # the bounds table: reads TOML, judges a results dict
     ("config",),
+    ("parallel",),  # the processes of a data-parallel run (accelerate); the identity with one process
     ("metrics",),  # pure statistics, no torch
     ("results",),  # run files: names, schema, build, write, read
     ("baselines",),  # metrics of honest seeds as a data file; a run compared with it
