@@ -55,6 +55,9 @@ class PolicyConfig:
 
     model: str = "google/flan-t5-base"
     adapter: str | None = None  # a trained LoRA adapter directory to start from (loaded trainable)
+    # the KL penalty's reference when starting from an adapter: "start" = that adapter, frozen (PPO's KL is 0 at
+    # step 0); "base" = the bare base model, every adapter off, as TRL 0.11.4 and the reference notebook did
+    reference: str = "start"
     use_lora: bool = True  # False: full fine-tuning with a frozen reference copy
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16 / float16
     lora_r: int = 32
@@ -614,6 +617,8 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     _check(p.lora_r > 0, "policy.lora_r", p.lora_r, "an integer > 0")
     _check(p.lora_alpha > 0, "policy.lora_alpha", p.lora_alpha, "an integer > 0")
     _check(p.use_lora or p.adapter is None, "policy.adapter", p.adapter, "null when policy.use_lora is false")
+    _check(p.reference in ("start", "base"), "policy.reference", p.reference,
+           "start (the starting adapter, frozen) or base (the base model with every adapter off)")
     r = cfg.reward
     _check(r.input in ("query+response", "response"), "reward.input", r.input, "query+response or response")
     _check(r.transform in ("logit", "prob", "logprob"), "reward.transform", r.transform, "logit, prob or logprob")

@@ -8,7 +8,8 @@ The reference model is the starting policy, frozen, without a second copy of the
 LoRA it is the base with the adapter disabled (``disable_adapter()``); with a starting adapter
 (``policy.adapter``, e.g. the SFT warm start) it is that adapter loaded a second time through peft's
 multi-adapter API under the name :data:`REFERENCE_ADAPTER`, never trained, and switched on for the
-reference's forward passes. A frozen copy is made only when there is no adapter (full fine-tuning).
+reference's forward passes (``policy.reference=base`` keeps TRL's way instead: every adapter disabled). A
+frozen copy is made only when there is no adapter (full fine-tuning).
 """
 
 from __future__ import annotations
@@ -391,9 +392,9 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
                                      fix=f"{on}policy.model is {cfg.model!r}: set policy.model to the base model "
                                          "the adapter was trained on (base_model_name_or_path in "
                                          "adapter_config.json)") from e
-            # the starting adapter a second time, frozen: the reference (no second copy of the base)
-            model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-            model.set_adapter(TRAINED_ADAPTER)
+            if cfg.reference == "start":  # the starting adapter a second time, frozen: the reference
+                model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+                model.set_adapter(TRAINED_ADAPTER)
             if trained_on and not _same_model(trained_on, cfg.model):
                 log.warning("policy.adapter %s was trained on %r but policy.model is %r; the shapes fit, so it "
                             "is loaded anyway", path, trained_on, cfg.model)

@@ -159,6 +159,21 @@ def test_ppo_from_an_adapter_has_the_starting_policy_as_a_frozen_reference(adapt
     assert model.active_adapter == TRAINED_ADAPTER and any(p.requires_grad for p in policy.trainable_parameters())
 
 
+def test_policy_reference_base_keeps_trls_reference(adapter):
+    """``policy.reference=base``: TRL 0.11.4's (and the reference notebook's) way, every adapter off."""
+    cfg = tiny_config(f"policy.adapter={adapter}", "policy.reference=base")
+    policy = load_policy(cfg.policy)
+    assert policy.reference_adapter is None and REFERENCE_ADAPTER not in policy.model.peft_config
+    data = build_prompts(cfg.data, policy.tokenizer)
+    queries = [torch.tensor(ids) for ids in data.test["input_ids"][:4]]
+    responses = [torch.tensor(policy.tokenizer(refs[0])["input_ids"]) for refs in data.test["summaries"][:4]]
+    inputs = prepare_inputs(queries, responses, policy.tokenizer.pad_token_id, policy.config.decoder_start_token_id,
+                            policy.device)
+    with policy.base() as bare, torch.no_grad():
+        base_logits = bare(**inputs, return_dict=True).logits.float()
+    torch.testing.assert_close(policy.reference_logits(**inputs), base_logits, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "run"

@@ -124,3 +124,25 @@ def test_a_classifier_below_the_accuracy_floor_fails_the_build_and_caches_nothin
         tiny.build(seed=3, root=tmp_path)
     assert "tiny://classifier" in err.value.field
     assert list(tmp_path.iterdir()) == []  # no world, no half-built temporary folder
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_the_tiny_preset_truncates_no_prompt(world, split):
+    """The tiny world's prompts fit its prompt limit (issue 16): a default run, and its warm start's
+    validation, read every dialogue whole, and the limit is the one the tiny policy was trained with."""
+    from transformers import AutoTokenizer
+
+    from harness.config import load_config
+    from harness.data import tokenized_prompts
+
+    cfg = load_config("tiny")
+    assert cfg.data.max_prompt_tokens == tiny.PROMPT_TOKENS
+    _, stats = tokenized_prompts(cfg.data, AutoTokenizer.from_pretrained(world / "policy"), split)
+    assert stats["kept"] > 0 and stats["truncated_prompts"] == 0, stats
+
+
+def test_the_tiny_policy_was_trained_by_the_warm_start_loop(world):
+    """The tiny policy comes out of harness.sft.train (the loop `detox-harness sft` runs), validated there."""
+    manifest = json.loads((world / tiny.MANIFEST).read_text())
+    assert manifest["policy"]["sft"] == tiny.POLICY_SFT
+    assert manifest["policy"]["validation_rougeL"] > 0.5  # it learned to summarize (a random T5 scores ~0)

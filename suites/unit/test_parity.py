@@ -175,8 +175,9 @@ def _load_harness_policy():
     from harness.config import PolicyConfig
     from harness.models import load_policy
 
-    policy = load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32"),
-                         device="cpu")
+    # TRL 0.11.4's reference for a LoRA policy: the base with the adapter disabled (policy.reference=base)
+    policy = load_policy(PolicyConfig(model=str(FX / "model"), adapter=str(FX / "adapter"), dtype="float32",
+                                      reference="base"), device="cpu")
     vh = load_file(str(FX / "value_head.safetensors"))
     policy.value_head.summary.load_state_dict({"weight": vh["summary.weight"], "bias": vh["summary.bias"]})
     return policy

@@ -36,7 +36,7 @@ from harness.report.render import (
     fmt_value,
 )
 from harness.results import TRAIN_STATS_FILE, read_jsonl
-from harness.thresholds import load_bounds
+from harness.thresholds import SFT_BOUNDS, load_bounds
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = "<img src=x onerror=alert(1)>"
@@ -185,7 +185,7 @@ def test_sections_in_the_required_order(demo):
 def test_verdict_rows_show_bound_value_and_result(demo):
     dom, results = demo["dom"], demo["results"]
     bounds = results["verdict"]["bounds"]
-    assert len(bounds) == len(load_bounds("tiny"))
+    assert len(bounds) == len([n for n in load_bounds("tiny") if n not in SFT_BOUNDS])  # no warm start here
     section = dom.find("section", id="verdict")
     for b in bounds:
         row = section.find("tr", data_bound=b["name"])
@@ -217,7 +217,7 @@ def test_failed_bound_and_missing_value_make_the_page_fail(tmp_path):
     assert "fail" in row.classes()
     assert [ws(td.text()) for td in row.find_all("td")][3:] == ["missing", "FAIL"]
     held = sum(b["passed"] for b in results["verdict"]["bounds"])
-    assert f"{held} of {len(load_bounds('tiny'))} bounds hold" in ws(dom.find("section", id="verdict").text())
+    assert f"{held} of {len(results['verdict']['bounds'])} bounds hold" in ws(dom.find("section", id="verdict").text())
     badge = dom.find(id="overall").find("span")
     assert {"badge", "fail"} <= badge.classes()
 
