@@ -328,10 +328,37 @@ def _quiet_libraries(verbose: bool, progress: bool) -> None:
             pass
 
 
+def _interrupt_on_sigterm():
+    """SIGTERM (a scheduler's stop, ``kill``) interrupts like Ctrl-C wherever the command is: it exits 130 with
+    its one line, not 143 from the signal. (During PPO steps the trainer's own handler finishes the step and
+    writes a checkpoint first.) Returns the previous handler, or None off the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    previous = _interrupt_on_sigterm()
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(verbose=args.verbose, progress=not getattr(args, "no_progress", False))

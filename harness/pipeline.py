@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,16 @@ def phase_line(m: dict) -> str:
 RESUMABLE_KEYS = ("ppo.steps", "ppo.checkpoint_every", "output.report", "eval.batch_size", "reward.batch_size")
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (``path`` itself, or a new parent of it)."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def _has_started(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in (rf.CHECKPOINTS_DIR, rf.TRAIN_STATS_FILE, rf.BEFORE_FILE))
 
@@ -221,7 +232,7 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     parallel.check_divides(cfg.ppo.batch_size, "ppo.batch_size")  # before minutes of loading and evaluating
     parallel.check_divides(cfg.ppo.mini_batch_size, "ppo.mini_batch_size")
     parallel.wait()  # every process has checked the directory before the main process writes into it
-    created = not run_dir.exists()
+    created = _first_missing(run_dir)  # what to remove again when the inputs fail to load
     if parallel.is_main:
         try:  # a path that cannot be written fails here, before minutes of loading
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,8 +241,8 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     try:
         inputs = load_inputs(cfg, min_train_rows=cfg.ppo.batch_size, device=parallel.device)
     except BaseException:
-        if created and parallel.is_main:  # bad input leaves no stub directory behind
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None and parallel.is_main:  # bad input leaves no stub directory behind, nor its
+            shutil.rmtree(created, ignore_errors=True)  # new parents (--output a/b/run made a and b)
         raise
     log_handler = _open_run_log(run_dir) if parallel.is_main else None
     try:
@@ -267,9 +278,17 @@ def _silent(*args, **kwargs) -> None:
     """``echo`` of the processes other than the main one."""
 
 
+class _RunLog(logging.FileHandler):
+    """``run.log``: a line that cannot be written (a full disk) is dropped quietly, not reported with logging's
+    own traceback on the terminal; the run's real fault, if any, is reported once by the CLI."""
+
+    def handleError(self, record):  # noqa: N802 (logging's name)
+        self.failed = getattr(self, "failed", 0) + 1
+
+
 def _open_run_log(run_dir: Path) -> logging.FileHandler:
     """Append the harness's warnings (and an unexpected traceback) to ``run_dir/run.log`` while the run lasts."""
-    handler = logging.FileHandler(run_dir / rf.LOG_FILE, encoding="utf-8", delay=True)
+    handler = _RunLog(run_dir / rf.LOG_FILE, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("harness").addHandler(handler)
     return handler

@@ -14,7 +14,7 @@ from tiny_cli import run_cli
 
 from harness import results as rf
 from harness.config import load_config
-from harness.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
+from harness.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +57,55 @@ def test_a_failed_input_leaves_no_stub_directory(out):
     code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT, "policy.model=/nonexistent/t5"])
     assert code == EXIT_BAD_INPUT and "policy.model" in one_line(err)
     assert not out.exists()
+
+
+def test_a_failed_input_leaves_no_new_parent_directories(tmp_path):
+    out = tmp_path / "nightly" / "2026" / "run"
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT, "policy.model=/nonexistent/t5"])
+    assert code == EXIT_BAD_INPUT and "policy.model" in one_line(err)
+    assert list(tmp_path.iterdir()) == []  # not even the "nightly/2026" it created on the way
+
+
+def test_sigterm_outside_ppo_steps_exits_130_with_one_line(monkeypatch):
+    """A scheduler's SIGTERM while the run loads or evaluates (no PPO step to finish) exits 130 like Ctrl-C."""
+    import os
+    import signal
+
+    from harness import cli
+
+    def killed_while_loading(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(cli.COMMANDS, "presets", killed_while_loading)
+    code, _, err = run_cli(["presets"])
+    assert code == EXIT_INTERRUPTED and one_line(err) == "detox-harness: interrupted"
+    assert signal.getsignal(signal.SIGTERM) == before  # the CLI's handler is gone once main returns
+
+
+def test_a_run_log_the_disk_refuses_is_dropped_quietly(tmp_path, capsys):
+    """A full disk while a warning is logged to run.log: no logging traceback on the terminal."""
+    import errno as _errno
+    import logging
+
+    from harness.pipeline import _close_run_log, _open_run_log
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(_errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    handler = _open_run_log(tmp_path)
+    handler.stream = FullDisk()
+    try:
+        logging.getLogger("harness.test").warning("a warning the disk cannot take")
+    finally:
+        handler.stream = None
+        _close_run_log(handler)
+    assert "Logging error" not in capsys.readouterr().err and handler.failed == 1
 
 
 def test_a_read_only_run_directory_is_bad_input_with_the_resume_command(out, monkeypatch):
