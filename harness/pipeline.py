@@ -570,6 +570,7 @@ def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str
             raise HarnessError("a target adapter needs policy.use_lora=true", field="--target", value=str(target))
         adapter = resolve_target(target)
         cfg.policy.adapter = str(adapter)
+        cfg.policy.reference = "base"  # "before" is the base model, "after" the target (not a copy of itself)
     inputs = load_inputs(cfg)
     policy, classifier, second, data = inputs.policy, inputs.classifier, inputs.second, inputs.data
     timings: dict[str, float] = {"load_s": inputs.seconds}
