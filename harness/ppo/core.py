@@ -81,6 +81,16 @@ class SampledDistribution:
     def is_identity(self) -> bool:
         return self.temperature == 1.0 and not self.min_new_tokens
 
+    def logprobs_at(self, logits: torch.Tensor, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Log-probs of ``tokens`` (B,) under this distribution from one decoding position's logits (B, V):
+        what :meth:`apply` then :func:`logprobs_from_logits` give at ``position``, for a decode loop."""
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if position < self.min_new_tokens:
+            logits = logits.clone()
+            logits[:, self.eos_token_id] = torch.finfo(logits.dtype).min
+        return logits.gather(-1, tokens.reshape(-1, 1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
             logits = logits / self.temperature

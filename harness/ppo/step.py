@@ -141,6 +141,31 @@ def random_orders(batch_size: int, generator: torch.Generator | None = None) -> 
         yield torch.randperm(batch_size, generator=generator)
 
 
+@dataclass
+class SampledOutputs:
+    """The policy's outputs on its own rollout, recorded while it sampled (``harness.ppo.rollout.generate``
+    with ``score=``): per response, each action's log-prob under ``distribution`` and the value head's value.
+
+    The policy has not changed since it sampled, so these are what phase (a) would compute again by a
+    forward pass (equal up to float rounding: the decode loop runs one position at a time): with them
+    :func:`ppo_step` runs only the reference's forward.
+    """
+
+    logprobs: list[torch.Tensor]  # one (len(response),) tensor per response
+    values: list[torch.Tensor]
+    distribution: core.SampledDistribution
+
+    def padded(self, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, width) log-probs and values, zero past each response (masked there)."""
+        out = []
+        for rows in (self.logprobs, self.values):
+            t = torch.zeros((len(rows), width), dtype=torch.float32)
+            for i, r in enumerate(rows):
+                t[i, :r.numel()] = r.float()
+            out.append(t.to(device))
+        return out[0], out[1]
+
+
 # ------------------------------------------------------------------------------------ inputs
 
 def pad_right(seqs: Sequence[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +208,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
              scores: torch.Tensor, config: PPOConfig, *, pad_token_id: int, decoder_start_token_id: int,
              score_options: ScoreOptions = ScoreOptions(),
              distribution: core.SampledDistribution = core.SampledDistribution(),
-             orders: Iterator[Sequence[int]] | None = None) -> dict[str, float]:
+             orders: Iterator[Sequence[int]] | None = None,
+             sampled: SampledOutputs | None = None) -> dict[str, float]:
     """Run one PPO step and return its statistics (TRL 0.11 names) as floats.
 
     ``scores`` are the classifier's rewards, one per response; ``score_options`` transforms them (with
@@ -191,7 +217,9 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     as transformed. ``distribution`` is the one the responses were sampled from (temperature, the EOS
     ban): log-probs, KL and entropy are computed on it (:class:`core.SampledDistribution`). ``orders``
     yields one row order per epoch (e.g. TRL's permutations, for replay); by default they are drawn from
-    torch's global RNG (see :func:`random_orders`).
+    torch's global RNG (see :func:`random_orders`). ``sampled``: the policy's log-probs and values recorded by
+    the rollout (:class:`SampledOutputs`), so that phase (a) runs the reference only; its distribution must
+    be the one the step reads, and ``kl_penalty`` "full" (which needs every logit) cannot use it.
 
     A non-finite score, loss (e.g. from a NaN logit or value), gradient or updated weight skips the whole
     update: every trainable weight, the optimizer state, the running score moments and the quirks'
@@ -209,6 +237,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     if state.quirks.unsampled_distribution:
         distribution = core.SampledDistribution()
     _check_sampled(responses, distribution)
+    if sampled is not None:
+        _check_recorded(sampled, responses, distribution, config)
     running_before = state.running.state_dict()
     scores = score_options.apply(raw.to(policy.device), state.running)
 
@@ -217,7 +247,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     stats: dict[str, float] = {}
     with _timed(stats, "time/ppo/forward_pass"):
         old = old_outputs(policy, inputs, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
-                          mask_first_action=state.quirks.mask_first_action, distribution=distribution)
+                          mask_first_action=state.quirks.mask_first_action, distribution=distribution,
+                          sampled=sampled)
     with _timed(stats, "time/ppo/compute_rewards"):
         kls, rewards, non_score = kl_rewards(old, scores, config.kl_penalty, state.kl_ctl.value)
     old = replace(old, logits=None, ref_logits=None)  # (B, T, V) each: not needed past the KL
@@ -258,6 +289,18 @@ def _check_sampled(responses: Sequence[torch.Tensor], distribution: core.Sampled
                              f"distribution bans (min_new_tokens={m}): it was not sampled from it")
 
 
+def _check_recorded(sampled: SampledOutputs, responses, distribution: core.SampledDistribution,
+                    config: PPOConfig) -> None:
+    if config.kl_penalty == "full":
+        raise ValueError("ppo_step: kl_penalty 'full' needs the policy's full logits: pass sampled=None")
+    if sampled.distribution != distribution:
+        raise ValueError(f"ppo_step: the rollout recorded log-probs of {sampled.distribution}, the step reads "
+                         f"{distribution} (ppo.trl_compat reads the raw softmax): record with the step's one")
+    if [int(x.numel()) for x in sampled.logprobs] != [int(torch.as_tensor(r).numel()) for r in responses] or \
+            [int(x.numel()) for x in sampled.values] != [int(x.numel()) for x in sampled.logprobs]:
+        raise ValueError("ppo_step: the recorded log-probs and values do not match the responses' lengths")
+
+
 @contextlib.contextmanager
 def _timed(stats: dict, key: str):
     t = time.time()
@@ -281,9 +324,17 @@ class OldOutputs:
 
 @torch.no_grad()
 def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_first_action: bool,
-                distribution: core.SampledDistribution = core.SampledDistribution()) -> OldOutputs:
-    """Forward passes of the policy and the reference in chunks of ``chunk`` rows, both read as ``distribution``."""
-    logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits, distribution)
+                distribution: core.SampledDistribution = core.SampledDistribution(),
+                sampled: SampledOutputs | None = None) -> OldOutputs:
+    """Forward passes of the policy and the reference in chunks of ``chunk`` rows, both read as ``distribution``.
+
+    With ``sampled`` (the rollout's records) the policy's forward is skipped: its log-probs and values are those.
+    """
+    if sampled is None:
+        logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits, distribution)
+    else:
+        logprobs, values = sampled.padded(inputs["decoder_input_ids"].shape[1] - 1, policy.device)
+        logits = None
     ref_logprobs, _, ref_logits = _chunked_forward(lambda **part: (policy.reference_logits(**part), None),
                                                    inputs, chunk, full_logits, distribution)
     masks = response_mask(inputs["decoder_attention_mask"], mask_first_action=mask_first_action)
