@@ -53,8 +53,11 @@ def noise_bits_int(seed: int, position: int, token: int) -> int:
 
 
 def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """32-bit values -> float32 uniforms strictly inside (0, 1): the top 24 bits, centred in their bin."""
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    """32-bit values -> float32 uniforms strictly inside (0, 1): the top 23 bits, centred in their bin.
+
+    23, not 24: ``2**24 - 1 + 0.5`` is not a float32 (it rounds to ``2**24``, a uniform of 1.0 and an infinite
+    Gumbel); every ``k + 0.5`` with ``k < 2**23`` is, and so is the result."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
