@@ -421,7 +421,7 @@ def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs
     except BaseException:
         _restore(policy, optimizer, quirks, snapshot)
         raise
-    if not done.skip_reason and not all(torch.isfinite(p).all() for p in policy.trainable_parameters()):
+    if not done.skip_reason and not _all_finite(policy.trainable_parameters()):
         done.skip_reason = "non-finite weights after the update"
     if done.skip_reason:
         _restore(policy, optimizer, quirks, snapshot)
@@ -445,6 +445,12 @@ def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Expe
             done.early_stop = True  # TRL checks the last mini-batch of the epoch only
             return done
     return done
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every element of every tensor is finite: one host sync for all of them, not one per tensor."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def _next_order(orders: Iterator[Sequence[int]], batch_size: int) -> torch.Tensor:
@@ -479,7 +485,7 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
         if ratio_skip and not quirks.zero_loss_adam_step_on_ratio_skip:
             continue  # the harness skips the update; TRL steps Adam on a zero loss
         (loss / config.gradient_accumulation_steps).backward()
-    if not all(p.grad is None or torch.isfinite(p.grad).all() for p in policy.trainable_parameters()):
+    if not _all_finite(p.grad for p in policy.trainable_parameters() if p.grad is not None):
         return stats, "non-finite gradient"
     if quirks.clips(config.max_grad_norm):
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)

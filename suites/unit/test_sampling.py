@@ -212,3 +212,26 @@ def test_a_step_refuses_recorded_outputs_it_cannot_use(policy):
     with pytest.raises(ValueError, match="needs the decode loop"):
         generate(policy.model, tok, prompts, max_new_tokens=2, seeds=range(8), decoder="generate",
                  score=Scoring(policy.value_head))
+
+
+# ------------------------------------------------------------------------------------ the fused activation
+
+def test_fused_gelu_is_flan_t5s_gelu_new_to_float_rounding():
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from harness.models import fuse_activations
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    assert sum(type(m) is NewGELUActivation for m in model.modules()) == 4, "precondition: FLAN-T5's gelu_new"
+    x = torch.randint(2, 64, (3, 9))
+    before = model(input_ids=x, decoder_input_ids=x).logits
+    assert fuse_activations(model) == 4
+    assert not any(type(m) is NewGELUActivation for m in model.modules())
+    assert sum(type(m) is GELUTanh for m in model.modules()) == 4
+    after = model(input_ids=x, decoder_input_ids=x).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert fuse_activations(model) == 0
