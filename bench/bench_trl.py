@@ -202,6 +202,8 @@ def main(argv=None) -> int:
                     help="fixed: 64 new tokens per row; reference: LengthSampler(100, 400) per row (slow on a CPU)")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per side, interleaved")
     ap.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="no warm-up step (on a CPU a step takes minutes: lazy initialisation is lost in it)")
     ap.add_argument("--recompute-old", action="store_true",
                     help="the harness recomputes the policy's log-probs and values by a forward (no reuse)")
     ap.add_argument("--trl-python", default=str(PARITY_VENV / "bin" / "python"),
@@ -231,6 +233,8 @@ def main(argv=None) -> int:
         }
         try:
             for name, child in children.items():
+                if args.no_warmup:
+                    break
                 log(f"  {name} warm-up ({WARMUP_NEW_TOKENS} new tokens): "
                     f"{child.ask(cmd='step', new_tokens=[WARMUP_NEW_TOKENS] * BATCH)['step_s']:.1f} s")
             runs = {name: [] for name in children}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -342,19 +341,30 @@ def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_fir
 
 
 def _chunked_forward(forward, inputs: dict, chunk: int, keep_logits: bool, distribution: core.SampledDistribution):
-    """``forward(**part) -> (logits, values or None)`` over the rows in chunks: (log-probs, values, logits)."""
-    all_logprobs, all_values, all_logits = [], [], []
-    for i in range(math.ceil(inputs["input_ids"].shape[0] / chunk)):
-        part = {k: v[i * chunk:(i + 1) * chunk] for k, v in inputs.items()}
+    """``forward(**part) -> (logits, values or None)`` over the rows in chunks: (log-probs, values, logits).
+
+    No gradient flows here, so the chunks need not be the mini-batches: rows are taken in order of prompt
+    length and each chunk's encoder inputs are cut to its longest prompt (less padding to run the encoder
+    over); the outputs are put back in the rows' order.
+    """
+    lengths = inputs["attention_mask"].sum(-1)
+    order = torch.argsort(lengths, stable=True)
+    all_rows, all_logprobs, all_values, all_logits = [], [], [], []
+    for rows in order.split(chunk):
+        width = int(lengths[rows].max())
+        part = {k: v[rows] for k, v in inputs.items()}
+        part["input_ids"], part["attention_mask"] = part["input_ids"][:, :width], part["attention_mask"][:, :width]
         logits, values = forward(**part)
         logits = distribution.apply(logits[:, :-1, :])
+        all_rows.append(rows)
         all_logprobs.append(core.logprobs_from_logits(logits, part["decoder_input_ids"][:, 1:]))
         if values is not None:
             all_values.append(values[:, :-1])
         if keep_logits:
             all_logits.append(logits)
-    return (torch.cat(all_logprobs), torch.cat(all_values) if all_values else None,
-            torch.cat(all_logits) if keep_logits else None)
+    back = torch.argsort(torch.cat(all_rows))  # the rows' own order again
+    return (torch.cat(all_logprobs)[back], torch.cat(all_values)[back] if all_values else None,
+            torch.cat(all_logits)[back] if keep_logits else None)
 
 
 # ------------------------------------------------------------------------------------ (b) rewards, advantages

@@ -235,3 +235,18 @@ def test_fused_gelu_is_flan_t5s_gelu_new_to_float_rounding():
     after = model(input_ids=x, decoder_input_ids=x).logits
     assert torch.allclose(before, after, atol=1e-5)
     assert fuse_activations(model) == 0
+
+
+def test_the_bucketed_encoder_is_the_padded_batchs_encoder(policy):
+    from harness.ppo.rollout import encode
+    from harness.ppo.step import pad_right
+
+    ids, mask = pad_right([torch.tensor(p) for p in random_prompts(10, seed=15, min_len=3, max_len=30)], 0)
+    whole = policy.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        bucketed = encode(policy.model, ids, mask, chunk=3).last_hidden_state
+    real = mask.bool()
+    assert bucketed.shape == whole.shape
+    assert torch.allclose(bucketed[real], whole[real], atol=1e-5)
+    assert torch.isfinite(bucketed).all()
+    assert (bucketed[~real] == 0).any(), "precondition: some padding past a chunk's longest prompt was skipped"
