@@ -394,6 +394,22 @@ class Experience:
     def rows(self, idx: torch.Tensor) -> Experience:
         return Experience(*(getattr(self, f.name)[idx] for f in fields(self)))
 
+    def first(self, width: int) -> Experience:
+        """The first ``width`` positions (those past every row's last action are masked: nothing changes)."""
+        return Experience(*(getattr(self, f.name)[:, :width] for f in fields(self)))
+
+
+def _trimmed(part: dict) -> tuple[dict, int]:
+    """A mini-batch's inputs cut to its own longest prompt and response (the batch is padded to the batch's
+    longest): no forward or backward over columns that are padding in every row. Returns the inputs and
+    the number of action positions left."""
+    enc = int(part["attention_mask"].sum(-1).max())
+    dec = int(part["decoder_attention_mask"].sum(-1).max())
+    part = dict(part, input_ids=part["input_ids"][:, :enc], attention_mask=part["attention_mask"][:, :enc],
+                decoder_input_ids=part["decoder_input_ids"][:, :dec],
+                decoder_attention_mask=part["decoder_attention_mask"][:, :dec])
+    return part, dec - 1
+
 
 @torch.no_grad()
 def advantages(old: OldOutputs, rewards: torch.Tensor, config: PPOConfig, *, leak_whitened_padding: bool) -> Experience:
@@ -483,12 +499,12 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
     stats = []
     for start in range(0, len(rows), config.mini_batch_size):
         idx = rows[start:start + config.mini_batch_size]
-        part = {k: v[idx.to(v.device)] for k, v in inputs.items()}
+        part, width = _trimmed({k: v[idx.to(v.device)] for k, v in inputs.items()})
         new_logits, vpreds = policy(**part)
         new_logits = distribution.apply(new_logits[:, :-1, :])
         new_logprobs = core.logprobs_from_logits(new_logits, part["decoder_input_ids"][:, 1:])
         loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, new_logits, vpreds[:, :-1],
-                                                   experience.rows(idx.to(policy.device)), config)
+                                                   experience.rows(idx.to(policy.device)).first(width), config)
         if not torch.isfinite(loss):
             return stats, "non-finite loss"
         stats.append(mstats)
