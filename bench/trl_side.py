@@ -65,14 +65,15 @@ def main() -> int:
         longest = max(limits)
         gen_kwargs = {"min_new_tokens": longest, "max_new_tokens": longest, "top_k": 0, "top_p": 1.0,
                       "do_sample": True, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         responses = trainer.generate(queries, batch_size=len(queries), return_prompt=False, **gen_kwargs)
         # TRL's encoder-decoder responses start with the decoder start token: keep it, cut at each row's limit
         responses = [r[: 1 + n] for r, n in zip(responses, limits)]
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         stats = trainer.step(queries, responses, scores)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         print(json.dumps({"generate_s": t1 - t0, "update_s": t2 - t1, "step_s": t2 - t0,
+                          "generate_cpu_s": c1 - c0, "update_cpu_s": c2 - c1, "step_cpu_s": c2 - c0,
                           "update_forward_s": float(stats.get("time/ppo/forward_pass", float("nan"))),
                           "update_optimize_s": float(stats.get("time/ppo/optimize_step", float("nan"))),
                           "new_tokens_total": sum(len(r) - 1 for r in responses)}), flush=True)
