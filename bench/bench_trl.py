@@ -166,11 +166,13 @@ def _sync(device) -> None:
 # ------------------------------------------------------------------------------------ parent
 
 class Child:
-    def __init__(self, name: str, cmd: list[str], log):
+    def __init__(self, name: str, cmd: list[str], log, threads: int | None = None):
         self.name, self.log = name, log
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if threads:  # both sides alike; torch reads these at start
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=dict(os.environ, HF_HUB_OFFLINE="1",
-                                                         TOKENIZERS_PARALLELISM="false"))
+                                     text=True, env=env)
         self.hello = self._read()
 
     def _read(self) -> dict:
@@ -205,6 +207,9 @@ def main(argv=None) -> int:
                     help="fixed: 64 new tokens per row; reference: LengthSampler(100, 400) per row (slow on a CPU)")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per side, interleaved")
     ap.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in each child (default: torch's). 1 on a shared CPU: no thread waits on "
+                         "another that lost its core, and CPU time then measures the work")
     ap.add_argument("--no-warmup", action="store_true",
                     help="no warm-up step (on a CPU a step takes minutes: lazy initialisation is lost in it)")
     ap.add_argument("--recompute-old", action="store_true",
@@ -230,9 +235,9 @@ def main(argv=None) -> int:
         log("starting the two children (each builds its model once)")
         children = {
             "harness": Child("harness", [sys.executable, str(Path(__file__).resolve()), "--_child", str(setup_path)],
-                             log),
+                             log, args.threads),
             "trl": Child("trl", [args.trl_python, str(HERE / "trl_side.py"), "--setup", str(setup_path),
-                                 "--tokenizer", str(TOKENIZER)], log),
+                                 "--tokenizer", str(TOKENIZER)], log, args.threads),
         }
         try:
             for name, child in children.items():
