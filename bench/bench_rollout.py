@@ -53,7 +53,14 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from harness.config import REFERENCE_PROMPT, load_config  # noqa: E402
-from harness.models import PolicyWithValueHead, ValueHead, load_policy, resolve_device, resolve_dtype  # noqa: E402
+from harness.models import (  # noqa: E402
+    PolicyWithValueHead,
+    ValueHead,
+    fuse_activations,
+    load_policy,
+    resolve_device,
+    resolve_dtype,
+)
 from harness.ppo.rollout import LengthSampler, generate  # noqa: E402
 from harness.ppo.step import PPOState, ppo_step, random_orders  # noqa: E402
 from harness.toxicity import Classifier, reward_texts  # noqa: E402
@@ -137,6 +144,7 @@ def build_flan_policy(device: torch.device, dtype: torch.dtype, reference: str, 
     base = T5ForConditionalGeneration(T5Config(**FLAN_T5_BASE))
     if base.lm_head.weight is base.shared.weight:  # transformers 5 ties; flan-t5-base's checkpoint does not
         base.lm_head.weight = torch.nn.Parameter(base.shared.weight.detach().clone())
+    fuse_activations(base)  # as harness.models.load_policy does
     base = base.to(device=device, dtype=dtype).eval()
     ref_model = None
     if reference == "copy":

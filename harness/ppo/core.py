@@ -86,6 +86,16 @@ class SampledDistribution:
     def is_identity(self) -> bool:
         return self.temperature == 1.0 and not self.min_new_tokens
 
+    def logprobs_at(self, logits: torch.Tensor, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Log-probs of ``tokens`` (B,) under this distribution from one decoding position's logits (B, V):
+        what :meth:`apply` then :func:`logprobs_from_logits` give at ``position``, for a decode loop."""
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if position < self.min_new_tokens:
+            logits = logits.clone()
+            logits[:, self.eos_token_id] = torch.finfo(logits.dtype).min
+        return logits.gather(-1, tokens.reshape(-1, 1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
             logits = logits / self.temperature
@@ -97,17 +107,24 @@ class SampledDistribution:
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, gather: bool = True) -> torch.Tensor:
-    """log softmax of ``logits`` (B, T, V), gathered at ``labels`` (B, T) unless ``gather`` is False."""
-    logp = F.log_softmax(logits, dim=-1)
+    """log softmax of ``logits`` (B, T, V), gathered at ``labels`` (B, T) unless ``gather`` is False.
+
+    Gathered, it is ``logit[label] - logsumexp(logits)``: the (B, T, V) log-softmax is never materialised (nor
+    kept for the backward pass), one pass over the logits instead of two.
+    """
     if not gather:
-        return logp
-    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+        return F.log_softmax(logits, dim=-1)
+    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution of each position, (B, T, V) -> (B, T)."""
+    """Entropy of the categorical distribution of each position, (B, T, V) -> (B, T).
+
+    ``logsumexp - sum(p * logits)``, the sum fused (``vecdot``): no (B, T, V) product is written. A banned
+    token (``finfo.min``) has p = 0 exactly, so it adds nothing.
+    """
     pd = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - torch.linalg.vecdot(pd, logits)
 
 
 # ------------------------------------------------------------------------------------ KL

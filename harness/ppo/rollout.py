@@ -1,26 +1,38 @@
 """Batched generation for rollouts and evaluation.
 
-- The whole batch is generated in one ``generate`` call (the reference looped one prompt at a time).
-- Each row has its own seed: sampling is done by the Gumbel-max trick with a per-row generator
-  (:class:`SeededSampler`), so a prompt's sample depends on its seed only, not on the batch it is in.
-  Before/after evaluations thus sample with the same seeds per prompt (a paired comparison), and a
+- The whole batch is decoded together (the reference looped one prompt at a time), by a compact loop over
+  the model's forward with a KV cache (:func:`decode`), or by transformers' ``generate`` with the same
+  sampler (``decoder="generate"``): both give the same tokens for the same seeds (the tests prove it).
+- Each row has its own seed: sampling is the Gumbel-max trick with counter-based noise computed on the
+  device for the whole batch at once (:mod:`harness.ppo.sampling`): the noise of (row seed, position, token
+  id) comes from integer tensor ops, so a prompt's sample depends on its seed only, not on the batch it is
+  in. Before/after evaluations thus sample with the same seeds per prompt (a paired comparison), and a
   resumed run draws what the uninterrupted run drew.
-- Each row has its own ``max_new_tokens`` (from a :class:`LengthSampler`), honoured inside the batched
-  call by a per-row stopping criterion.
+- Each row has its own ``max_new_tokens`` (from a :class:`LengthSampler`), honoured inside the batch.
 - The encoder keeps the tokenizer's right padding (left padding breaks T5's relative position bias).
 - The decoder start token is not an action: responses exclude it, and are cut after their first EOS.
+- With ``score=`` the loop also records what the PPO step would otherwise recompute by a forward pass of
+  the policy: each action's log-prob under the sampled distribution and the value head's value
+  (:class:`harness.ppo.step.SampledOutputs`).
 """
 
 from __future__ import annotations
 
+import inspect
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
 
-from .step import pad_right
+from .core import SampledDistribution
+from .sampling import RowSampler
+from .step import SampledOutputs, pad_right
+
+DECODERS = ("auto", "loop", "generate")
 
 
 class LengthSampler:
@@ -40,44 +52,42 @@ class LengthSampler:
 
 
 class SeededSampler(LogitsProcessor):
-    """Temperature, top-k, top-p, then Gumbel noise from a per-row generator.
+    """Temperature, top-k, top-p, then each row's counter-based Gumbel noise, as a ``generate`` logits processor.
 
-    Used with greedy decoding, ``argmax(logits / T + Gumbel)`` is an exact sample of the filtered
-    softmax, and each row's noise comes from its own seed.
+    Used with greedy decoding, ``argmax(logits / T + Gumbel)`` is an exact sample of the filtered softmax.
+    The noise of row i at new token t is that of ``(seeds[i], t, token id)``; ``t`` is read from the decoder
+    ids (``prefix``: the decoder start token). All of it runs on the logits' device.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+    def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 prefix: int = 1):
+        self.seeds = [int(s) for s in seeds]
+        self.temperature, self.top_k, self.top_p, self.prefix = temperature, top_k, top_p, prefix
+        self._sampler: RowSampler | None = None
+
+    def sampler(self, vocab_size: int, device) -> RowSampler:
+        s = self._sampler
+        if s is None or s.noise.vocab_size != vocab_size or s.noise.device != torch.device(device):
+            s = self._sampler = RowSampler(self.seeds, vocab_size, device, self.temperature, self.top_k, self.top_p)
+        return s
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float()
-        if self.temperature != 1.0:
-            scores = scores / self.temperature
-        if self.top_k and self.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, sorted_idx = torch.sort(scores, descending=True, dim=-1)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cum - sorted_logits.softmax(-1) > self.top_p  # keep the token that crosses top_p
-            remove = remove.scatter(-1, sorted_idx, remove)
-            scores = scores.masked_fill(remove, float("-inf"))
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-        return scores + gumbel
+        return self.sampler(scores.shape[-1], scores.device).perturb(scores, input_ids.shape[1] - self.prefix)
 
 
 class PerRowMaxNewTokens(StoppingCriteria):
-    """Marks row i finished once it has ``limits[i]`` new tokens (decoder ids include the start token)."""
+    """Marks row i finished once it has ``limits[i]`` new tokens (decoder ids include the start token).
+
+    The limits go to the device once, on the first call."""
 
     def __init__(self, limits: Sequence[int], prefix: int = 1):
         self.limits = torch.tensor(list(limits))
         self.prefix = prefix
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        generated = input_ids.shape[1] - self.prefix
-        return (generated >= self.limits.to(input_ids.device))
+        if self.limits.device != input_ids.device:
+            self.limits = self.limits.to(input_ids.device)
+        return input_ids.shape[1] - self.prefix >= self.limits
 
 
 @dataclass
@@ -85,6 +95,7 @@ class Rollout:
     responses: list[torch.Tensor]  # actions only: no decoder start token, cut after the first EOS
     texts: list[str]
     lengths: list[int]
+    sampled: SampledOutputs | None = None  # with generate(score=...): the policy's log-probs and values
 
 
 def cut_after_eos(ids: torch.Tensor, eos_token_id: int, pad_token_id: int, limit: int | None = None) -> torch.Tensor:
@@ -108,17 +119,33 @@ def cut_after_eos(ids: torch.Tensor, eos_token_id: int, pad_token_id: int, limit
     return ids[:keep]
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What :func:`generate` records while it samples, for the PPO step: each action's log-prob under
+    ``distribution`` and ``value_head(last decoder hidden state)``."""
+
+    value_head: Callable[[torch.Tensor], torch.Tensor]
+    distribution: SampledDistribution = SampledDistribution()
+
+
 @torch.no_grad()
 def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_tokens: Sequence[int] | int,
              seeds: Sequence[int], min_new_tokens: int = 0, top_k: int = 0, top_p: float = 1.0,
-             temperature: float = 1.0, do_sample: bool = True, device=None) -> Rollout:
-    """One batched ``generate`` call for all prompts; each row with its own seed and length limit.
+             temperature: float = 1.0, do_sample: bool = True, device=None, decoder: str = "auto",
+             score: Scoring | None = None) -> Rollout:
+    """All prompts decoded together; each row with its own seed and length limit.
 
     The sampling keywords are those of :meth:`harness.config.SamplingConfig.sampling_kwargs`, so a caller
     passes ``**cfg.rollout.sampling_kwargs()`` or ``**cfg.eval.sampling_kwargs()``. ``min_new_tokens``: EOS
     is banned until a row has that many new tokens (transformers' ``min_new_tokens``; its ``min_length``
-    would count T5's decoder start token too).
+    would count T5's decoder start token too). ``decoder``: "loop" (:func:`decode`, the default for
+    "auto") or "generate" (transformers' ``generate``: the same tokens, more overhead per token).
+    ``score``: also record each action's log-prob and value (``Rollout.sampled``; the loop only).
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"generate: decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if score is not None and decoder == "generate":
+        raise ValueError("generate: score= needs the decode loop (decoder='loop' or 'auto')")
     n = len(input_ids)
     limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(x) for x in max_new_tokens]
     pad = tokenizer.pad_token_id
@@ -127,21 +154,156 @@ def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_to
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()  # sample with dropout off (TRL 0.11.4 left train mode on here: negative KL)
-    processors = LogitsProcessorList()
-    if do_sample:
-        processors.append(SeededSampler(seeds, temperature=temperature, top_k=top_k, top_p=top_p))
+    sampler = SeededSampler(seeds, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else None
+    recorded = None
+    try:
+        with torch.inference_mode():  # no autograd bookkeeping at all while sampling (faster than no_grad alone)
+            if decoder == "generate":
+                out = _hf_generate(model, enc_ids.to(device), enc_mask.to(device), limits, sampler, min_new_tokens,
+                                   pad, eos)
+            else:
+                out, recorded = decode(model, enc_ids.to(device), enc_mask.to(device), limits=limits, sampler=sampler,
+                                       min_new_tokens=min_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                       score=score)
+    finally:
+        if was_training:
+            model.train()
+    # clone outside inference mode, so that the responses are ordinary tensors a later training forward may use
+    out = out.cpu().clone()
+    responses = [cut_after_eos(row, eos, pad, limit) for row, limit in zip(out, limits)]
+    texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+    sampled = None
+    if recorded is not None:
+        logprobs, values = (x.cpu().clone() for x in recorded)
+        sampled = SampledOutputs(logprobs=[lp[:len(r)] for lp, r in zip(logprobs, responses)],
+                                 values=[v[:len(r)] for v, r in zip(values, responses)],
+                                 distribution=score.distribution)
+    return Rollout(responses=responses, texts=texts, lengths=[int(r.numel()) for r in responses], sampled=sampled)
+
+
+def encode(model, enc_ids: torch.Tensor, enc_mask: torch.Tensor, chunk: int | None = None) -> BaseModelOutput:
+    """The encoder's output for right-padded prompts, computed in chunks of rows of similar length.
+
+    Rows are sorted by length and each chunk of ``chunk`` rows is cut to its own longest prompt, so the
+    encoder does not run over the batch's padding (prompts of 150-250 tokens padded to 250 waste a fifth of
+    it); the outputs are put back in place (past each prompt: masked, never read). ``chunk`` None: 4 rows
+    on the CPU, the whole batch elsewhere (a GPU gains little from the trimmed padding). Both decoding paths
+    use this, so they see the same encoder output.
+    """
+    encoder = model.get_encoder()
+    batch = enc_ids.shape[0]
+    chunk = chunk or (4 if enc_ids.device.type == "cpu" else batch)
+    if chunk >= batch:
+        return encoder(input_ids=enc_ids, attention_mask=enc_mask)
+    lengths = enc_mask.sum(-1)
+    order = torch.argsort(lengths, stable=True)
+    hidden = None
+    for rows in order.split(chunk):
+        width = int(lengths[rows].max())
+        out = encoder(input_ids=enc_ids[rows, :width], attention_mask=enc_mask[rows, :width]).last_hidden_state
+        if hidden is None:
+            hidden = out.new_zeros((batch, enc_ids.shape[1], out.shape[-1]))
+        hidden[rows, :width] = out
+    return BaseModelOutput(last_hidden_state=hidden)
+
+
+def _hf_generate(model, enc_ids, enc_mask, limits, sampler, min_new_tokens, pad, eos) -> torch.Tensor:
+    """transformers' ``generate`` with the same sampler: the (B, max(limits)) new tokens, pad after a row ends."""
+    processors = LogitsProcessorList([sampler] if sampler is not None else [])
     kwargs = dict(max_new_tokens=max(limits), do_sample=False, num_beams=1, top_k=None, top_p=None,
                   temperature=None, pad_token_id=pad, eos_token_id=eos, logits_processor=processors,
                   stopping_criteria=StoppingCriteriaList([PerRowMaxNewTokens(limits)]))
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
-    with torch.inference_mode():  # no autograd bookkeeping at all while sampling (faster than no_grad alone)
-        out = model.generate(input_ids=enc_ids.to(device), attention_mask=enc_mask.to(device), **kwargs)
-    if was_training:
-        model.train()
-    # drop the decoder start token (it is not an action); clone outside inference mode, so that the
-    # responses are ordinary tensors that a later training forward may use
-    out = out[:, 1:].cpu().clone()
-    responses = [cut_after_eos(row, eos, pad, limit) for row, limit in zip(out, limits)]
-    texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-    return Rollout(responses=responses, texts=texts, lengths=[int(r.numel()) for r in responses])
+    out = model.generate(input_ids=enc_ids, attention_mask=enc_mask, encoder_outputs=encode(model, enc_ids, enc_mask),
+                         **kwargs)
+    return out[:, 1:]  # drop the decoder start token (it is not an action)
+
+
+# ------------------------------------------------------------------------------------ the decode loop
+
+class _PreallocatedLayer(DynamicLayer):
+    """A self-attention cache layer that writes into one buffer of ``capacity`` positions and hands out views
+    of its filled part: no concatenation per token (a dynamic layer copies its whole cache at every token),
+    and attention reads only the filled positions (a static cache reads, masked, all of them)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.filled = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.device = key_states.device
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty((b, h, self.capacity, d))
+            self._v = value_states.new_empty((b, h, self.capacity, d))
+            self.is_initialized = True
+        n, q = self.filled, key_states.shape[-2]
+        if n + q > self.capacity:
+            raise RuntimeError(f"decode: the cache holds {self.capacity} positions, {n + q} asked for")
+        self._k[:, :, n:n + q].copy_(key_states)
+        self._v[:, :, n:n + q].copy_(value_states)
+        self.filled = n + q
+        self.keys, self.values = self._k[:, :, :n + q], self._v[:, :, :n + q]
+        return self.keys, self.values
+
+
+def _make_cache(capacity: int) -> EncoderDecoderCache:
+    self_attention = DynamicCache()
+    self_attention.layer_class_to_replicate = lambda: _PreallocatedLayer(capacity)
+    return EncoderDecoderCache(self_attention, DynamicCache())
+
+
+def _cache_keyword(model) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def decode(model, enc_ids: torch.Tensor, enc_mask: torch.Tensor, *, limits: Sequence[int],
+           sampler: SeededSampler | None, min_new_tokens: int, pad_token_id: int, eos_token_id: int,
+           score: Scoring | None = None):
+    """The compact decode loop: the encoder once, then one decoder forward per token over a preallocated cache.
+
+    Per token: EOS banned before ``min_new_tokens``, the rows' seeded sample (or the argmax without a
+    sampler), pad once a row has ended (EOS or its limit); it stops when every row has. Returns the
+    (B, max(limits)) new tokens and, with ``score``, the (B, max(limits)) log-probs of each token under
+    ``score.distribution`` and the values (else None). Tokens equal ``generate``'s with the same sampler.
+    """
+    config = model.config
+    start = config.decoder_start_token_id
+    batch, longest = enc_ids.shape[0], max(limits)
+    device = enc_ids.device
+    encoder_outputs = encode(model, enc_ids, enc_mask)
+    cache = _make_cache(longest)
+    cache_kw = _cache_keyword(model)
+    tokens = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
+    limits_t = torch.tensor(list(limits), device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    current = torch.full((batch, 1), start, dtype=torch.long, device=device)
+    logprobs = values = None
+    if score is not None:
+        logprobs = torch.zeros((batch, longest), dtype=torch.float32, device=device)
+        values = torch.zeros((batch, longest), dtype=torch.float32, device=device)
+    check_every = 1 if device.type == "cpu" else 8  # a host sync per check
+    for t in range(longest):
+        out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=current,
+                    use_cache=True, output_hidden_states=score is not None, return_dict=True, **{cache_kw: cache})
+        logits = out.logits[:, -1, :].float()
+        scores = logits.clone() if t < min_new_tokens else logits
+        if t < min_new_tokens:
+            scores[:, eos_token_id] = float("-inf")
+        if sampler is not None:
+            scores = sampler.sampler(scores.shape[-1], device).perturb(scores, t)
+        nxt = scores.argmax(-1)
+        if score is not None:
+            logprobs[:, t] = score.distribution.logprobs_at(logits, nxt, t)
+            values[:, t] = score.value_head(out.decoder_hidden_states[-1][:, -1]).float()
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+        tokens[:, t] = nxt
+        unfinished &= (nxt != eos_token_id) & (limits_t > t + 1)
+        current = nxt[:, None]
+        if (t + 1) % check_every == 0 and not bool(unfinished.any()):
+            break
+    return tokens, ((logprobs, values) if score is not None else None)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -142,6 +141,31 @@ def random_orders(batch_size: int, generator: torch.Generator | None = None) -> 
         yield torch.randperm(batch_size, generator=generator)
 
 
+@dataclass
+class SampledOutputs:
+    """The policy's outputs on its own rollout, recorded while it sampled (``harness.ppo.rollout.generate``
+    with ``score=``): per response, each action's log-prob under ``distribution`` and the value head's value.
+
+    The policy has not changed since it sampled, so these are what phase (a) would compute again by a
+    forward pass (equal up to float rounding: the decode loop runs one position at a time): with them
+    :func:`ppo_step` runs only the reference's forward.
+    """
+
+    logprobs: list[torch.Tensor]  # one (len(response),) tensor per response
+    values: list[torch.Tensor]
+    distribution: core.SampledDistribution
+
+    def padded(self, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, width) log-probs and values, zero past each response (masked there)."""
+        out = []
+        for rows in (self.logprobs, self.values):
+            t = torch.zeros((len(rows), width), dtype=torch.float32)
+            for i, r in enumerate(rows):
+                t[i, :r.numel()] = r.float()
+            out.append(t.to(device))
+        return out[0], out[1]
+
+
 # ------------------------------------------------------------------------------------ inputs
 
 def pad_right(seqs: Sequence[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +208,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
              scores: torch.Tensor, config: PPOConfig, *, pad_token_id: int, decoder_start_token_id: int,
              score_options: ScoreOptions = ScoreOptions(),
              distribution: core.SampledDistribution = core.SampledDistribution(),
-             orders: Iterator[Sequence[int]] | None = None, parallel: Parallel | None = None) -> dict[str, float]:
+             orders: Iterator[Sequence[int]] | None = None, parallel: Parallel | None = None,
+             sampled: SampledOutputs | None = None) -> dict[str, float]:
     """Run one PPO step and return its statistics (TRL 0.11 names) as floats.
 
     ``scores`` are the classifier's rewards, one per response; ``score_options`` transforms them (with
@@ -192,7 +217,9 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     as transformed. ``distribution`` is the one the responses were sampled from (temperature, the EOS
     ban): log-probs, KL and entropy are computed on it (:class:`core.SampledDistribution`). ``orders``
     yields one row order per epoch (e.g. TRL's permutations, for replay); by default they are drawn from
-    torch's global RNG (see :func:`random_orders`).
+    torch's global RNG (see :func:`random_orders`). ``sampled``: the policy's log-probs and values recorded by
+    the rollout (:class:`SampledOutputs`), so that phase (a) runs the reference only; its distribution must
+    be the one the step reads, and ``kl_penalty`` "full" (which needs every logit) cannot use it.
 
     A non-finite score, loss (e.g. from a NaN logit or value), gradient or updated weight skips the whole
     update: every trainable weight, the optimizer state, the running score moments and the quirks'
@@ -225,6 +252,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     if state.quirks.unsampled_distribution:
         distribution = core.SampledDistribution()
     _check_sampled(responses, distribution)
+    if sampled is not None:
+        _check_recorded(sampled, responses if mine is None else responses[mine], distribution, config)
     running_before = state.running.state_dict()
     scores = score_options.apply(raw.to(policy.device), state.running)
 
@@ -235,7 +264,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
         with _timed(stats, "time/ppo/forward_pass"):
             part = {k: v[mine] for k, v in inputs.items()}
             old = old_outputs(policy, part, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
-                              mask_first_action=state.quirks.mask_first_action, distribution=distribution)
+                              mask_first_action=state.quirks.mask_first_action, distribution=distribution,
+                              sampled=sampled)
         with _timed(stats, "time/ppo/compute_rewards"):
             kls, rewards, non_score = kl_rewards(old, scores[mine], config.kl_penalty, state.kl_ctl.value)
             old = OldOutputs(*(parallel.gather(t) for t in (old.logprobs, old.values, old.ref_logprobs, old.masks)))
@@ -243,7 +273,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     else:
         with _timed(stats, "time/ppo/forward_pass"):
             old = old_outputs(policy, inputs, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
-                              mask_first_action=state.quirks.mask_first_action, distribution=distribution)
+                              mask_first_action=state.quirks.mask_first_action, distribution=distribution,
+                              sampled=sampled)
         with _timed(stats, "time/ppo/compute_rewards"):
             kls, rewards, non_score = kl_rewards(old, scores, config.kl_penalty, state.kl_ctl.value)
     old = replace(old, logits=None, ref_logits=None)  # (B, T, V) each: not needed past the KL
@@ -296,6 +327,18 @@ def _check_sampled(responses: Sequence[torch.Tensor], distribution: core.Sampled
                              f"distribution bans (min_new_tokens={m}): it was not sampled from it")
 
 
+def _check_recorded(sampled: SampledOutputs, responses, distribution: core.SampledDistribution,
+                    config: PPOConfig) -> None:
+    if config.kl_penalty == "full":
+        raise ValueError("ppo_step: kl_penalty 'full' needs the policy's full logits: pass sampled=None")
+    if sampled.distribution != distribution:
+        raise ValueError(f"ppo_step: the rollout recorded log-probs of {sampled.distribution}, the step reads "
+                         f"{distribution} (ppo.trl_compat reads the raw softmax): record with the step's one")
+    if [int(x.numel()) for x in sampled.logprobs] != [int(torch.as_tensor(r).numel()) for r in responses] or \
+            [int(x.numel()) for x in sampled.values] != [int(x.numel()) for x in sampled.logprobs]:
+        raise ValueError("ppo_step: the recorded log-probs and values do not match the responses' lengths")
+
+
 @contextlib.contextmanager
 def _timed(stats: dict, key: str):
     t = time.time()
@@ -319,9 +362,17 @@ class OldOutputs:
 
 @torch.no_grad()
 def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_first_action: bool,
-                distribution: core.SampledDistribution = core.SampledDistribution()) -> OldOutputs:
-    """Forward passes of the policy and the reference in chunks of ``chunk`` rows, both read as ``distribution``."""
-    logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits, distribution)
+                distribution: core.SampledDistribution = core.SampledDistribution(),
+                sampled: SampledOutputs | None = None) -> OldOutputs:
+    """Forward passes of the policy and the reference in chunks of ``chunk`` rows, both read as ``distribution``.
+
+    With ``sampled`` (the rollout's records) the policy's forward is skipped: its log-probs and values are those.
+    """
+    if sampled is None:
+        logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits, distribution)
+    else:
+        logprobs, values = sampled.padded(inputs["decoder_input_ids"].shape[1] - 1, policy.device)
+        logits = None
     ref_logprobs, _, ref_logits = _chunked_forward(lambda **part: (policy.reference_logits(**part), None),
                                                    inputs, chunk, full_logits, distribution)
     masks = response_mask(inputs["decoder_attention_mask"], mask_first_action=mask_first_action)
@@ -329,19 +380,30 @@ def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_fir
 
 
 def _chunked_forward(forward, inputs: dict, chunk: int, keep_logits: bool, distribution: core.SampledDistribution):
-    """``forward(**part) -> (logits, values or None)`` over the rows in chunks: (log-probs, values, logits)."""
-    all_logprobs, all_values, all_logits = [], [], []
-    for i in range(math.ceil(inputs["input_ids"].shape[0] / chunk)):
-        part = {k: v[i * chunk:(i + 1) * chunk] for k, v in inputs.items()}
+    """``forward(**part) -> (logits, values or None)`` over the rows in chunks: (log-probs, values, logits).
+
+    No gradient flows here, so the chunks need not be the mini-batches: rows are taken in order of prompt
+    length and each chunk's encoder inputs are cut to its longest prompt (less padding to run the encoder
+    over); the outputs are put back in the rows' order.
+    """
+    lengths = inputs["attention_mask"].sum(-1)
+    order = torch.argsort(lengths, stable=True)
+    all_rows, all_logprobs, all_values, all_logits = [], [], [], []
+    for rows in order.split(chunk):
+        width = int(lengths[rows].max())
+        part = {k: v[rows] for k, v in inputs.items()}
+        part["input_ids"], part["attention_mask"] = part["input_ids"][:, :width], part["attention_mask"][:, :width]
         logits, values = forward(**part)
         logits = distribution.apply(logits[:, :-1, :])
+        all_rows.append(rows)
         all_logprobs.append(core.logprobs_from_logits(logits, part["decoder_input_ids"][:, 1:]))
         if values is not None:
             all_values.append(values[:, :-1])
         if keep_logits:
             all_logits.append(logits)
-    return (torch.cat(all_logprobs), torch.cat(all_values) if all_values else None,
-            torch.cat(all_logits) if keep_logits else None)
+    back = torch.argsort(torch.cat(all_rows))  # the rows' own order again
+    return (torch.cat(all_logprobs)[back], torch.cat(all_values)[back] if all_values else None,
+            torch.cat(all_logits)[back] if keep_logits else None)
 
 
 # ------------------------------------------------------------------------------------ (b) rewards, advantages
@@ -370,6 +432,22 @@ class Experience:
 
     def rows(self, idx: torch.Tensor) -> Experience:
         return Experience(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    def first(self, width: int) -> Experience:
+        """The first ``width`` positions (those past every row's last action are masked: nothing changes)."""
+        return Experience(*(getattr(self, f.name)[:, :width] for f in fields(self)))
+
+
+def _trimmed(part: dict) -> tuple[dict, int]:
+    """A mini-batch's inputs cut to its own longest prompt and response (the batch is padded to the batch's
+    longest): no forward or backward over columns that are padding in every row. Returns the inputs and
+    the number of action positions left."""
+    enc = int(part["attention_mask"].sum(-1).max())
+    dec = int(part["decoder_attention_mask"].sum(-1).max())
+    part = dict(part, input_ids=part["input_ids"][:, :enc], attention_mask=part["attention_mask"][:, :enc],
+                decoder_input_ids=part["decoder_input_ids"][:, :dec],
+                decoder_attention_mask=part["decoder_attention_mask"][:, :dec])
+    return part, dec - 1
 
 
 @torch.no_grad()
@@ -413,7 +491,7 @@ def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs
     except BaseException:
         _restore(policy, optimizer, quirks, snapshot)
         raise
-    if not done.skip_reason and not all(torch.isfinite(p).all() for p in policy.trainable_parameters()):
+    if not done.skip_reason and not _all_finite(policy.trainable_parameters()):
         done.skip_reason = "non-finite weights after the update"
     if done.skip_reason:
         _restore(policy, optimizer, quirks, snapshot)
@@ -440,6 +518,12 @@ def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Expe
     return done
 
 
+def _all_finite(tensors) -> bool:
+    """Whether every element of every tensor is finite: one host sync for all of them, not one per tensor."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
+
+
 def _next_order(orders: Iterator[Sequence[int]], batch_size: int) -> torch.Tensor:
     try:
         order = torch.as_tensor(list(next(orders)), dtype=torch.long)
@@ -463,17 +547,17 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
     for start in range(0, len(rows), config.mini_batch_size):
         idx = rows[start:start + config.mini_batch_size]
         mine = idx if parallel is None else idx[parallel.rank::parallel.world_size]
-        part = {k: v[mine.to(v.device)] for k, v in inputs.items()}
+        part, width = _trimmed({k: v[mine.to(v.device)] for k, v in inputs.items()})
         new_logits, vpreds = policy(**part)
         new_logits = distribution.apply(new_logits[:, :-1, :])
         new_logprobs = core.logprobs_from_logits(new_logits, part["decoder_input_ids"][:, 1:])
         if parallel is None:
             loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, new_logits, vpreds[:, :-1],
-                                                       experience.rows(idx.to(policy.device)), config)
+                                                       experience.rows(idx.to(policy.device)).first(width), config)
             finite = bool(torch.isfinite(loss))
-        else:
+        else:  # the whole mini-batch's rows stay untrimmed: other processes' responses may be longer
             loss, mstats, ratio_skip, finite = _sharded_minibatch_loss(
-                new_logprobs, new_logits, vpreds[:, :-1], experience.rows(mine.to(policy.device)),
+                new_logprobs, new_logits, vpreds[:, :-1], experience.rows(mine.to(policy.device)).first(width),
                 experience.rows(idx.to(policy.device)), config, parallel)
         if not finite:
             return stats, "non-finite loss"
@@ -483,7 +567,7 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
         (loss / config.gradient_accumulation_steps).backward()
     if parallel is not None:
         parallel.sum_gradients(policy.trainable_parameters())
-    if not all(p.grad is None or torch.isfinite(p.grad).all() for p in policy.trainable_parameters()):
+    if not _all_finite(p.grad for p in policy.trainable_parameters() if p.grad is not None):
         return stats, "non-finite gradient"
     if quirks.clips(config.max_grad_norm):
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)

@@ -38,7 +38,7 @@ from ..parallel import SINGLE, Parallel
 from ..results import CHECKPOINTS_DIR, TRAIN_STATS_FILE, append_jsonl, read_jsonl, write_jsonl
 from ..toxicity import Classifier, reward_texts
 from .core import SampledDistribution
-from .rollout import LengthSampler, generate
+from .rollout import LengthSampler, Scoring, generate
 from .step import PPOState, ScoreOptions, ppo_step, random_orders
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class PPOTrainer:
         self.score_options = ScoreOptions.from_reward_config(cfg.reward)
         # PPO reads the log-probs of the distribution the rollout samples from (temperature, EOS ban)
         self.distribution = SampledDistribution.of(cfg.rollout, policy.tokenizer.eos_token_id)
+        # the rollout records the policy's log-probs and values as it samples; False: the step recomputes them
+        self.reuse_rollout_outputs = True
         self.step = 0
         self.bad_steps = 0
         self._stop_signal: int | None = None
@@ -106,6 +108,14 @@ class PPOTrainer:
         inputs = reward_texts(queries, texts, self.cfg.reward.input)
         return self.classifier.score(inputs, self.cfg.reward.transform)
 
+    def _scoring(self) -> Scoring | None:
+        """What the rollout records for the PPO step (the policy's log-probs and values, so the step skips its
+        own policy forward), or None where the step needs the full logits (kl_penalty "full")."""
+        if not self.reuse_rollout_outputs or self.cfg.ppo.kl_penalty == "full":
+            return None
+        raw = self.ppo_state.quirks.unsampled_distribution  # trl_compat: the step reads the raw softmax
+        return Scoring(self.policy.value_head, SampledDistribution() if raw else self.distribution)
+
     def train_step(self) -> dict:
         cfg, tok = self.cfg, self.policy.tokenizer
         t0 = time.time()
@@ -117,7 +127,8 @@ class PPOTrainer:
         rows = self.data.select([idx[i] for i in mine])
         t = time.time()
         roll = generate(self.policy.model, tok, rows["input_ids"], max_new_tokens=[lengths[i] for i in mine],
-                        seeds=[step_seed(cfg.seed, self.step, i) for i in mine], **sampling.sampling_kwargs())
+                        seeds=[step_seed(cfg.seed, self.step, i) for i in mine], score=self._scoring(),
+                        **sampling.sampling_kwargs())
         t_gen = time.time() - t
         t = time.time()
         rewards, toxicity = self.score(rows["query"], roll.texts)
@@ -127,7 +138,7 @@ class PPOTrainer:
                          rewards, cfg.ppo, pad_token_id=tok.pad_token_id,
                          decoder_start_token_id=self.policy.config.decoder_start_token_id,
                          score_options=self.score_options, distribution=self.distribution, orders=orders,
-                         parallel=self.parallel)
+                         parallel=self.parallel, sampled=roll.sampled)
         toxicity = self.parallel.gather(toxicity.reshape(-1).float())
         empty = self.parallel.gather(torch.tensor([float(not s.strip()) for s in roll.texts]))
         stats["env/toxicity_mean"] = float(toxicity.mean())

@@ -106,16 +106,18 @@ def test_toxic_sentences_score_above_their_clean_twins(classifier, cfg):
 
 @pytest.fixture()
 def generate_counter(policy, monkeypatch):
-    """Counts the rows every ``generate`` call of the policy's model (adapter on or off) produces."""
+    """Counts the rows every batched decoding of the policy's model (adapter on or off) produces."""
+    import harness.ppo.rollout as rollout
+
     rows = []
-    real = policy.model.generate
+    real = rollout.decode
 
     def counting(*args, **kwargs):
         out = real(*args, **kwargs)
-        rows.append(out.shape[0])
+        rows.append(out[0].shape[0])
         return out
 
-    monkeypatch.setattr(policy.model, "generate", counting)
+    monkeypatch.setattr(rollout, "decode", counting)
     return rows
 
 
@@ -190,16 +192,15 @@ def test_different_seeds_give_an_interval_that_contains_zero(cfg, policy, classi
 
 def test_an_after_model_that_emits_empty_summaries_is_flagged(cfg, policy, classifier, data, before, monkeypatch):
     """The reference's reward hack on the real models: EOS at once scores as non-toxic; the guards see it."""
+    import harness.ppo.rollout as rollout
     from harness.thresholds import verdict
 
     tok = policy.tokenizer
-    start = policy.config.decoder_start_token_id
 
-    def emit_eos(input_ids, **kwargs):
-        rows = input_ids.shape[0]
-        return torch.tensor([[start, tok.eos_token_id]] * rows, device=input_ids.device)
+    def emit_eos(model, enc_ids, enc_mask, **kwargs):  # the decode loop's new tokens: EOS at once
+        return torch.full((enc_ids.shape[0], 1), tok.eos_token_id, device=enc_ids.device), None
 
-    monkeypatch.setattr(policy.model, "generate", emit_eos)
+    monkeypatch.setattr(rollout, "decode", emit_eos)
     after = ev.evaluate_policy(policy, classifier, data.test, cfg, use_reference=False, progress=False)
     assert after.metrics["empty_rate"] == 1.0
     assert after.metrics["length_mean"] == 1.0  # the EOS action only

@@ -150,7 +150,7 @@ def test_ppo_from_an_adapter_has_the_starting_policy_as_a_frozen_reference(adapt
     trainer.train(progress=False, handle_signals=False)
     stats = [json.loads(line) for line in (tmp_path / "train_stats.jsonl").read_text().splitlines()]
     assert abs(stats[0]["objective/kl"]) < 1e-5  # KL 0 at step 0: the reference is the starting policy
-    assert stats[-1]["objective/kl"] > abs(stats[0]["objective/kl"])  # and the policy did move away from it
+    assert abs(stats[-1]["objective/kl"]) > 1e-3  # after an update the sampled KL estimate is no longer 0
     after = {k: v for k, v in model.state_dict().items() if f".{REFERENCE_ADAPTER}." in k}
     for k, v in reference_weights.items():
         assert torch.equal(after[k], v), f"the reference moved during PPO: {k}"

@@ -30,6 +30,7 @@ import torch
 from harness.config import PolicyConfig, PPOConfig, RewardConfig, load_config
 from harness.models import PolicyWithValueHead, ValueHead, count_parameters, load_policy, trainable_state_dict
 from harness.ppo.rollout import SeededSampler, cut_after_eos, generate
+from harness.ppo.sampling import CounterNoise
 from harness.ppo.step import (
     PPOState,
     ScoreOptions,
@@ -510,17 +511,26 @@ def test_a_rows_sample_depends_only_on_its_prompt_and_seed(rollout_policy):
     assert c.responses[0].tolist() != a.responses[0].tolist()
 
 
-def test_generate_pads_the_encoder_on_the_right(rollout_policy, monkeypatch):
+@pytest.mark.parametrize("decoder", ["loop", "generate"])
+def test_generate_pads_the_encoder_on_the_right(rollout_policy, monkeypatch, decoder):
+    import harness.ppo.rollout as rollout
+
     seen = {}
-    real = rollout_policy.model.generate
+    real_generate, real_decode = rollout_policy.model.generate, rollout.decode
 
-    def spy(*args, **kwargs):
+    def spy_generate(*args, **kwargs):
         seen.update(kwargs)
-        return real(*args, **kwargs)
+        return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(rollout_policy.model, "generate", spy)
+    def spy_decode(model, enc_ids, enc_mask, **kwargs):
+        seen.update(input_ids=enc_ids, attention_mask=enc_mask)
+        return real_decode(model, enc_ids, enc_mask, **kwargs)
+
+    monkeypatch.setattr(rollout_policy.model, "generate", spy_generate)
+    monkeypatch.setattr(rollout, "decode", spy_decode)
     prompts = [[5, 6, 1], [7, 8, 9, 10, 11, 1], [12, 1]]
-    generate(rollout_policy.model, rollout_policy.tokenizer, prompts, max_new_tokens=2, seeds=[0, 1, 2])
+    generate(rollout_policy.model, rollout_policy.tokenizer, prompts, max_new_tokens=2, seeds=[0, 1, 2],
+             decoder=decoder)
     ids, mask = seen["input_ids"].cpu(), seen["attention_mask"].cpu()
     pad = rollout_policy.tokenizer.pad_token_id
     for i, p in enumerate(prompts):
@@ -615,10 +625,9 @@ def test_the_rollout_samples_exactly_the_distribution_ppo_reads(rollout_policy, 
         logits = dist.apply(model(**inputs).logits.float()[:, :-1])
     banned_eos = 0
     for i, (response, seed) in enumerate(zip(roll.responses, seeds)):
-        g = torch.Generator().manual_seed(seed)
+        noise = CounterNoise([seed], logits.shape[-1])
         for t, token in enumerate(response.tolist()):
-            u = torch.rand(logits.shape[-1], generator=g)
-            gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+            gumbel = noise.gumbel(t)[0]
             assert int((logits[i, t] + gumbel).argmax()) == token, f"row {i}, token {t}"
             if t < min_new_tokens:
                 assert torch.log_softmax(logits[i, t], -1)[tok.eos_token_id].exp() == 0.0
