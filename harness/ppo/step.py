@@ -438,12 +438,14 @@ class Experience:
         return Experience(*(getattr(self, f.name)[:, :width] for f in fields(self)))
 
 
-def _trimmed(part: dict) -> tuple[dict, int]:
+def _trimmed(part: dict, like: dict | None = None) -> tuple[dict, int]:
     """A mini-batch's inputs cut to its own longest prompt and response (the batch is padded to the batch's
     longest): no forward or backward over columns that are padding in every row. Returns the inputs and
-    the number of action positions left."""
-    enc = int(part["attention_mask"].sum(-1).max())
-    dec = int(part["decoder_attention_mask"].sum(-1).max())
+    the number of action positions left. ``like``: cut to the widths of these inputs instead (a process's
+    share of a mini-batch is cut like the whole mini-batch, so that it computes what one process would)."""
+    ref = part if like is None else like
+    enc = int(ref["attention_mask"].sum(-1).max())
+    dec = int(ref["decoder_attention_mask"].sum(-1).max())
     part = dict(part, input_ids=part["input_ids"][:, :enc], attention_mask=part["attention_mask"][:, :enc],
                 decoder_input_ids=part["decoder_input_ids"][:, :dec],
                 decoder_attention_mask=part["decoder_attention_mask"][:, :dec])
@@ -547,7 +549,8 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
     for start in range(0, len(rows), config.mini_batch_size):
         idx = rows[start:start + config.mini_batch_size]
         mine = idx if parallel is None else idx[parallel.rank::parallel.world_size]
-        part, width = _trimmed({k: v[mine.to(v.device)] for k, v in inputs.items()})
+        whole = None if parallel is None else {k: v[idx.to(v.device)] for k, v in inputs.items()}
+        part, width = _trimmed({k: v[mine.to(v.device)] for k, v in inputs.items()}, like=whole)
         new_logits, vpreds = policy(**part)
         new_logits = distribution.apply(new_logits[:, :-1, :])
         new_logprobs = core.logprobs_from_logits(new_logits, part["decoder_input_ids"][:, 1:])
@@ -555,10 +558,10 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
             loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, new_logits, vpreds[:, :-1],
                                                        experience.rows(idx.to(policy.device)).first(width), config)
             finite = bool(torch.isfinite(loss))
-        else:  # the whole mini-batch's rows stay untrimmed: other processes' responses may be longer
+        else:  # this process's rows, cut like the whole mini-batch
             loss, mstats, ratio_skip, finite = _sharded_minibatch_loss(
                 new_logprobs, new_logits, vpreds[:, :-1], experience.rows(mine.to(policy.device)).first(width),
-                experience.rows(idx.to(policy.device)), config, parallel)
+                experience.rows(idx.to(policy.device)).first(width), config, parallel)
         if not finite:
             return stats, "non-finite loss"
         stats.append(mstats)
