@@ -222,7 +222,16 @@ class PolicyWithValueHead(nn.Module):
                 yield self.model
             finally:
                 self.model.set_adapter(TRAINED_ADAPTER)
-        elif self.is_peft:
+        else:
+            with self.base() as base:
+                yield base
+
+    @contextlib.contextmanager
+    def base(self):
+        """Within this context ``self.model`` is the bare base model, every adapter disabled (or the frozen
+        copy when training in full): the reference without a starting adapter, and "base" in a report that
+        also shows the starting adapter."""
+        if self.is_peft:
             with self.model.disable_adapter():
                 yield self.model
         else:
@@ -230,17 +239,6 @@ class PolicyWithValueHead(nn.Module):
                 raise ModelLoadError("a policy without an adapter needs a frozen reference copy",
                                      field="policy.use_lora")
             yield self.ref_model
-
-    @contextlib.contextmanager
-    def base(self):
-        """Within this context ``self.model`` is the bare base model, every adapter disabled (or the frozen
-        copy when training in full): "base" in a report that also shows the starting adapter."""
-        if self.is_peft:
-            with self.model.disable_adapter():
-                yield self.model
-        else:
-            with self.reference() as ref:
-                yield ref
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
@@ -370,7 +368,7 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
                                  dtype=dtype, trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers' own table is kept off the terminal (quiet_libraries): say it in one line
-        logging.getLogger(__name__).warning(
+        log.warning(
             "policy.model: %d weights were not in the checkpoint and start from random values (e.g. %s): a "
             "partial checkpoint summarizes badly", len(missing), missing[0])
     if not base.config.is_encoder_decoder:

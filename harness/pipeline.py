@@ -322,27 +322,24 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
          f"{data.stats['truncated_prompts']} truncated to {data.stats['max_prompt_tokens']} tokens)")
     test = select_prompts(data.test, cfg.eval.num_samples)
 
-    before_file = run_dir / rf.BEFORE_FILE
-    if resume and before_file.exists():
-        before = EvalOutput.from_json(rf.read_json(before_file))
-        echo("before: reused the saved evaluation")
-    else:
-        before = evaluate_policy(policy, classifier, test, cfg, use_reference=True, second_classifier=second,
-                                 progress=progress, parallel=parallel)
+    def evaluated_once(name: str, *, base: bool = False) -> EvalOutput:
+        """The reference's (or the bare base's) evaluation, saved in ``name``: a resumed run reuses it."""
+        path = run_dir / name
+        if resume and path.exists():
+            echo(f"{'base' if base else 'before'}: reused the saved evaluation")
+            return EvalOutput.from_json(rf.read_json(path))
+        out = evaluate_policy(policy, classifier, test, cfg, use_reference=True, base=base, second_classifier=second,
+                              progress=progress, parallel=parallel)
         if main:
-            rf.write_json(before_file, before.to_json(), indent=None)
+            rf.write_json(path, out.to_json(), indent=None)
+        return out
+
+    before = evaluated_once(rf.BEFORE_FILE)
     timings["eval_before_s"] = before.seconds
     echo(f"before: {phase_line(before.metrics)}")
     policies = None
     if cfg.policy.adapter:  # "before" is the starting adapter: the bare base model is evaluated too
-        base_file = run_dir / rf.BASE_FILE
-        if resume and base_file.exists():
-            base_eval = EvalOutput.from_json(rf.read_json(base_file))
-        else:
-            base_eval = evaluate_policy(policy, classifier, test, cfg, use_reference=True, base=True,
-                                        second_classifier=second, progress=progress, parallel=parallel)
-            if main:
-                rf.write_json(base_file, base_eval.to_json(), indent=None)
+        base_eval = evaluated_once(rf.BASE_FILE, base=True)
         timings["eval_base_s"] = base_eval.seconds
         echo(f"base (adapters off): {phase_line(base_eval.metrics)}")
         from .sft import read_result
@@ -477,13 +474,13 @@ def warm_start(cfg: HarnessConfig, output: str | Path | None = None, *, progress
     pending = out / "settings.json"
     if pending.is_file():
         try:
-            if rf.read_json(pending) != settings:
-                raise HarnessError("holds an unfinished warm start with other settings", field="--output",
-                                   value=str(out), fix="choose another --output, or remove that directory")
-        except HarnessError:
-            raise
-        except Exception:  # an unreadable settings file: start over
+            unfinished = rf.read_json(pending)
+        except HarnessError:  # an unreadable settings file: its checkpoints cannot be trusted, start over
+            unfinished = settings
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        if unfinished != settings:
+            raise HarnessError("holds an unfinished warm start with other settings", field="--output",
+                               value=str(out), fix="choose another --output, or remove that directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         rf.write_json(pending, settings)
@@ -517,7 +514,7 @@ def warm_start(cfg: HarnessConfig, output: str | Path | None = None, *, progress
     try:
         policy.model.save_pretrained(out, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
         tok.save_pretrained(out)
-        write_result(out, result, settings)  # last: marks the adapter complete
+        saved = write_result(out, result, settings)  # last: marks the adapter complete
     except OSError as e:
         raise environment_fault(e, f"saving the adapter to {out}") from e
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -526,7 +523,7 @@ def warm_start(cfg: HarnessConfig, output: str | Path | None = None, *, progress
     final = result.final
     echo(f"sft: {result.steps} steps in {time.time() - t0:.1f}s; validation loss {_fmt(final.get('loss'))}, "
          f"ROUGE-L {_fmt(final.get('rougeL'))}; adapter {out} (policy.adapter={out})")
-    return out, read_result(out)
+    return out, saved
 
 
 def resolve_target(target: str | Path) -> Path:

@@ -81,19 +81,16 @@ def greedy_summaries(model, tokenizer, sources: Sequence[Sequence[int]], *, max_
     import torch
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     texts: list[str] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for i in range(0, len(sources), batch_size):
-                chunk = [list(s) for s in sources[i:i + batch_size]]
-                width = max(len(s) for s in chunk)
-                ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
-                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                     max_new_tokens=max_new_tokens, min_new_tokens=0)
+                batch = tokenizer.pad({"input_ids": [list(s) for s in sources[i:i + batch_size]]},
+                                      return_tensors="pt").to(device)
+                out = model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=0)
                 texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
     finally:
         model.train(was_training)
@@ -110,10 +107,10 @@ def validation_rouge(model, tokenizer, pairs: Pairs, max_new_tokens: int) -> flo
 
 def latest_checkpoint(directory: Path) -> Path | None:
     """The Trainer checkpoint (``checkpoint-N``) with the highest N under ``directory``, if any."""
-    if not directory.is_dir():
-        return None
-    found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(directory)) if Path(directory).is_dir() else None
+    return Path(last) if last else None
 
 
 def train(model, tokenizer, train_pairs: Pairs, validation_pairs: Pairs | None, cfg: SFTConfig, *,
@@ -203,14 +200,14 @@ def train(model, tokenizer, train_pairs: Pairs, validation_pairs: Pairs | None, 
                      resumed_from=str(start) if start else None, loss_history=losses)
 
 
-def write_result(directory: Path, result: SFTResult, settings: dict) -> Path:
+def write_result(directory: Path, result: SFTResult, settings: dict) -> dict:
     """``sft.json`` beside the adapter (written last: it marks the adapter complete): what the run did and
-    the settings it was made with."""
-    from .results import write_json
+    the settings it was made with. Returns what it wrote, as :func:`read_result` reads it."""
+    from .results import jsonable, write_json
 
-    path = Path(directory) / RESULT_FILE
-    write_json(path, {"result": result.to_json(), "settings": settings})
-    return path
+    data = jsonable({"result": result.to_json(), "settings": settings})
+    write_json(Path(directory) / RESULT_FILE, data)
+    return data
 
 
 def read_result(directory: Path) -> dict | None:
