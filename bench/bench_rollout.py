@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from harness.attention import use_shared_bias_attention  # noqa: E402
 from harness.config import REFERENCE_PROMPT, load_config  # noqa: E402
 from harness.models import (  # noqa: E402
     PolicyWithValueHead,
@@ -145,6 +146,7 @@ def build_flan_policy(device: torch.device, dtype: torch.dtype, reference: str, 
     if base.lm_head.weight is base.shared.weight:  # transformers 5 ties; flan-t5-base's checkpoint does not
         base.lm_head.weight = torch.nn.Parameter(base.shared.weight.detach().clone())
     fuse_activations(base)  # as harness.models.load_policy does
+    use_shared_bias_attention(base)
     base = base.to(device=device, dtype=dtype).eval()
     ref_model = None
     if reference == "copy":

@@ -94,7 +94,7 @@ class SampledDistribution:
         if position < self.min_new_tokens:
             logits = logits.clone()
             logits[:, self.eos_token_id] = torch.finfo(logits.dtype).min
-        return logits.gather(-1, tokens.reshape(-1, 1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return token_logprobs(logits, tokens)[0]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
@@ -106,25 +106,86 @@ class SampledDistribution:
         return logits
 
 
+# Where softmax probabilities below exp(PROB_FLOOR) are taken as 0 (in the entropy and in the gradient; never
+# in a log-prob). x86 CPUs compute with subnormal floats (below 1.2e-38) up to a hundred times slower, and
+# a softmax over 32,128 tokens whose logits spread over a hundred nats is full of them: so is the gradient of
+# its logits, and the language-model head's backward matmul over it. exp(-60) = 8.8e-27: what the floor drops
+# sums to under 32,128 x 8.8e-27 = 3e-22 of a distribution, far below float32's resolution of 1.
+PROB_FLOOR = -60.0
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, gather: bool = True) -> torch.Tensor:
     """log softmax of ``logits`` (B, T, V), gathered at ``labels`` (B, T) unless ``gather`` is False.
 
-    Gathered, it is ``logit[label] - logsumexp(logits)``: the (B, T, V) log-softmax is never materialised (nor
-    kept for the backward pass), one pass over the logits instead of two.
-    """
+    Gathered, it is :func:`token_logprobs`: differentiable, with a fused backward pass."""
     if not gather:
         return F.log_softmax(logits, dim=-1)
-    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_logprobs(logits, labels)[0]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, entropy: bool = False):
+    """``(log-probs of labels, entropy or None)`` from logits ``(..., V)`` and labels ``(...)``.
+
+    One log-softmax (a fused kernel), gathered at the labels. With ``entropy`` (or when a gradient will be
+    needed) also the probabilities, floored at :data:`PROB_FLOOR`; the entropy is ``-sum(p * log p)`` and
+    carries no gradient. Differentiable in ``logits``: the backward pass is ``g * (onehot(label) - p)``
+    written into the saved probabilities, one (..., V) tensor in all, where autograd's ``gather`` and
+    ``logsumexp`` backward passes write three and compute ``exp`` of every logit again
+    (:class:`_TokenLogProbs`).
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        lp, ent = _TokenLogProbs.apply(logits, labels)
+        return lp, (ent if entropy else None)
+    with torch.no_grad():
+        lsm = F.log_softmax(logits, dim=-1)
+        lp = lsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return lp, (_entropy(_floored_probs(lsm), lsm) if entropy else None)
+
+
+def _floored_probs(lsm: torch.Tensor) -> torch.Tensor:
+    """``exp(lsm)``, 0 where ``lsm < PROB_FLOOR`` (no subnormal result, and ``exp`` never underflows)."""
+    return lsm.clamp(min=PROB_FLOOR).exp_().masked_fill_(lsm < PROB_FLOOR, 0.0)
+
+
+def _entropy(p: torch.Tensor, lsm: torch.Tensor) -> torch.Tensor:
+    """``-sum(p * log p)``, the sum fused (``vecdot``); a banned token (p = 0, ``finfo.min``) adds nothing."""
+    return -torch.linalg.vecdot(p, lsm)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log_softmax(logits).gather(labels) and the (non-differentiable) entropy, with a fused backward.
+
+    Saves the floored probabilities and overwrites them with the gradient: backward runs once (a
+    ``retain_graph`` second backward is refused)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        lsm = F.log_softmax(logits, dim=-1)
+        lp = lsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        p = _floored_probs(lsm)
+        ent = _entropy(p, lsm)
+        ctx.save_for_backward(p, labels)
+        ctx.mark_non_differentiable(ent)
+        ctx.used = False
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, _grad_entropy):
+        if ctx.used:
+            raise RuntimeError("token_logprobs: its backward pass reuses its saved probabilities and runs once")
+        ctx.used = True
+        p, labels = ctx.saved_tensors
+        grad = p.mul_(-grad_lp.unsqueeze(-1))
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_lp.unsqueeze(-1))
+        return grad, None
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution of each position, (B, T, V) -> (B, T).
-
-    ``logsumexp - sum(p * logits)``, the sum fused (``vecdot``): no (B, T, V) product is written. A banned
-    token (``finfo.min``) has p = 0 exactly, so it adds nothing.
-    """
-    pd = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - torch.linalg.vecdot(pd, logits)
+    """Entropy of the categorical distribution of each position, (B, T, V) -> (B, T), from a log-softmax
+    (probabilities under exp(:data:`PROB_FLOOR`) taken as 0). No gradient."""
+    with torch.no_grad():
+        lsm = F.log_softmax(logits, dim=-1)
+        return _entropy(_floored_probs(lsm), lsm)
 
 
 # ------------------------------------------------------------------------------------ KL

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
-from transformers.modeling_outputs import BaseModelOutput
 
+from ..models import encode
 from .core import SampledDistribution
 from .sampling import RowSampler
 from .step import SampledOutputs, pad_right
@@ -179,32 +179,6 @@ def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_to
                                  values=[v[:len(r)] for v, r in zip(values, responses)],
                                  distribution=score.distribution)
     return Rollout(responses=responses, texts=texts, lengths=[int(r.numel()) for r in responses], sampled=sampled)
-
-
-def encode(model, enc_ids: torch.Tensor, enc_mask: torch.Tensor, chunk: int | None = None) -> BaseModelOutput:
-    """The encoder's output for right-padded prompts, computed in chunks of rows of similar length.
-
-    Rows are sorted by length and each chunk of ``chunk`` rows is cut to its own longest prompt, so the
-    encoder does not run over the batch's padding (prompts of 150-250 tokens padded to 250 waste a fifth of
-    it); the outputs are put back in place (past each prompt: masked, never read). ``chunk`` None: 4 rows
-    on the CPU, the whole batch elsewhere (a GPU gains little from the trimmed padding). Both decoding paths
-    use this, so they see the same encoder output.
-    """
-    encoder = model.get_encoder()
-    batch = enc_ids.shape[0]
-    chunk = chunk or (4 if enc_ids.device.type == "cpu" else batch)
-    if chunk >= batch:
-        return encoder(input_ids=enc_ids, attention_mask=enc_mask)
-    lengths = enc_mask.sum(-1)
-    order = torch.argsort(lengths, stable=True)
-    hidden = None
-    for rows in order.split(chunk):
-        width = int(lengths[rows].max())
-        out = encoder(input_ids=enc_ids[rows, :width], attention_mask=enc_mask[rows, :width]).last_hidden_state
-        if hidden is None:
-            hidden = out.new_zeros((batch, enc_ids.shape[1], out.shape[-1]))
-        hidden[rows, :width] = out
-    return BaseModelOutput(last_hidden_state=hidden)
 
 
 def _hf_generate(model, enc_ids, enc_mask, limits, sampler, min_new_tokens, pad, eos) -> torch.Tensor:

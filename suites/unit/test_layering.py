@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("thresholds",),  # the bounds table: reads TOML, judges a results dict
     ("config",),
     ("parallel",),  # the processes of a data-parallel run (accelerate); the identity with one process
+    ("attention",),  # transformers' sdpa with T5's bias-and-mask built once per forward pass
     ("metrics",),  # pure statistics, no torch
     ("results",),  # run files: names, schema, build, write, read
     ("baselines",),  # metrics of honest seeds as a data file; a run compared with it

@@ -204,6 +204,64 @@ def test_entropy_from_logits_matches_categorical(batch):
     assert (got >= -ATOL).all() and (got <= math.log(logits.shape[-1]) + ATOL).all()
 
 
+@SETTINGS
+@given(logits_batch(), st.integers(0, 2 ** 31 - 1))
+def test_token_logprobs_and_its_fused_backward_equal_autograds(batch, seed):
+    logits, labels = batch
+    labels = torch.as_tensor(labels)
+    x = t64(logits).requires_grad_(True)
+    lp, entropy = core.token_logprobs(x, labels, entropy=True)
+    y = t64(logits).requires_grad_(True)
+    want = torch.log_softmax(y, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (lp * g).sum().backward()
+    (want * g).sum().backward()
+    assert close(lp.detach(), want.detach())
+    assert close(x.grad, y.grad), "probabilities under exp(PROB_FLOOR) dropped: far below the tolerance"
+    assert close(entropy, torch.distributions.Categorical(logits=t64(logits)).entropy())
+    assert not entropy.requires_grad
+    no_grad_lp, no_entropy = core.token_logprobs(t64(logits), labels)
+    assert close(no_grad_lp, want.detach()) and no_entropy is None
+
+
+def test_token_logprobs_gradient_holds_no_subnormal_float():
+    """The regression it guards: autograd's gradient of a float32 log-softmax whose logits spread over a hundred
+    nats is full of subnormal floats, and the language model head's backward matmul over them runs many times
+    slower on a CPU."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.rand((2, 8, 4000), generator=g) * 200.0
+    labels = torch.randint(0, 4000, (2, 8), generator=g)
+    tiny = torch.finfo(torch.float32).tiny
+
+    def subnormals(grad):
+        return int(((grad != 0) & (grad.abs() < tiny)).sum())
+
+    x = logits.clone().requires_grad_(True)
+    (torch.log_softmax(x, -1).gather(-1, labels.unsqueeze(-1)) * 1e-3).sum().backward()
+    assert subnormals(x.grad) > 0, "precondition: autograd's gradient has subnormals here"
+    y = logits.clone().requires_grad_(True)
+    (core.token_logprobs(y, labels)[0] * 1e-3).sum().backward()
+    assert subnormals(y.grad) == 0
+    assert torch.allclose(y.grad, x.grad, atol=1e-12)
+
+
+def test_token_logprobs_backward_runs_once():
+    x = torch.randn((2, 3, 5), requires_grad=True)
+    total = core.token_logprobs(x, torch.zeros((2, 3), dtype=torch.long))[0].sum()
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        total.backward()
+
+
+def test_a_banned_token_keeps_log_probs_and_entropy_finite():
+    logits = torch.randn((2, 4, 6))
+    logits[:, :2, 1] = torch.finfo(torch.float32).min  # the EOS ban of SampledDistribution
+    lp, entropy = core.token_logprobs(logits.requires_grad_(True), torch.zeros((2, 4), dtype=torch.long), entropy=True)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(entropy).all() and torch.isfinite(logits.grad).all()
+    assert (logits.grad[:, :2, 1] == 0).all()
+
+
 # ------------------------------------------------------------------------------------ KL estimators
 
 logprob_pairs = st.integers(1, 12).flatmap(lambda n: st.tuples(

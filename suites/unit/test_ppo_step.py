@@ -37,6 +37,7 @@ from harness.ppo.step import (
     TRLQuirks,
     pad_right,
     ppo_step,
+    predicting,
     prepare_inputs,
     random_orders,
     response_mask,
@@ -299,6 +300,60 @@ def test_same_seed_same_statistics(tiny_t5_dir, batch):
     policy = make_policy(tiny_t5_dir, seed=3)
     other, _ = run_step(policy, batch, config, seed=99)
     assert timeless(other) != steps_a[0]
+
+
+# ------------------------------------------------------------------------------------ the update's forward pass
+
+def test_the_last_decoder_token_is_left_out_without_changing_a_position_read(tiny_t5_dir, batch):
+    policy = make_policy(tiny_t5_dir)
+    queries, responses, _ = batch
+    inputs = prepare_inputs(queries, responses, 0, policy.config.decoder_start_token_id, "cpu")
+    part, labels = predicting(inputs)
+    assert torch.equal(labels, inputs["decoder_input_ids"][:, 1:])
+    with torch.no_grad():
+        full_logits, full_values = policy(**inputs)
+        logits, values = policy(**part)
+    assert logits.shape[1] == labels.shape[1] == inputs["decoder_input_ids"].shape[1] - 1
+    assert torch.allclose(logits, full_logits[:, :-1], atol=1e-6)
+    assert torch.allclose(values, full_values[:, :-1], atol=1e-6)
+
+
+def test_a_batch_of_empty_responses_is_refused():
+    inputs = prepare_inputs([torch.tensor([5, 1])], [torch.tensor([], dtype=torch.long)], 0, 0, "cpu")
+    with pytest.raises(ValueError, match="every response is empty"):
+        predicting(inputs)
+
+
+def test_encoding_each_prompt_alone_gives_the_batchs_outputs_and_gradients(tiny_t5_dir, batch):
+    policy = make_policy(tiny_t5_dir)
+    queries, responses, _ = batch
+    part, _ = predicting(prepare_inputs(queries, responses, 0, policy.config.decoder_start_token_id, "cpu"))
+    lengths = part["attention_mask"].sum(-1)
+    assert lengths.min() < lengths.max(), "precondition: prompts of different lengths"
+    outputs, grads = {}, {}
+    for chunk in (None, 1):
+        policy.zero_grad(set_to_none=True)
+        logits, values = policy(**part, encoder_chunk=chunk)
+        (logits.logsumexp(-1).sum() + values.sum()).backward()
+        outputs[chunk] = logits.detach()
+        grads[chunk] = [p.grad.clone() for p in policy.trainable_parameters() if p.grad is not None]
+    assert torch.allclose(outputs[1], outputs[None], atol=1e-5)
+    assert len(grads[1]) == len(grads[None]) > 0
+    for a, b in zip(grads[1], grads[None]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lengths,chunk", [([10, 10, 10, 10], None), ([10, 10, 10, 5], 1), ([40, 40, 40, 39], None),
+                                           ([7], None)])
+def test_prompts_are_encoded_alone_only_where_padding_outweighs_the_cost(lengths, chunk):
+    from harness.ppo.step import PER_PROMPT_PADDING, _encoder_chunk
+
+    mask = torch.zeros((len(lengths), 50), dtype=torch.long)  # padded to the batch's width: trimmed widths count
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
+    assert (padding > PER_PROMPT_PADDING) == (chunk == 1) or len(lengths) == 1, "precondition: the case is as named"
+    assert _encoder_chunk(mask) == chunk
 
 
 # ------------------------------------------------------------------------------------ TRL quirks, options, orders
