@@ -343,7 +343,7 @@ def test_encoding_each_prompt_alone_gives_the_batchs_outputs_and_gradients(tiny_
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("lengths,chunk", [([10, 10, 10, 10], None), ([10, 10, 10, 5], 1), ([40, 40, 40, 39], None),
+@pytest.mark.parametrize("lengths,chunk", [([10, 10, 10, 10], None), ([10, 10, 10, 4], 1), ([40, 40, 40, 36], None),
                                            ([7], None)])
 def test_prompts_are_encoded_alone_only_where_padding_outweighs_the_cost(lengths, chunk):
     from harness.ppo.step import PER_PROMPT_PADDING, _encoder_chunk
@@ -354,6 +354,7 @@ def test_prompts_are_encoded_alone_only_where_padding_outweighs_the_cost(lengths
     padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
     assert (padding > PER_PROMPT_PADDING) == (chunk == 1) or len(lengths) == 1, "precondition: the case is as named"
     assert _encoder_chunk(mask) == chunk
+    assert _encoder_chunk(mask.to("meta")) is None, "off the CPU the mini-batch is always encoded together"
 
 
 # ------------------------------------------------------------------------------------ TRL quirks, options, orders

@@ -238,7 +238,7 @@ def test_fused_gelu_is_flan_t5s_gelu_new_to_float_rounding():
 
 
 def test_the_bucketed_encoder_is_the_padded_batchs_encoder(policy):
-    from harness.ppo.rollout import encode
+    from harness.models import encode
     from harness.ppo.step import pad_right
 
     ids, mask = pad_right([torch.tensor(p) for p in random_prompts(10, seed=15, min_len=3, max_len=30)], 0)
