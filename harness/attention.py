@@ -8,57 +8,72 @@ bias and the others reuse it. For a 12-layer encoder over 4 prompts of 250 token
 
 :func:`use_shared_bias_attention` registers ``harness_sdpa`` (transformers' ``AttentionInterface``): the
 same function as ``sdpa``, which reuses a mask it built when it is handed the very same bias and mask
-tensors again (the same objects, so the same values: nothing is compared by value). The numbers are
-those of ``sdpa`` exactly (``suites/unit/test_attention.py``). Models without a position bias (BART) pass
-straight through.
+tensors again (the same objects, so the same values: nothing is compared by value), and forgets it
+with the bias. The numbers are those of ``sdpa`` exactly (``suites/unit/test_attention.py``). Models without
+a position bias (BART) pass straight through; a bias that needs a gradient (full fine-tuning, activation
+checkpointing) is left to transformers' own way.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:  # transformers >= 5.14; T5 attends through the AttentionInterface from 5.15 on
+    from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
+except ImportError:  # an older transformers: the model keeps its own sdpa (use_shared_bias_attention says False)
+    create_position_bias_mask = sdpa_attention_forward = None
+
 NAME = "harness_sdpa"
+DEVICES = ("cpu", "cuda")  # elsewhere (e.g. Ascend NPUs) sdpa_attention_forward rewrites float masks: not here
 
 
-class _RecentMasks:
-    """The combined masks built last and what each was made from (strong references, so that an id is never
-    reused while it is kept). A decoder layer attends twice (to itself, then to the encoder), so a few are kept:
-    :data:`KEEP`."""
+class _Masks:
+    """The combined masks of the forward passes in flight, keyed weakly by their position-bias tensor: an entry
+    goes when its forward pass drops the bias, so nothing outlives it. The bias's identity is the key (an
+    object, so the same values); the mask and the shapes it was built for must match too."""
 
     def __init__(self):
-        self.entries: list[tuple[tuple, torch.Tensor]] = []
+        self.by_bias = WeakIdKeyDictionary()
         self.built = 0  # how many masks were built (the tests count them)
 
     def get(self, position_bias, attention_mask, causal: bool, query, key) -> torch.Tensor:
-        inputs = (position_bias, attention_mask, causal, query.shape[2], key.shape[2], key.dtype)
-        for made_from, mask in self.entries:
-            if made_from[0] is inputs[0] and made_from[1] is inputs[1] and made_from[2:] == inputs[2:]:
+        made_for = (causal, query.shape[2], key.shape[2], key.dtype)
+        entries = self.by_bias.setdefault(position_bias, [])
+        for mask_in, for_what, mask in entries:
+            if mask_in is attention_mask and for_what == made_for:
                 return mask
         mask = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
-        self.entries = [(inputs, mask), *self.entries[:KEEP - 1]]
         self.built += 1
+        if mask is not position_bias:  # the bias itself (no padding mask) costs nothing and would keep its key
+            entries.append((attention_mask, made_for, mask))
         return mask
 
     def clear(self) -> None:
-        self.entries = []
+        self.by_bias = WeakIdKeyDictionary()
 
 
-KEEP = 3  # the encoder's self-attention, the decoder's, its cross-attention
+LAST = _Masks()
 
 
-LAST = _RecentMasks()
+def _shareable(module, position_bias, query) -> bool:
+    """Whether the mask may be shared: a bias that needs no gradient (with one, activation checkpointing
+    recomputes a layer and must see what it saw the first time), no checkpointing in training, not under
+    ``torch.compile`` (a global table would be a guard), a device whose sdpa reads float masks."""
+    return (position_bias is not None and not position_bias.requires_grad
+            and not (module.training and getattr(module, "gradient_checkpointing", False))
+            and query.device.type in DEVICES and not torch.compiler.is_compiling())
 
 
 def shared_bias_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, position_bias=None, **kwargs):
-    """``sdpa_attention_forward`` with the position-bias mask taken from :data:`LAST` when it fits."""
+    """``sdpa_attention_forward`` with the position-bias mask taken from :data:`LAST` when it may be."""
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = q_len > 1 and attention_mask is None and (
         is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    simple = position_bias is not None and getattr(module, "num_key_value_groups", 1) == 1 and not (
+    simple = _shareable(module, position_bias, query) and getattr(module, "num_key_value_groups", 1) == 1 and not (
         causal and kv_len > q_len)  # grouped heads and the cropped causal prefill: transformers' own way
     if simple:
         attention_mask = LAST.get(position_bias, attention_mask, causal, query, key)
@@ -67,13 +82,15 @@ def shared_bias_sdpa(module, query, key, value, attention_mask, dropout: float =
                                   is_causal=is_causal, position_bias=position_bias, **kwargs)
 
 
-AttentionInterface.register(NAME, shared_bias_sdpa)
-AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks sdpa gets
+if sdpa_attention_forward is not None:
+    AttentionInterface.register(NAME, shared_bias_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks sdpa gets
 
 
 def use_shared_bias_attention(model) -> bool:
-    """Switch a model that attends with ``sdpa`` to :func:`shared_bias_sdpa`; returns whether it did."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    """Switch a model that attends with ``sdpa`` to :func:`shared_bias_sdpa`; returns whether it did (not with a
+    transformers too old for it, nor a model that cannot switch its attention)."""
+    if sdpa_attention_forward is None or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     model.set_attn_implementation(NAME)
     return model.config._attn_implementation == NAME

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .attention import use_shared_bias_attention
 from .config import PolicyConfig
 from .errors import ModelLoadError, first_line
 
@@ -193,9 +192,9 @@ def encode(model, enc_ids: torch.Tensor, enc_mask: torch.Tensor, chunk: int | No
     encoder = model.get_encoder()
     batch = enc_ids.shape[0]
     chunk = chunk or (4 if enc_ids.device.type == "cpu" else batch)
-    if chunk >= batch:
-        return encoder(input_ids=enc_ids, attention_mask=enc_mask)
     lengths = enc_mask.sum(-1)
+    if chunk >= batch and int(lengths.max()) == enc_ids.shape[1]:  # one chunk, no column of padding only
+        return encoder(input_ids=enc_ids, attention_mask=enc_mask)
     order = torch.argsort(lengths, stable=True)
     hidden = None
     for rows in order.split(chunk):
@@ -415,6 +414,8 @@ def load_policy(cfg: PolicyConfig, device: str | torch.device = "cpu", tokenizer
         raise ModelLoadError("the policy must be an encoder-decoder model (T5, FLAN-T5, BART)",
                              field="policy.model", value=cfg.model)
     fuse_activations(base)
+    from .attention import use_shared_bias_attention  # loads transformers: not at import time
+
     use_shared_bias_attention(base)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

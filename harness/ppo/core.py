@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "full")
 
@@ -94,7 +95,7 @@ class SampledDistribution:
         if position < self.min_new_tokens:
             logits = logits.clone()
             logits[:, self.eos_token_id] = torch.finfo(logits.dtype).min
-        return token_logprobs(logits, tokens)[0]
+        return token_logprobs(logits, tokens.reshape(-1))[0]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
@@ -156,7 +157,7 @@ class _TokenLogProbs(torch.autograd.Function):
     """log_softmax(logits).gather(labels) and the (non-differentiable) entropy, with a fused backward.
 
     Saves the floored probabilities and overwrites them with the gradient: backward runs once (a
-    ``retain_graph`` second backward is refused)."""
+    ``retain_graph`` second backward is refused) and is not itself differentiable (no second derivatives)."""
 
     @staticmethod
     def forward(ctx, logits, labels):
@@ -170,6 +171,7 @@ class _TokenLogProbs(torch.autograd.Function):
         return lp, ent
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_lp, _grad_entropy):
         if ctx.used:
             raise RuntimeError("token_logprobs: its backward pass reuses its saved probabilities and runs once")

@@ -565,9 +565,10 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
         mine = idx if parallel is None else idx[parallel.rank::parallel.world_size]
         whole = None if parallel is None else {k: v[idx.to(v.device)] for k, v in inputs.items()}
         part, width = _trimmed({k: v[mine.to(v.device)] for k, v in inputs.items()}, like=whole)
+        if width == 0:  # its loss would be 0 / 0: the step is skipped, as one with a non-finite loss
+            return stats, "a mini-batch without an action (each of its responses is empty)"
         part, labels = predicting(part)
-        chunk = _encoder_chunk((part if whole is None else whole)["attention_mask"])
-        new_logits, vpreds = policy(**part, encoder_chunk=chunk)
+        new_logits, vpreds = policy(**part, encoder_chunk=_encoder_chunk(part["attention_mask"]))
         new_logprobs, entropy = core.token_logprobs(distribution.apply(new_logits), labels, entropy=True)
         del new_logits  # the backward pass needs only what token_logprobs saved
         if parallel is None:
@@ -597,21 +598,17 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
     return stats, None
 
 
-# Above this share of padding in a mini-batch's encoder input, each prompt is encoded at its own length (on a
-# CPU): one prompt at a time, forward and backward, runs some 9% slower per token than four together (flan-t5-base,
-# one thread), so it pays off beyond that.
-PER_PROMPT_PADDING = 0.10
-
-
 def _encoder_chunk(attention_mask: torch.Tensor) -> int | None:
-    """1 (encode each prompt alone, at its own length) when padding would be over :data:`PER_PROMPT_PADDING`
-    of the mini-batch's encoder input cut to its longest prompt, else None (the mini-batch together). Each
-    process of a data-parallel step decides on the whole mini-batch's mask, so that all decide alike."""
-    if attention_mask.device.type != "cpu":
-        return None  # a GPU runs one prompt at a time far below its capacity: padding costs it less
-    lengths = attention_mask.sum(-1)
-    padding = 1.0 - float(lengths.sum()) / max(lengths.numel() * int(lengths.max()), 1)  # once trimmed
-    return 1 if padding > PER_PROMPT_PADDING and lengths.numel() > 1 else None
+    """How a mini-batch's prompts are encoded: on a CPU each alone, at its own length (1), elsewhere together.
+
+    On a CPU the encoder then runs over no padding (random mini-batches of prompts of 150 to 250 tokens are
+    some 13% padding once cut to their longest), at a cost of some 9% per token against four prompts together,
+    forward and backward (flan-t5-base, one thread). And a prompt's encoder output no longer depends on the
+    mini-batch it is in, nor on how a data-parallel step shares that mini-batch out: the processes compute
+    what one process would more closely (suites/integration/test_data_parallel.py). A GPU runs one prompt
+    at a time far below its capacity, and padding costs it less: it encodes the mini-batch together (None).
+    """
+    return 1 if attention_mask.device.type == "cpu" else None
 
 
 def _minibatch_loss(logprobs, entropy, vpreds, old: Experience, config: PPOConfig):

@@ -59,6 +59,33 @@ def test_shared_bias_attention_gives_sdpas_logits_exactly_with_one_mask_per_kind
     assert attention.LAST.built - built == 2 * KINDS
 
 
+def test_a_mask_is_never_reused_for_other_values_and_is_forgotten_with_its_forward_pass(model, inputs):
+    other = dict(inputs, attention_mask=inputs["attention_mask"].flip(0))  # same shapes, other padding
+    other["input_ids"] = inputs["input_ids"].flip(0)
+    want = logits_with(model, "sdpa", other)
+    logits_with(model, attention.NAME, inputs)
+    assert torch.equal(logits_with(model, attention.NAME, other), want)
+    assert len(attention.LAST.by_bias) == 0, "no mask outlives its forward pass"
+
+
+def test_activation_checkpointing_gives_sdpas_gradients(inputs):
+    """A bias that needs a gradient is not shared: checkpointing recomputes each layer and must see what it saw
+    (with a shared mask, transformers' non-reentrant checkpointing raises in the backward pass)."""
+    grads = {}
+    for implementation in ("sdpa", attention.NAME):
+        torch.manual_seed(0)
+        config = T5Config(vocab_size=50, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=LAYERS,
+                          num_decoder_layers=LAYERS, dropout_rate=0.0, decoder_start_token_id=0)
+        m = T5ForConditionalGeneration(config)
+        m.set_attn_implementation(implementation)
+        m.activation_checkpointing_enable()
+        m.train()
+        m(**inputs).logits.square().mean().backward()
+        grads[implementation] = [p.grad for p in m.parameters()]
+    for a, b in zip(grads["sdpa"], grads[attention.NAME]):
+        assert torch.equal(a, b)
+
+
 def test_shared_bias_attention_gives_sdpas_tokens_in_the_cached_decode_loop(model, inputs):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     runs = {}

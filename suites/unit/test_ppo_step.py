@@ -324,6 +324,18 @@ def test_a_batch_of_empty_responses_is_refused():
         predicting(inputs)
 
 
+def test_a_mini_batch_of_empty_responses_skips_the_step_and_restores_the_weights(tiny_t5_dir):
+    policy = make_policy(tiny_t5_dir)
+    before = trainable_state_dict(policy)
+    queries = [torch.tensor(p) for p in random_prompts(2, seed=3)]
+    responses = [torch.tensor([7, 9, 1]), torch.tensor([], dtype=torch.long)]
+    config = PPOConfig(batch_size=2, mini_batch_size=1)
+    stats, _ = run_step(policy, (queries, responses, torch.tensor([1.0, -1.0])), config,
+                        orders=iter([[0, 1]]))  # the first mini-batch steps, the second has no action
+    assert stats["skipped"] == 1.0 and "without an action" in stats["skip_reason"]
+    assert same_state(before, trainable_state_dict(policy)) == []
+
+
 def test_encoding_each_prompt_alone_gives_the_batchs_outputs_and_gradients(tiny_t5_dir, batch):
     policy = make_policy(tiny_t5_dir)
     queries, responses, _ = batch
@@ -343,18 +355,12 @@ def test_encoding_each_prompt_alone_gives_the_batchs_outputs_and_gradients(tiny_
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("lengths,chunk", [([10, 10, 10, 10], None), ([10, 10, 10, 4], 1), ([40, 40, 40, 36], None),
-                                           ([7], None)])
-def test_prompts_are_encoded_alone_only_where_padding_outweighs_the_cost(lengths, chunk):
-    from harness.ppo.step import PER_PROMPT_PADDING, _encoder_chunk
+def test_on_a_cpu_each_prompt_is_encoded_alone():
+    from harness.ppo.step import _encoder_chunk
 
-    mask = torch.zeros((len(lengths), 50), dtype=torch.long)  # padded to the batch's width: trimmed widths count
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
-    assert (padding > PER_PROMPT_PADDING) == (chunk == 1) or len(lengths) == 1, "precondition: the case is as named"
-    assert _encoder_chunk(mask) == chunk
-    assert _encoder_chunk(mask.to("meta")) is None, "off the CPU the mini-batch is always encoded together"
+    mask = torch.ones((4, 30), dtype=torch.long)
+    assert _encoder_chunk(mask) == 1
+    assert _encoder_chunk(mask.to("meta")) is None, "off the CPU the mini-batch is encoded together"
 
 
 # ------------------------------------------------------------------------------------ TRL quirks, options, orders
