@@ -138,9 +138,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, entropy: bool 
         lp, ent = _TokenLogProbs.apply(logits, labels)
         return lp, (ent if entropy else None)
     with torch.no_grad():
-        lsm = F.log_softmax(logits, dim=-1)
-        lp = lsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        lsm, lp = _log_softmax_at(logits, labels)
         return lp, (_entropy(_floored_probs(lsm), lsm) if entropy else None)
+
+
+def _log_softmax_at(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-softmax of ``logits`` and its values at ``labels``."""
+    lsm = F.log_softmax(logits, dim=-1)
+    return lsm, lsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def _floored_probs(lsm: torch.Tensor) -> torch.Tensor:
@@ -161,8 +166,7 @@ class _TokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels):
-        lsm = F.log_softmax(logits, dim=-1)
-        lp = lsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        lsm, lp = _log_softmax_at(logits, labels)
         p = _floored_probs(lsm)
         ent = _entropy(p, lsm)
         ctx.save_for_backward(p, labels)
@@ -180,14 +184,6 @@ class _TokenLogProbs(torch.autograd.Function):
         grad = p.mul_(-grad_lp.unsqueeze(-1))
         grad.scatter_add_(-1, labels.unsqueeze(-1), grad_lp.unsqueeze(-1))
         return grad, None
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution of each position, (B, T, V) -> (B, T), from a log-softmax
-    (probabilities under exp(:data:`PROB_FLOOR`) taken as 0). No gradient."""
-    with torch.no_grad():
-        lsm = F.log_softmax(logits, dim=-1)
-        return _entropy(_floored_probs(lsm), lsm)
 
 
 # ------------------------------------------------------------------------------------ KL

@@ -196,10 +196,10 @@ def test_logprobs_from_logits(batch):
 
 @SETTINGS
 @given(logits_batch())
-def test_entropy_from_logits_matches_categorical(batch):
-    logits, _ = batch
+def test_token_logprobs_entropy_matches_categorical(batch):
+    logits, labels = batch
     want = torch.distributions.Categorical(logits=t64(logits)).entropy()
-    got = core.entropy_from_logits(t64(logits))
+    got = core.token_logprobs(t64(logits), torch.as_tensor(labels), entropy=True)[1]
     assert close(got, want)
     assert (got >= -ATOL).all() and (got <= math.log(logits.shape[-1]) + ATOL).all()
 
