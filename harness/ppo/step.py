@@ -273,23 +273,17 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
     policy.eval()  # dropout off for rollout scoring and training alike (see docs/ppo.md)
     inputs = prepare_inputs(queries, responses, pad_token_id, decoder_start_token_id, policy.device)
     stats: dict[str, float] = {}
-    if parallel is not None:  # forward passes and rewards of this process's rows, then the whole batch's
-        with _timed(stats, "time/ppo/forward_pass"):
-            part = {k: v[mine] for k, v in inputs.items()}
-            old = old_outputs(policy, part, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
-                              mask_first_action=state.quirks.mask_first_action, distribution=distribution,
-                              sampled=sampled)
-        with _timed(stats, "time/ppo/compute_rewards"):
-            kls, rewards, non_score = kl_rewards(old, scores[mine], config.kl_penalty, state.kl_ctl.value)
+    # forward passes and rewards of this process's rows (all of them with one process), then the whole batch's
+    part, part_scores = (inputs, scores) if mine is None else ({k: v[mine] for k, v in inputs.items()}, scores[mine])
+    with _timed(stats, "time/ppo/forward_pass"):
+        old = old_outputs(policy, part, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
+                          mask_first_action=state.quirks.mask_first_action, distribution=distribution,
+                          sampled=sampled)
+    with _timed(stats, "time/ppo/compute_rewards"):
+        kls, rewards, non_score = kl_rewards(old, part_scores, config.kl_penalty, state.kl_ctl.value)
+        if parallel is not None:
             old = OldOutputs(*(parallel.gather(t) for t in (old.logprobs, old.values, old.ref_logprobs, old.masks)))
             kls, rewards, non_score = (parallel.gather(t) for t in (kls, rewards, non_score))
-    else:
-        with _timed(stats, "time/ppo/forward_pass"):
-            old = old_outputs(policy, inputs, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
-                              mask_first_action=state.quirks.mask_first_action, distribution=distribution,
-                              sampled=sampled)
-        with _timed(stats, "time/ppo/compute_rewards"):
-            kls, rewards, non_score = kl_rewards(old, scores, config.kl_penalty, state.kl_ctl.value)
     old = replace(old, logits=None, ref_logits=None)  # (B, T, V) each: not needed past the KL
     with _timed(stats, "time/ppo/compute_advantages"):
         experience = advantages(old, rewards, config, leak_whitened_padding=state.quirks.leak_whitened_padding)
