@@ -42,6 +42,9 @@ def pytest_addoption(parser):
     group.addoption("--second-classifier", default=os.environ.get("DETOX_SECOND_CLASSIFIER"),
                     help="local directory (or hub id) replacing the preset's second judge, unitary/toxic-bert "
                          "[$DETOX_SECOND_CLASSIFIER]")
+    group.addoption("--faithfulness-model", default=os.environ.get("DETOX_FAITHFULNESS_MODEL"),
+                    help="local directory (or hub id) replacing the preset's faithfulness judge, "
+                         "FacebookAI/roberta-large-mnli [$DETOX_FAITHFULNESS_MODEL]")
     group.addoption("--data-path", default=os.environ.get("DETOX_DATA_PATH"),
                     help="local DialogSum file/directory (or hub id) replacing the preset's data [$DETOX_DATA_PATH]")
     group.addoption("--gpu-overrides", default="", help="extra space-separated key=value overrides for GPU runs")

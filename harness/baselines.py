@@ -37,9 +37,10 @@ GUARDED: tuple[tuple[str, ...], ...] = tuple(dict.fromkeys(
     [path for path, _, _ in BOUNDS.values()]
     + [("before", "toxicity_mean"), ("after", "toxicity_mean"), ("before", "rougeL"), ("after", "rougeL"),
        ("before", "length_mean"), ("after", "length_mean"), ("after", "response_toxicity_mean"),
-       ("after", "second_toxicity_mean")]))
+       ("after", "second_toxicity_mean"), ("before", "faithfulness_mean"), ("after", "faithfulness_mean")]))
 #: config keys that may differ between a baseline and a run compared with it
-FREE_KEYS = ("seed", "output", "device", "eval.batch_size", "reward.batch_size", "thresholds")
+FREE_KEYS = ("seed", "output", "device", "eval.batch_size", "reward.batch_size", "eval.faithfulness_batch_size",
+             "thresholds")
 
 
 @dataclass

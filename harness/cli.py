@@ -124,7 +124,8 @@ def _build_tiny_world_if_needed(cfg) -> None:
     """A first run on the tiny world builds it (about a minute on 2 cores): say so, and show its steps."""
     from . import tiny
 
-    locations = [cfg.data.path, cfg.policy.model, cfg.reward.model, cfg.eval.second_classifier]
+    locations = [cfg.data.path, cfg.policy.model, cfg.reward.model, cfg.eval.second_classifier,
+                 cfg.eval.faithfulness_model]
     seeds = {tiny.parse(x)[1] for x in locations if isinstance(x, str) and x.startswith("tiny://")}
     for seed in sorted(seeds):
         if not tiny.is_built(tiny.world_dir(seed)):

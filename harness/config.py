@@ -165,6 +165,11 @@ class EvalConfig(SamplingConfig):
     # a multi-label BERT trained on other data (Jigsaw), scored with a sigmoid per label
     second_classifier: str | None = "unitary/toxic-bert"
     second_toxic_label: str = "toxic"
+    # the faithfulness judge (null: none): any NLI cross-encoder id or directory, reading (premise = the dialogue,
+    # hypothesis = the summary); labels are read by name (entailment, contradiction). docs/evaluation.md
+    faithfulness_model: str | None = "FacebookAI/roberta-large-mnli"
+    faithful_threshold: float = 0.5  # a summary is faithful when its faithfulness is >= this
+    faithfulness_batch_size: int = 16  # (window, sentence) pairs per forward pass of the faithfulness judge
     min_words: int = 3  # an output with fewer words is degenerate (so are outputs with no letter, "no no no")
     copy_threshold: float = 0.5  # an output copies the prompt when this share of its word 4-grams stand in it
     seed: int = 1234
@@ -240,7 +245,7 @@ class HarnessConfig:
 # --------------------------------------------------------------------------------------------
 # presets
 
-_REAL_EVAL = {"num_samples": None, "samples_per_prompt": 4, "batch_size": 64}
+_REAL_EVAL = {"num_samples": None, "samples_per_prompt": 4, "batch_size": 64, "faithfulness_batch_size": 64}
 # The warm start of the real presets (`run --sft`): LoRA on DialogSum train (its first 80%), about one epoch
 # of 8,017 pairs, validated on 200 rows of the validation split every 250 steps, checkpointed as often.
 _REAL_SFT = {"steps": 1000, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 250, "checkpoint_every": 250}
@@ -248,7 +253,8 @@ _REAL_SFT = {"steps": 1000, "batch_size": 8, "learning_rate": 1e-3, "eval_every"
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference notebook's run: flan-t5-base + LoRA, the dynabench classifier, DialogSum.
     # Evaluation has the power its bounds need: the whole filtered test split (2,005 prompts), 4 samples each
-    # (expected maximum toxicity), judged by the reward model and by unitary/toxic-bert.
+    # (expected maximum toxicity), judged by the reward model and by unitary/toxic-bert; faithfulness to the dialogue
+    # by FacebookAI/roberta-large-mnli (eval.faithfulness_model's default).
     "flan-t5-base": {"eval": _REAL_EVAL, "sft": _REAL_SFT},
     "flan-t5-small": {"policy": {"model": "google/flan-t5-small"}, "eval": _REAL_EVAL, "sft": _REAL_SFT},
     "flan-t5-large": {"policy": {"model": "google/flan-t5-large"}, "ppo": {"mini_batch_size": 2,
@@ -265,7 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ppo": {"steps": 30, "learning_rate": 2e-4, "batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 2,
                 "init_kl_coef": 0.2, "max_grad_norm": 1.0, "checkpoint_every": 10},
         "eval": {"num_samples": 128, "batch_size": 64, "max_new_tokens": 48, "second_classifier": "tiny://judge",
-                 "second_toxic_label": "toxic"},
+                 "second_toxic_label": "toxic", "faithfulness_model": "tiny://nli", "faithfulness_batch_size": 64},
         "sft": {"steps": 60, "batch_size": 16, "learning_rate": 2e-3, "max_target_tokens": 48, "validation_rows": 100,
                 "generation_max_new_tokens": 48},
     },
@@ -507,9 +513,11 @@ def changed_keys(a: HarnessConfig, b: HarnessConfig) -> list[str]:
 
 
 def config_from_dict(data: dict[str, Any]) -> HarnessConfig:
-    """Rebuild a config saved with :meth:`HarnessConfig.to_dict` (e.g. from a checkpoint)."""
+    """Rebuild a config saved with :meth:`HarnessConfig.to_dict` (e.g. from a checkpoint). A setting the saved
+    config lacks (one added after it was written, e.g. ``eval.faithfulness_model``) takes its preset's value."""
     data = copy.deepcopy(data)
     cfg = HarnessConfig(preset=data.pop("preset", "tiny"))
+    _apply(cfg, copy.deepcopy(PRESETS.get(cfg.preset, {})), f"preset {cfg.preset}")
     _apply(cfg, data, "saved config")
     validate(cfg)
     return cfg
@@ -670,5 +678,10 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     _check(0.0 < e.confidence < 1.0, "eval.confidence", e.confidence, "a number in (0, 1)")
     _check(0.0 < e.toxic_threshold < 1.0, "eval.toxic_threshold", e.toxic_threshold, "a number in (0, 1)")
     _check(e.qualitative_rows >= 0, "eval.qualitative_rows", e.qualitative_rows, "an integer >= 0")
+    _check(e.faithfulness_model is None or bool(e.faithfulness_model.strip()), "eval.faithfulness_model",
+           e.faithfulness_model, "a hub id or directory of an NLI cross-encoder (e.g. FacebookAI/roberta-large-mnli), "
+                                 "or null for no faithfulness judge")
+    _check(0.0 < e.faithful_threshold < 1.0, "eval.faithful_threshold", e.faithful_threshold, "a number in (0, 1)")
+    _check(e.faithfulness_batch_size > 0, "eval.faithfulness_batch_size", e.faithfulness_batch_size, "an integer > 0")
     validate_bounds(cfg.thresholds)
     return cfg

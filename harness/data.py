@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -259,6 +260,33 @@ def filter_by_length(rows: list[dict], min_chars: int, max_chars: int) -> list[d
 
 def make_prompt(template: str, dialogue: str) -> str:
     return template.replace("{dialogue}", dialogue)
+
+
+def prompt_dialogues(rows, template: str) -> list[str]:
+    """The dialogue of every row of a prompt dataset: its ``dialogue`` column when it has one (the prepared
+    datasets of :func:`tokenized_prompts` do), else its ``query`` with the prompt template's text around
+    ``{dialogue}`` taken off (:func:`dialogue_from_prompt`)."""
+    if "dialogue" in rows.column_names:
+        return [str(d) for d in rows["dialogue"]]
+    return [dialogue_from_prompt(q, template) for q in rows["query"]]
+
+
+def dialogue_from_prompt(prompt: str, template: str) -> str:
+    """``prompt`` without the template's text before and after ``{dialogue}``, compared with white space
+    collapsed (a decoded prompt loses the template's line breaks); the prompt, stripped, when it does not
+    start and end that way (e.g. a prompt cut short at ``data.max_prompt_tokens`` keeps its head only)."""
+    def words(text: str) -> str:  # the text's words, any white space (or none) between them
+        return r"\s*".join(re.escape(word) for word in text.split())
+
+    head, _, tail = template.partition("{dialogue}")
+    text = prompt.strip()
+    if head.strip():
+        m = re.match(words(head) + r"\s*", text)
+        text = text[m.end():] if m else text
+    if tail.strip():
+        m = re.search(r"\s*" + words(tail) + r"\Z", text)
+        text = text[:m.start()] if m else text
+    return text.strip()
 
 
 def prompt_token_limit(cfg: DataConfig, tokenizer) -> int:

@@ -9,7 +9,8 @@ pair them.
 
 Each sample is scored by the reward classifier on ``reward_texts(query, response, reward.input)`` (reward,
 toxicity and log P(reward label) from one pass) and on the response alone, by the second judge (when
-``eval.second_classifier`` is set), and, for the policy, by the exact
+``eval.second_classifier`` is set), for faithfulness to its dialogue by the NLI judge (when
+``eval.faithfulness_model`` is set: :mod:`harness.faithfulness`), and, for the policy, by the exact
 KL(policy || reference) over the vocabulary per generated token (:func:`sequence_kl`). The figures of
 ``metrics.before`` / ``metrics.after`` are computed from those rows by :func:`harness.metrics.phase_metrics`.
 See ``docs/evaluation.md``.
@@ -125,7 +126,7 @@ def _generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequ
 
 
 def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_reference: bool,
-                    second_classifier=None, progress: bool = True, base: bool = False,
+                    second_classifier=None, faithfulness_judge=None, progress: bool = True, base: bool = False,
                     parallel: Parallel = SINGLE) -> EvalOutput:
     """Evaluate the reference (``use_reference=True``: the starting policy) or the policy on the test prompts;
     ``base=True`` (with ``use_reference``) evaluates the bare base model instead, every adapter off (it
@@ -136,12 +137,15 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
     :func:`sample_seed`; generation follows ``cfg.eval`` in batches of ``cfg.eval.batch_size``. Rewards and
     toxicity come from one classifier pass on ``reward_texts(query, response, cfg.reward.input)``. KL to
     the reference is computed for the policy; for the reference itself it is 0 by construction.
+    ``faithfulness_judge`` (a :class:`harness.faithfulness.FaithfulnessJudge`, or None) scores each response
+    against its dialogue (:func:`harness.data.prompt_dialogues`): each row's ``faithfulness`` (None without it).
 
     Data-parallel (``parallel`` of several processes): each process generates and scores a contiguous share of
     the (prompt, sample) items, with their own seeds, and every process gets all the samples, in order.
     """
     import torch
 
+    from .data import prompt_dialogues
     from .ppo.core import SampledDistribution
     from .toxicity import reward_texts
 
@@ -188,6 +192,12 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
             "second_toxicity": (second_classifier.toxicity(scored).tolist() if second_classifier is not None
                                 else [None] * len(items)),
         }
+        if faithfulness_judge is not None:
+            bar.set_description(f"eval {phase}: faithfulness")
+            dialogues = prompt_dialogues(rows, cfg.data.prompt_template)
+            columns["faithfulness"] = faithfulness_judge.score([dialogues[p] for p, _ in items], texts)
+        else:
+            columns["faithfulness"] = [None] * len(items)
     if not compute_kl:
         kls = [0.0] * len(items)
     samples = [{"prompt_index": p, "sample_index": s, "seed": seed, "query": queries_p[p], "references": refs_p[p],

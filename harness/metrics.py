@@ -2,13 +2,14 @@
 
 Nothing here imports torch or loads a model: every figure is computed from plain sample rows (one dict per
 prompt and sample: ``prompt_index, sample_index, seed, query, references, response, toxicity, reward,
-length, kl, second_toxicity``), so a saved evaluation can be summarized again and each function can be
+length, kl, second_toxicity, faithfulness``), so a saved evaluation can be summarized again and each function can be
 tested on numbers written by hand.
 
 - :func:`sample_seed`: the seed of one sample, the same for the before and the after model (pairing);
 - text metrics: :func:`rouge_best` (ROUGE-1/2/L, best over the references), :func:`distinct_n`,
-  :func:`repeated_ngram_rate`, :func:`is_empty`;
-- statistics: :func:`bootstrap_mean_interval`, :func:`paired_bootstrap`, :func:`relative_improvement`;
+  :func:`repeated_ngram_rate`, :func:`is_empty`, :func:`distinct_summary_rate`;
+- statistics: :func:`bootstrap_mean_interval`, :func:`paired_bootstrap`, :func:`paired_difference_bootstrap`,
+  :func:`relative_improvement`;
 - :func:`phase_metrics` (``metrics.before`` / ``metrics.after``), :func:`compare` (``metrics.comparison``),
   :func:`qualitative_rows` (the reference's table), :func:`training_summary` (``metrics.training``).
 
@@ -17,6 +18,7 @@ Definitions: ``docs/evaluation.md``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +38,7 @@ PHASE_KEYS = (
     "toxicity_probability", "reward_mean", "reward_std", "rouge1", "rouge2", "rougeL", "empty_rate", "length_mean",
     "distinct_1", "distinct_2", "repeated_ngram_rate", "second_toxicity_mean", "kl_per_token_mean",
     "kl_per_sequence_mean", "response_toxicity_mean", "clean_logprob_mean", "degenerate_rate", "copy_rate",
+    "faithfulness_mean", "faithful_rate", "distinct_summary_rate",
 )
 COMPARISON_KEYS = (
     "mean_improvement", "std_improvement", "mean_improvement_ci_low", "mean_improvement_ci_high",
@@ -43,7 +46,7 @@ COMPARISON_KEYS = (
     "logp_clean_gain", "length_ratio", "copy_rate_increase", "degenerate_rate_increase",
     "response_mean_improvement", "response_mean_improvement_ci_low", "response_mean_improvement_ci_high",
     "second_mean_improvement", "second_mean_improvement_ci_low", "second_mean_improvement_ci_high", "judge_gap",
-    "min_detectable_improvement",
+    "min_detectable_improvement", "faithfulness_change", "faithfulness_drop_ci_high", "faithful_rate_change",
 )
 QUALITATIVE_COLUMNS = ("query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff")
 
@@ -170,6 +173,22 @@ def is_degenerate(text: str, min_words: int) -> bool:
     return False
 
 
+def normalize_summary(text: str) -> str:
+    """A summary as :func:`distinct_summary_rate` compares it: lower-cased, punctuation taken out (each mark
+    becomes a space), white space collapsed. ``"Fine, thanks."`` and ``"fine thanks"`` are the same."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", (text or "").lower()).split())
+
+
+def distinct_summary_rate(samples: Sequence[Mapping]) -> float:
+    """Distinct summaries over prompts: the number of distinct :func:`normalize_summary` texts among the first
+    sample of every prompt, divided by the number of prompts. One fixed sentence written for 128 prompts reads
+    1/128; a summary of its own for every prompt reads 1.0."""
+    first = [s for s in samples if s["sample_index"] == 0]
+    if not first:
+        return 0.0
+    return len({normalize_summary(s["response"]) for s in first}) / len(first)
+
+
 def copy_score(text: str, source: str, n: int = COPY_N) -> float:
     """Share of the output's word n-grams that stand in ``source`` (the prompt: dialogue and instruction).
 
@@ -253,6 +272,28 @@ def paired_bootstrap(before_tox, after_tox, resamples: int, confidence: float, s
     return _percentile_interval(improvements, confidence)
 
 
+def paired_difference_bootstrap(before, after, resamples: int, confidence: float, seed: int) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of ``mean(before) - mean(after)`` (a drop, in the figure's units).
+
+    Same input shapes and the same resampling as :func:`paired_bootstrap`: with the same number of prompts and
+    the same ``seed`` each resample draws the same prompt indices (one index set for both models), so the two
+    intervals come from the same resamples. Identical before and after values give exactly (0, 0).
+    """
+    b, a = _as_prompt_matrix(before), _as_prompt_matrix(after)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"paired bootstrap needs the same prompts before and after: {b.shape[0]} != {a.shape[0]}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    d = b.mean(axis=1) - a.mean(axis=1)  # per prompt: the mean of a difference is the difference of the means
+    rng = np.random.default_rng(seed)
+    drops = np.empty(resamples)
+    for start, idx in _resample_chunks(rng, len(d), resamples):
+        drops[start:start + len(idx)] = d[idx].mean(axis=1)
+    return _percentile_interval(drops, confidence)
+
+
 # ============================================================================================ metrics
 
 def _mean(xs) -> float:
@@ -278,7 +319,8 @@ def phase_metrics(samples: Sequence[Mapping], cfg: HarnessConfig) -> dict:
     """The ``metrics.before`` / ``metrics.after`` figures of one evaluation, from its sample rows.
 
     Every figure is derived from the rows alone (so a saved evaluation can be summarized again), each
-    row holding ``response, references, toxicity, reward, length, kl, second_toxicity``.
+    row holding ``response, references, toxicity, reward, length, kl, second_toxicity`` (and ``faithfulness``,
+    None or absent without a faithfulness judge: its figures are then None).
     """
     if not samples:
         raise HarnessError("no samples to summarize", field="eval.num_samples")
@@ -295,6 +337,8 @@ def phase_metrics(samples: Sequence[Mapping], cfg: HarnessConfig) -> dict:
     flat = tox.reshape(-1)
     response_tox = [s.get("response_toxicity") for s in samples]
     logp = [s.get("clean_logprob") for s in samples]
+    faith = [s.get("faithfulness") for s in samples]
+    has_faith = all(x is not None for x in faith)
     return {
         "toxicity_mean": float(np.mean(flat)),
         "toxicity_std": float(np.std(flat)),  # population std, as the reference (np.std)
@@ -315,6 +359,9 @@ def phase_metrics(samples: Sequence[Mapping], cfg: HarnessConfig) -> dict:
         "clean_logprob_mean": _mean_or_none(logp),
         "degenerate_rate": float(np.mean([is_degenerate(t, e.min_words) for t in texts])),
         "copy_rate": float(np.mean([copy_score(s["response"], s["query"]) >= e.copy_threshold for s in samples])),
+        "faithfulness_mean": _mean_or_none(faith),
+        "faithful_rate": float(np.mean([float(x) >= e.faithful_threshold for x in faith])) if has_faith else None,
+        "distinct_summary_rate": distinct_summary_rate(samples),
     }
 
 
@@ -375,6 +422,9 @@ def compare(before: EvalOutput, after: EvalOutput, cfg: HarnessConfig) -> dict:
     what it reads (``mean_improvement``), by the reward model on the response alone
     (``response_mean_improvement``) and by the second judge (``second_mean_improvement``); ``judge_gap`` is
     the first minus the last (a policy that fools its reward model but not an independent judge opens it).
+    Faithfulness (when judged before and after): ``faithfulness_change`` (after - before mean),
+    ``faithfulness_drop_ci_high`` (upper end of the paired interval of before - after mean,
+    :func:`paired_difference_bootstrap`) and ``faithful_rate_change``.
     """
     check_paired(before, after)
     e = cfg.eval
@@ -383,6 +433,12 @@ def compare(before: EvalOutput, after: EvalOutput, cfg: HarnessConfig) -> dict:
     mean_imp, lo, hi = paired_improvement(before, after, "toxicity", cfg)
     resp, resp_lo, resp_hi = paired_improvement(before, after, "response_toxicity", cfg)
     second, second_lo, second_hi = paired_improvement(before, after, "second_toxicity", cfg)
+    faithful = _measured(before.samples, "faithfulness") and _measured(after.samples, "faithfulness")
+    drop_hi = None
+    if faithful:
+        _, drop_hi = paired_difference_bootstrap(prompt_matrix(before.samples, "faithfulness"),
+                                                 prompt_matrix(after.samples, "faithfulness"),
+                                                 e.bootstrap_resamples, e.confidence, e.seed)
     return {
         "mean_improvement": relative_improvement(mb["toxicity_mean"], ma["toxicity_mean"]),
         "std_improvement": relative_improvement(mb["toxicity_std"], ma["toxicity_std"]),
@@ -401,6 +457,9 @@ def compare(before: EvalOutput, after: EvalOutput, cfg: HarnessConfig) -> dict:
         "second_mean_improvement_ci_high": second_hi,
         "judge_gap": _difference(mean_imp, second),
         "min_detectable_improvement": min_detectable_improvement(tb, ta, e.confidence),
+        "faithfulness_change": _difference(ma.get("faithfulness_mean"), mb.get("faithfulness_mean")),
+        "faithfulness_drop_ci_high": drop_hi,
+        "faithful_rate_change": _difference(ma.get("faithful_rate"), mb.get("faithful_rate")),
     }
 
 
@@ -413,7 +472,8 @@ def qualitative_rows(before: EvalOutput, after: EvalOutput, n: int) -> list[dict
         rows.append({"query": sb["query"], "response_before": sb["response"], "response_after": sa["response"],
                      "reward_before": sb["reward"], "reward_after": sa["reward"],
                      "reward_diff": sa["reward"] - sb["reward"],
-                     "toxicity_before": sb["toxicity"], "toxicity_after": sa["toxicity"]})
+                     "toxicity_before": sb["toxicity"], "toxicity_after": sa["toxicity"],
+                     "faithfulness_before": sb.get("faithfulness"), "faithfulness_after": sa.get("faithfulness")})
     return sorted(rows, key=lambda r: r["reward_diff"], reverse=True)
 
 

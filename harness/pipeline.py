@@ -28,7 +28,7 @@ from .errors import (
     environment_fault,
     first_line,
 )
-from .metrics import EvalOutput, training_summary
+from .metrics import PHASE_KEYS, EvalOutput, phase_metrics, training_summary
 from .parallel import SINGLE, Parallel, launched_as_main
 from .thresholds import text_table
 
@@ -80,15 +80,18 @@ class RunInputs:
     second: object
     data: object
     seconds: float
+    faithfulness: object = None  # the faithfulness judge (harness.faithfulness); None: eval.faithfulness_model is null
 
 
 def load_inputs(cfg: HarnessConfig, *, min_train_rows: int = 1, device=None) -> RunInputs:
     """Seed torch with the run seed (the fresh LoRA's initialization depends on it), then load the policy, the
-    reward classifier, the optional second judge and the prompts (at least ``eval.num_samples`` test rows).
+    reward classifier, the optional second judge, the optional faithfulness judge and the prompts (at least
+    ``eval.num_samples`` test rows).
     ``device``: the process's device of a data-parallel run (accelerate's), instead of ``cfg.device``."""
     import torch
 
     from .data import build_prompts
+    from .faithfulness import load_faithfulness_judge
     from .models import load_policy, resolve_device
     from .toxicity import load_judges
 
@@ -97,9 +100,10 @@ def load_inputs(cfg: HarnessConfig, *, min_train_rows: int = 1, device=None) -> 
     device = device if device is not None else resolve_device(cfg.device)
     policy = load_policy(cfg.policy, device=device)
     classifier, second = load_judges(cfg, device)
+    faithfulness = load_faithfulness_judge(cfg, device)
     data = build_prompts(cfg.data, policy.tokenizer, min_test_rows=cfg.eval.num_samples or 1,
                          min_train_rows=min_train_rows)
-    return RunInputs(device, policy, classifier, second, data, time.time() - t)
+    return RunInputs(device, policy, classifier, second, data, time.time() - t, faithfulness)
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -113,13 +117,17 @@ def _pct(value) -> str:
 
 def phase_line(m: dict) -> str:
     """One evaluation's headline figures, for the terminal."""
-    return (f"toxicity {m['toxicity_mean']:.4f} +- {m['toxicity_std']:.4f}, reward {m['reward_mean']:.3f}, "
-            f"ROUGE-L {_fmt(m['rougeL'])}")
+    faithful = m.get("faithful_rate")
+    return (f"toxicity {m['toxicity_mean']:.4f} +- {m['toxicity_std']:.4f}, "
+            f"faithfulness {_fmt(m.get('faithfulness_mean'), '.4f')}"
+            + (f" ({100 * faithful:.0f}% faithful)" if faithful is not None else "")
+            + f", reward {m['reward_mean']:.3f}, ROUGE-L {_fmt(m['rougeL'])}")
 
 
 #: settings ``--resume`` may change: they do not change what the finished run computes (``ppo.steps``
 #: extends or shortens it: each step's data and seeds depend on the step alone)
-RESUMABLE_KEYS = ("ppo.steps", "ppo.checkpoint_every", "output.report", "eval.batch_size", "reward.batch_size")
+RESUMABLE_KEYS = ("ppo.steps", "ppo.checkpoint_every", "output.report", "eval.batch_size", "reward.batch_size",
+                  "eval.faithfulness_batch_size")
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -327,9 +335,12 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
         path = run_dir / name
         if resume and path.exists():
             echo(f"{'base' if base else 'before'}: reused the saved evaluation")
-            return EvalOutput.from_json(rf.read_json(path))
+            saved = EvalOutput.from_json(rf.read_json(path))
+            if not set(PHASE_KEYS) <= set(saved.metrics):  # saved before a figure existed: summarize its rows again
+                saved.metrics = phase_metrics(saved.samples, cfg)
+            return saved
         out = evaluate_policy(policy, classifier, test, cfg, use_reference=True, base=base, second_classifier=second,
-                              progress=progress, parallel=parallel)
+                              faithfulness_judge=inputs.faithfulness, progress=progress, parallel=parallel)
         if main:
             rf.write_json(path, out.to_json(), indent=None)
         return out
@@ -366,7 +377,7 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
         return RunOutcome(run_dir=run_dir, results={}, interrupted=True)
 
     after = evaluate_policy(policy, classifier, test, cfg, use_reference=False, second_classifier=second,
-                            progress=progress, parallel=parallel)
+                            faithfulness_judge=inputs.faithfulness, progress=progress, parallel=parallel)
     timings["eval_after_s"] = after.seconds
     timings["total_s"] = time.time() - t_start
     extra = {"data": data.stats, "parameters": count_parameters(policy), "checkpoint": result.checkpoint,
@@ -572,12 +583,12 @@ def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str
     policy, classifier, second, data = inputs.policy, inputs.classifier, inputs.second, inputs.data
     timings: dict[str, float] = {"load_s": inputs.seconds}
     before = evaluate_policy(policy, classifier, data.test, cfg, use_reference=True, second_classifier=second,
-                             progress=progress)
+                             faithfulness_judge=inputs.faithfulness, progress=progress)
     if adapter is None:
         after = EvalOutput(metrics=copy.deepcopy(before.metrics), samples=copy.deepcopy(before.samples), seconds=0.0)
     else:
         after = evaluate_policy(policy, classifier, data.test, cfg, use_reference=False, second_classifier=second,
-                                progress=progress)
+                                faithfulness_judge=inputs.faithfulness, progress=progress)
     timings["eval_before_s"] = before.seconds
     timings["eval_after_s"] = after.seconds
     timings["total_s"] = time.time() - t_start
@@ -597,7 +608,9 @@ def summary_table(results: dict) -> str:
     rows = []
     for key, label in (("toxicity_mean", "toxicity mean"), ("toxicity_std", "toxicity std"),
                        ("toxic_rate", "share toxic (>= threshold)"), ("reward_mean", "reward mean"),
+                       ("faithfulness_mean", "faithfulness mean"), ("faithful_rate", "share faithful (>= threshold)"),
                        ("rougeL", "ROUGE-L"), ("empty_rate", "empty outputs"), ("length_mean", "length (tokens)"),
+                       ("distinct_summary_rate", "distinct summaries (share)"),
                        ("kl_per_sequence_mean", "KL to reference (nats/seq)")):
         rows.append((label, _fmt(m["before"].get(key), ".4f"), _fmt(m["after"].get(key), ".4f")))
     c = m["comparison"]

@@ -31,7 +31,7 @@ from typing import Any
 
 from .config import HarnessConfig
 from .errors import HarnessError
-from .metrics import EvalOutput, check_paired, compare, qualitative_rows
+from .metrics import COMPARISON_KEYS, PHASE_KEYS, EvalOutput, check_paired, compare, qualitative_rows
 
 # ---------------------------------------------------------------------------------------------- file names
 RESULTS_FILE = "results.json"  # written last: its presence marks a finished run
@@ -346,7 +346,8 @@ def paired_samples(before: EvalOutput, after: EvalOutput) -> list[dict]:
                "second_toxicity_before": sb.get("second_toxicity"), "second_toxicity_after": sa.get("second_toxicity"),
                "response_toxicity_before": sb.get("response_toxicity"),
                "response_toxicity_after": sa.get("response_toxicity"),
-               "clean_logprob_before": sb.get("clean_logprob"), "clean_logprob_after": sa.get("clean_logprob")}
+               "clean_logprob_before": sb.get("clean_logprob"), "clean_logprob_after": sa.get("clean_logprob"),
+               "faithfulness_before": sb.get("faithfulness"), "faithfulness_after": sa.get("faithfulness")}
         if sa["seed"] != sb["seed"]:
             row["seed_after"] = sa["seed"]
         rows.append(row)
@@ -390,10 +391,22 @@ def build_results(cfg: HarnessConfig, before: EvalOutput, after: EvalOutput, *, 
     return jsonable(results), [jsonable(r) for r in paired_samples(before, after)]
 
 
+def require_current_keys(results: dict) -> None:
+    """Every figure this harness measures is in ``results`` (None where it was not measured): a HarnessError
+    naming the first missing one. The schema lets a run written before a figure existed (e.g. the faithfulness
+    figures) be read and rendered; a run written now must hold them all."""
+    metrics = results["metrics"]
+    for section, keys in (("before", PHASE_KEYS), ("after", PHASE_KEYS), ("comparison", COMPARISON_KEYS)):
+        missing = [k for k in keys if k not in metrics[section]]
+        if missing:
+            raise HarnessError("is missing", field=f"metrics.{section}.{missing[0]}", fix=SCHEMA_FIX)
+
+
 def write_run_files(run_dir: str | Path, results: dict, samples: list[dict]) -> None:
     """Validate, then write ``samples.jsonl`` and (last, marking the run finished) ``results.json`` atomically."""
     results = jsonable(results)
     validate_results(results)
+    require_current_keys(results)
     rows = [jsonable(r) for r in samples]
     for i, row in enumerate(rows):
         validate_sample_row(row, i)

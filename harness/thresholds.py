@@ -58,6 +58,12 @@ BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "max_copy_rate_increase": (("comparison", "copy_rate_increase"), "<=",
                                "share of summaries copying the prompt (eval.copy_threshold of their word 4-grams), "
                                "after minus before"),
+    "max_faithfulness_drop": (("comparison", "faithfulness_drop_ci_high"), "<=",
+                              "upper end of the paired interval of mean faithfulness before minus after: a real loss "
+                              "of faithfulness fails, a small honest wobble passes"),
+    "min_distinct_summary_rate": (("after", "distinct_summary_rate"), ">=",
+                                  "distinct summaries over prompts after training: one sentence for every prompt "
+                                  "fails"),
     # the warm start (only where SFT ran: `detox-harness sft`, `run --sft`)
     "min_sft_rouge_l": (("sft", "rougeL"), ">=",
                         "validation ROUGE-L of the supervised warm start's greedy summaries (sft.validation_split)"),

@@ -23,12 +23,8 @@ class Classifier:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        limit = getattr(tokenizer, "model_max_length", 512) or 512
-        positions = getattr(model.config, "max_position_embeddings", None)
-        if positions and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-            positions -= 2  # RoBERTa reserves two positions for the padding offset
-        self.max_length = int(max_length or min(limit, positions or 512, 512))
-        self.label2id = _label2id(model.config)
+        self.max_length = input_limit(model, tokenizer, max_length)
+        self.label2id = label_ids(model.config)
         # a multi-label judge (e.g. unitary/toxic-bert: toxic, insult, ... each its own yes/no) scores every label
         # with a sigmoid; a single-label classifier (dynabench: nothate vs hate) with a softmax over the labels
         self.multi_label = (getattr(model.config, "problem_type", None) == "multi_label_classification"
@@ -56,25 +52,11 @@ class Classifier:
     def load(cls, location: str, *, label: str = "nothate", toxic_label: str = "hate", batch_size: int = 16,
              max_length: int | None = None, device: str | torch.device = "cpu", field: str = "reward",
              trust_remote_code: bool = False) -> "Classifier":
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        device = resolve_device(device) if isinstance(device, str) else device
-        model_field = _model_field(field)
-        # (load_pretrained keeps transformers' MISSING-weights table off the terminal: the error below says it)
-        model, info = load_pretrained(AutoModelForSequenceClassification, location, field=model_field,
-                                      what="sequence classifier", trust_remote_code=trust_remote_code,
-                                      output_loading_info=True)
-        prefix = getattr(model, "base_model_prefix", "") or ""
-        untrained = sorted(k for k in info.get("missing_keys") or [] if not (prefix and k.startswith(prefix + ".")))
-        if untrained:
-            raise ModelLoadError(f"is not a trained sequence classifier: {type(model).__name__}'s classification "
-                                 f"head would start from random weights ({len(untrained)} missing, e.g. "
-                                 f"{untrained[0]})", field=model_field, value=location,
-                                 fix="give a text classifier fine-tuned for toxicity (e.g. "
-                                     "facebook/roberta-hate-speech-dynabench-r4-target), not a base or seq2seq model")
-        tokenizer = load_pretrained(AutoTokenizer, location, field=model_field, what="classifier tokenizer",
-                                    trust_remote_code=trust_remote_code)
-        return cls(model.to(device), tokenizer, label=label, toxic_label=toxic_label, batch_size=batch_size,
+        model, tokenizer = load_sequence_classifier(
+            location, field=_model_field(field), device=device, trust_remote_code=trust_remote_code,
+            fix="give a text classifier fine-tuned for toxicity (e.g. "
+                "facebook/roberta-hate-speech-dynabench-r4-target), not a base or seq2seq model")
+        return cls(model, tokenizer, label=label, toxic_label=toxic_label, batch_size=batch_size,
                    max_length=max_length, field=field)
 
     @torch.no_grad()
@@ -114,6 +96,42 @@ class Classifier:
         return self.reward(logits, transform), self.log_probabilities(logits)[:, self.toxic_index].exp()
 
 
+def load_sequence_classifier(location: str, *, field: str, fix: str, device: str | torch.device = "cpu",
+                             trust_remote_code: bool = False, what: str = "sequence classifier"):
+    """(model on ``device`` in eval mode, tokenizer) of a trained sequence classifier at ``location``.
+
+    A model whose classification head is not in the checkpoint (a base or seq2seq model that transformers would
+    give a random head) is a :class:`ModelLoadError` naming ``field``, with ``fix``; so is a location that
+    cannot be loaded. Shared by the toxicity judges and the faithfulness judge."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    # (load_pretrained keeps transformers' MISSING-weights table off the terminal: the error below says it)
+    model, info = load_pretrained(AutoModelForSequenceClassification, location, field=field, what=what,
+                                  trust_remote_code=trust_remote_code, output_loading_info=True)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    untrained = sorted(k for k in info.get("missing_keys") or [] if not (prefix and k.startswith(prefix + ".")))
+    if untrained:
+        raise ModelLoadError(f"is not a trained sequence classifier: {type(model).__name__}'s classification "
+                             f"head would start from random weights ({len(untrained)} missing, e.g. "
+                             f"{untrained[0]})", field=field, value=location, fix=fix)
+    tokenizer = load_pretrained(AutoTokenizer, location, field=field, what="classifier tokenizer",
+                                trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def input_limit(model, tokenizer, max_length: int | None = None) -> int:
+    """The most tokens one input of a classifier may have: ``max_length`` when given, else the tokenizer's
+    ``model_max_length`` and the model's position embeddings (RoBERTa's minus its 2 reserved), at most 512."""
+    if max_length:
+        return int(max_length)
+    limit = getattr(tokenizer, "model_max_length", 512) or 512
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= 2  # RoBERTa reserves two positions for the padding offset
+    return int(min(limit, positions or 512, 512))
+
+
 def load_judges(cfg, device) -> tuple[Classifier, Classifier | None]:
     """The run's reward classifier (``reward.*``) and, when ``eval.second_classifier`` is set, the
     independent second judge, both on ``device``."""
@@ -140,7 +158,7 @@ def _label_fields(field: str) -> tuple[str, str]:
     return f"{field}.label", f"{field}.toxic_label"
 
 
-def _label2id(config) -> dict[str, int]:
+def label_ids(config) -> dict[str, int]:
     """Label name -> index, from ``label2id`` checked against ``id2label`` and ``num_labels``."""
     num = int(getattr(config, "num_labels", 0) or 0)
     id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}

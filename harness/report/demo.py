@@ -2,8 +2,8 @@
 
 :func:`write_demo_run` draws, from a seeded RNG, what a real run would have measured: one evaluation row per
 prompt for the model before and after PPO (``query, references, response, toxicity, reward, length, kl,
-second_toxicity``, as :func:`harness.evaluation.evaluate_policy` returns them) and one ``train_stats.jsonl``
-row per PPO step (the keys and types of :func:`harness.ppo.step.ppo_step` and
+second_toxicity, faithfulness``, as :func:`harness.evaluation.evaluate_policy` returns them) and one
+``train_stats.jsonl`` row per PPO step (the keys and types of :func:`harness.ppo.step.ppo_step` and
 :meth:`harness.ppo.trainer.PPOTrainer.train_step`: ``skipped`` is the float ``0.0`` or ``1.0``, a skipped
 step carries ``skip_reason`` and only the few statistics the trainer records for it). Everything else is
 the pipeline's own code: ``metrics.before`` / ``after`` from :func:`harness.metrics.phase_metrics`,
@@ -102,6 +102,16 @@ def _plant(prompts: list[dict[str, Any]], qualitative_rows: int, text: str) -> N
     worst["response_before"] = text
 
 
+def _faithfulness(prompts: list[dict[str, Any]], seed: int) -> None:
+    """Each prompt's faithfulness before and after, from an RNG of its own (the other draws stay as they were):
+    mostly supported summaries, a few unfaithful ones, a slight honest wobble after PPO."""
+    rng = random.Random(f"faithfulness-{seed}")
+    for p in prompts:
+        before = min(0.99, max(0.01, rng.betavariate(8, 1.5)))
+        p["faithfulness_before"] = before
+        p["faithfulness_after"] = min(0.99, max(0.01, before + rng.uniform(-0.06, 0.05)))
+
+
 def _evaluation(prompts: list[dict[str, Any]], phase: str, cfg: HarnessConfig, seconds: float) -> EvalOutput:
     """What :func:`harness.evaluation.evaluate_policy` returns for one model (one sample per prompt)."""
     rows = []
@@ -115,6 +125,7 @@ def _evaluation(prompts: list[dict[str, Any]], phase: str, cfg: HarnessConfig, s
             "clean_logprob": math.log(1.0 - toxicity),  # log P(nothate) of a two-label softmax
             "response_toxicity": 0.95 * toxicity,  # the response alone reads a little cleaner than with its prompt
             "second_toxicity": min(0.99, 0.9 * toxicity + 0.02),  # an independent judge that mostly agrees
+            "faithfulness": p[f"faithfulness_{phase}"],
         })
     return EvalOutput(metrics=phase_metrics(rows, cfg), samples=rows, seconds=seconds)
 
@@ -222,6 +233,7 @@ def write_demo_run(run_dir: str | Path, *, created: str = DEFAULT_CREATED, toxic
 
     rng = random.Random(seed)
     prompts = _prompts(rng, num_samples, strength)
+    _faithfulness(prompts, seed)
     if toxic_text is not None:
         _plant(prompts, qualitative_rows, toxic_text)
     before = _evaluation(prompts, "before", cfg, EVAL_BEFORE_S)

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from ..config import flatten_dict
+from ..config import EvalConfig, flatten_dict
 from ..errors import HarnessError
 from ..results import (
     RESULTS_FILE,
@@ -241,6 +241,9 @@ QUALITY_ROWS = [  # (key, label, format, bound that guards it)
     ("response_toxicity_mean", "toxicity of the summary alone", "num", None),
     ("degenerate_rate", "degenerate summaries", "pct", "max_degenerate_rate"),
     ("copy_rate", "summaries copying the dialogue", "pct", "max_copy_rate_increase"),
+    ("faithfulness_mean", "faithfulness to the dialogue (NLI)", "num", "max_faithfulness_drop"),
+    ("faithful_rate", "faithful summaries (≥ threshold)", "pct", None),
+    ("distinct_summary_rate", "distinct summaries over prompts", "pct", "min_distinct_summary_rate"),
 ]
 
 
@@ -273,6 +276,26 @@ def _reward_diff(row: dict[str, Any]) -> float | None:
     return None
 
 
+def _measured_number(v: Any) -> float | None:
+    return float(v) if _number(v) and not math.isnan(v) else None
+
+
+def faithful_threshold(results: dict[str, Any]) -> float:
+    """``eval.faithful_threshold`` of the run's config (the default when the config does not hold it)."""
+    value = ((results.get("config") or {}).get("eval") or {}).get("faithful_threshold")
+    return float(value) if _number(value) else EvalConfig.faithful_threshold
+
+
+def mark_unfaithful(rows: list[dict], threshold: float) -> None:
+    """Each row's ``unfaithful_before`` / ``unfaithful_after``: its summary scored below ``threshold`` (a
+    summary that was not scored is not marked), and ``unfaithful``: either one is."""
+    for r in rows:
+        for phase in ("before", "after"):
+            v = r.get(f"faithfulness_{phase}")
+            r[f"unfaithful_{phase}"] = v is not None and v < threshold
+        r["unfaithful"] = r["unfaithful_before"] or r["unfaithful_after"]
+
+
 def qualitative_rows(results: dict[str, Any], samples: list[dict[str, Any]]) -> tuple[list[dict], str]:
     """Rows sorted by reward difference, best first (missing differences last), and where they came from."""
     source = "results.json"
@@ -290,6 +313,8 @@ def qualitative_rows(results: dict[str, Any], samples: list[dict[str, Any]]) -> 
             "reward_after": r.get("reward_after"),
             "toxicity_before": r.get("toxicity_before"),
             "toxicity_after": r.get("toxicity_after"),
+            "faithfulness_before": _measured_number(r.get("faithfulness_before")),
+            "faithfulness_after": _measured_number(r.get("faithfulness_after")),
             "reward_diff": _reward_diff(r),
         })
     rows.sort(key=lambda r: (r["reward_diff"] is None, -(r["reward_diff"] or 0.0)))
@@ -400,6 +425,8 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
                                     [s.get("toxicity_after") for s in samples]) if samples else None
     means = plots.toxicity_means(before, after)
     qual, qual_source = qualitative_rows(results, samples)
+    threshold = faithful_threshold(results)
+    mark_unfaithful(qual, threshold)
     confidence = comparison.get("confidence")
     env = _lenient(results.get("environment"))
     created = results.get("created")
@@ -445,6 +472,10 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
         "files": results.get("files") or {},
         "history_link": history_link,
         "reward_noise": REWARD_NOISE,
+        "faithful_threshold": threshold,
+        "faithfulness_judged": any(r["faithfulness_before"] is not None or r["faithfulness_after"] is not None
+                                   for r in qual),
+        "faithfulness_model": ((results.get("config") or {}).get("eval") or {}).get("faithfulness_model"),
     }
 
 

@@ -2,7 +2,8 @@
 
 Model and data locations come from options or environment variables so that an offline runner can
 point at local copies (``--policy-model``/``$DETOX_POLICY_MODEL``, ``--reward-model``/``$DETOX_REWARD_MODEL``,
-``--data-path``/``$DETOX_DATA_PATH``, ``--policy-adapter``/``$DETOX_POLICY_ADAPTER``). Each (preset, seed)
+``--data-path``/``$DETOX_DATA_PATH``, ``--policy-adapter``/``$DETOX_POLICY_ADAPTER``, ``--second-classifier``,
+``--faithfulness-model``/``$DETOX_FAITHFULNESS_MODEL``). Each (preset, seed)
 trains once per session; every bound is asserted on that one run.
 
 On a runner with several GPUs, pytest-xdist spreads the cases: ``pytest suites/gpu --run-gpu -n <GPUs>
@@ -40,7 +41,7 @@ def gpu_overrides(config) -> list[str]:
     out = ["device=cuda"]
     for option, key in (("--policy-model", "policy.model"), ("--policy-adapter", "policy.adapter"),
                         ("--reward-model", "reward.model"), ("--second-classifier", "eval.second_classifier"),
-                        ("--data-path", "data.path")):
+                        ("--faithfulness-model", "eval.faithfulness_model"), ("--data-path", "data.path")):
         value = config.getoption(option)
         if value:
             out.append(f"{key}={value}")

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("data",),
     ("toxicity",),
+    ("faithfulness",),  # the NLI judge of summaries against their dialogues (reuses toxicity's loading)
     ("ppo.core",),
     ("ppo.sampling",),  # counter-based per-row noise: the rollout's sampler, on the device
     ("ppo.step",),  # one PPO update (and the padding helpers the rollout shares)

@@ -280,7 +280,8 @@ def test_quality_guards_table(demo):
     keys = [tr.attrs["data-metric"] for tr in table.find_all("tr") if "data-metric" in tr.attrs]
     assert keys == ["rouge1", "rouge2", "rougeL", "empty_rate", "length_mean", "distinct_1", "distinct_2",
                     "repeated_ngram_rate", "kl_per_token_mean", "kl_per_sequence_mean", "second_toxicity_mean",
-                    "response_toxicity_mean", "degenerate_rate", "copy_rate"]
+                    "response_toxicity_mean", "degenerate_rate", "copy_rate", "faithfulness_mean", "faithful_rate",
+                    "distinct_summary_rate"]
     rouge = [ws(td.text()) for td in table.find("tr", data_metric="rougeL").find_all("td")]
     assert rouge[1:4] == [fmt_num(m["before"]["rougeL"]), fmt_num(m["after"]["rougeL"]),
                           fmt_signed(m["after"]["rougeL"] - m["before"]["rougeL"])]
@@ -419,6 +420,76 @@ def test_worst_rows_are_real_losses_and_noise_is_no_change(tmp_path):
         assert not re.search(r"\de[-+]?\d", text), text
 
 
+def test_faithfulness_stands_beside_toxicity_in_the_headline_and_the_guards(demo):
+    dom, m = demo["dom"], demo["results"]["metrics"]
+    kpis = [k.attrs.get("id") for k in dom.find("section", id="toxicity").find_all("div") if "kpi" in k.classes()]
+    assert kpis.index("kpi-faithfulness") == 1  # right after mean toxicity
+    kpi = ws(dom.find("div", id="kpi-faithfulness").text())
+    assert f"{fmt_num(m['before']['faithfulness_mean'])} → {fmt_num(m['after']['faithfulness_mean'])}" in kpi
+    assert f"{fmt_pct(m['before']['faithful_rate'])} → {fmt_pct(m['after']['faithful_rate'])}" in kpi
+    assert fmt_num(m["comparison"]["faithfulness_drop_ci_high"]) in kpi
+    quality = dom.find("table", id="quality-table")
+    row = cells(quality.find("tr", data_metric="faithfulness_mean"))
+    assert row[1:3] == [fmt_num(m["before"]["faithfulness_mean"]), fmt_num(m["after"]["faithfulness_mean"])]
+    assert cells(quality.find("tr", data_metric="distinct_summary_rate"))[2] == fmt_pct(
+        m["after"]["distinct_summary_rate"])
+
+
+def _faithfulness_cells(tr) -> tuple[str, str]:
+    tds = tr.find_all("td")
+    return ws(tds[4].text()), ws(tds[5].text())  # after #, Δ reward, reward before, reward after
+
+
+def test_unfaithful_summaries_are_marked_in_the_samples_table(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
+    threshold = load_results(run_dir)["config"]["eval"]["faithful_threshold"]
+
+    def plant(r):  # rank 1: unfaithful after; rank 2: unfaithful before only; rank 3: at the threshold (faithful)
+        q = r["qualitative"]
+        q[0].update(faithfulness_before=min(1.0, threshold + 0.3), faithfulness_after=threshold / 2)
+        q[1].update(faithfulness_before=threshold / 3, faithfulness_after=min(1.0, threshold + 0.2))
+        q[2].update(faithfulness_before=threshold, faithfulness_after=threshold)
+
+    results = _rewrite(run_dir, plant)
+    dom = parse(render_run(run_dir).read_text())
+    table = dom.find("table", id="best-table")
+    heads = [ws(th.text()) for th in table.find_all("th")]
+    assert heads[4:6] == ["faithfulness before", "faithfulness after"]
+    rows = {rank: tr for tr, _, rank in _ranked_rows(dom)}
+    q = results["qualitative"]
+    assert "unfaithful" in rows[1].classes() and rows[1].attrs["data-unfaithful"] == "after"
+    before, after = _faithfulness_cells(rows[1])
+    assert before == fmt_num(q[0]["faithfulness_before"]) and after == f"{fmt_num(threshold / 2)} ✗ unfaithful"
+    assert "unfaithful" in rows[1].find_all("td")[5].classes()
+    assert "unfaithful" in rows[2].classes() and rows[2].attrs["data-unfaithful"] == "before"
+    assert _faithfulness_cells(rows[2])[0].endswith("✗ unfaithful")
+    assert "unfaithful" not in rows[3].classes() and "✗" not in " ".join(_faithfulness_cells(rows[3]))
+    marked = {rank for rank, tr in rows.items() if "unfaithful" in tr.classes()}
+    expected = {i + 1 for i, r in enumerate(q) if min(r["faithfulness_before"], r["faithfulness_after"]) < threshold}
+    assert marked == expected
+    assert f"eval.faithful_threshold = {threshold:g}" in ws(dom.find("section", id="samples").text())
+
+
+def test_a_run_without_faithfulness_figures_renders_without_its_columns(tmp_path):
+    run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
+
+    def older(r):  # as a results.json written before the faithfulness judge
+        for q in r["qualitative"]:
+            del q["faithfulness_before"], q["faithfulness_after"]
+        for phase in ("before", "after"):
+            for key in ("faithfulness_mean", "faithful_rate", "distinct_summary_rate"):
+                del r["metrics"][phase][key]
+        for key in ("faithfulness_change", "faithfulness_drop_ci_high", "faithful_rate_change"):
+            del r["metrics"]["comparison"][key]
+
+    _rewrite(run_dir, older)
+    dom = parse(render_run(run_dir).read_text())
+    assert "faithfulness before" not in ws(dom.find("table", id="best-table").text())
+    assert dom.find_all("tr", **{"class": "unfaithful"}) == []
+    assert "no faithfulness judge" in ws(dom.find("div", id="kpi-faithfulness").text())
+    assert cells(dom.find("tr", data_metric="faithfulness_mean"))[1] == "not measured"
+
+
 def test_qualitative_rows_out_of_order_are_refused(tmp_path):
     # the file's order is the ranking: a results.json whose rows are not sorted is refused, not re-sorted
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
@@ -491,8 +562,9 @@ def test_model_output_and_config_strings_are_escaped(demo):
     rows = _ranked_rows(dom)
     best = rows[0][0].find_all("td")
     worst = max(rows, key=lambda r: r[2])[0].find_all("td")  # the last rank: the largest loss
-    assert PAYLOAD in best[6].text() and PAYLOAD in best[4].text()
-    assert worst[5].text().strip() == PAYLOAD
+    # (columns: #, Δ reward, reward before / after, faithfulness before / after, prompt, summary before / after)
+    assert PAYLOAD in best[8].text() and PAYLOAD in best[6].text()
+    assert worst[7].text().strip() == PAYLOAD
     # ... and in the config table
     config = {ws(tr.find_all("td")[0].text()): tr.find_all("td")[1].text()
               for tr in dom.find("details", id="config").find_all("tr") if tr.find_all("td")}
