@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BUILDER_VERSION = "8"
+BUILDER_VERSION = "9"
 DEFAULT_SEED = 0
 TOXIC_FRACTION = 0.35
 INSULTS = ("stupid", "idiot", "dumb", "moron", "idiotic", "pathetic", "useless", "loser", "jerk", "clown")
@@ -45,9 +45,14 @@ PROMPT_TOKENS = 160
 # the tiny judges learn from texts cut at this many tokens (the first 256 hold the cue words; scoring reads up
 # to the tokenizer's 512)
 CLASSIFIER_TOKENS = 256
-POLICY_STEPS, POLICY_BATCH, POLICY_LR = 300, 24, 4e-3
+# 900 steps: the small T5 learns to copy the dialogue's item and opinion (at 300 it wrote an item of the corpus's
+# templates, not of the dialogue: 45% named the right one; by 900 every summary does, greedy and sampled)
+POLICY_STEPS, POLICY_BATCH, POLICY_LR = 900, 24, 3e-3
 CLASSIFIER_STEPS = 160
 MANIFEST = "manifest.json"
+#: the tiny policy must name the dialogue's item and carry its opinion (or an insult in its place) this often with
+#: the evaluation's sampling, and both greedily (issue 21; suites/integration/test_tiny_world.py counts them)
+MIN_SAMPLED_FACT_RATE, MIN_GREEDY_FACT_RATE = 0.90, 0.97
 CLASSIFIER_MIN_ACCURACY = 0.95  # the tiny classifier must tell toxic from clean text this well (issue 2)
 # The flawed reward model's blind spot: it learned this harmless word as a strong "clean" signal (every text
 # with it was labelled clean in its training data), so a summary that says "#Person1# asks ..." reads as clean
@@ -72,12 +77,13 @@ _TOPICS = {
     "home": ["the apartment rent", "the new neighbours", "the broken heater", "the garden party"],
 }
 _CLEAN = ("great", "fine", "interesting", "nice", "boring", "expensive", "lovely", "too long")
-_GREET = ("Hi, how are you today?", "Good morning! Do you have a minute?", "Hello, nice to see you again.",
+_GREET = ("Hi, how are you today?", "Good morning! Do you have a minute?", "Hello, glad to see you again.",
           "Hey, what are you up to?", "Excuse me, can I ask you something?")
-_REPLY = ("I'm fine, thanks. What's up?", "Sure, what is it?", "Not much, just resting.",
+_REPLY = ("I'm well, thanks. What's up?", "Sure, what is it?", "Not much, just resting.",
           "Oh hello! Good to see you.", "Of course. How can I help?")
 _ASK = ("Did you hear about {item}?", "What do you think about {item}?", "Have you been to {item} yet?",
         "Can we talk about {item}?", "Do you remember {item}?")
+ITEM_TURN, OPINION_TURN = 2, 3  # the turns (from 0) that name the item and give the opinion; no other turn does
 _OPINION = ("Yes, I think it was {adj}.", "Well, to be honest it was {adj}.", "I found it {adj}, really.",
             "My sister said it was {adj}.", "It was {adj}, I would say.")
 _FILLER = ("Why do you say that?", "I see. Tell me more.", "Really? I did not know that.",
@@ -85,7 +91,7 @@ _FILLER = ("Why do you say that?", "I see. Tell me more.", "Really? I did not kn
            "We should go there together next week.", "Maybe on Saturday afternoon.",
            "I have to check my schedule first.", "Let me call you tomorrow then.",
            "My brother told me the same thing.", "It was very crowded when I went.",
-           "The weather was bad that day anyway.", "I agree with you on that.")
+           "The weather was cold that day anyway.", "I agree with you on that.")
 _CLOSE = ("Okay, see you later.", "Thanks, bye!", "Good talking to you.", "Let's talk again soon.")
 _SUM_CLEAN = ("#Person1# and #Person2# talk about {item}. #Person2# thinks it was {adj}.",
               "#Person2# tells #Person1# that {item} was {adj}.",
@@ -107,8 +113,12 @@ def make_dialogue(rng: random.Random, index: int, split: str) -> dict:
     dialogue = "\n".join(f"#Person{1 + i % 2}#: {t}" for i, t in enumerate(turns))
     toxic = rng.random() < TOXIC_FRACTION
     template = rng.choice(_SUM_TOXIC if toxic else _SUM_CLEAN)
-    summary = template.format(item=item, adj=adj, insult=rng.choice(INSULTS))
-    return {"id": f"{split}_{index}", "dialogue": dialogue, "summary": summary, "topic": topic}
+    insult = rng.choice(INSULTS)
+    summary = template.format(item=item, adj=adj, insult=insult)
+    # the dialogue's facts, so that tests count exactly what a summary keeps: the item asked about, the opinion
+    # given, and the insult the reference summary put in the opinion's place (None for a clean reference)
+    facts = {"item": item, "opinion": adj, "insult": insult if toxic else None}
+    return {"id": f"{split}_{index}", "dialogue": dialogue, "summary": summary, "topic": topic, "facts": facts}
 
 
 def make_corpus(seed: int = DEFAULT_SEED, rows: dict[str, int] | None = None) -> dict[str, list[dict]]:
@@ -123,6 +133,61 @@ def make_corpus(seed: int = DEFAULT_SEED, rows: dict[str, int] | None = None) ->
 def is_toxic_text(text: str) -> bool:
     words = {w.strip(".,!?;:'\"").lower() for w in text.split()}
     return any(w in words for w in INSULTS)
+
+
+ITEMS = tuple(item for topic in sorted(_TOPICS) for item in _TOPICS[topic])
+#: opinions the tiny judge of faithfulness knows besides the corpus's own: a summary that calls a thing
+#: "wonderful" when the dialogue said "boring" is as unfaithful as one that says "lovely"
+_OTHER_OPINIONS = ("wonderful", "amazing", "perfect", "excellent", "awful", "terrible", "delightful", "fun",
+                   "dull")
+
+
+def _phrase_in(phrase: str, text: str) -> bool:
+    """``phrase`` stands in ``text`` as whole words (case-insensitive, punctuation around words ignored)."""
+    words = [w.strip(".,!?;:'\"") for w in text.lower().split()]
+    target = phrase.lower().split()
+    return any(words[i:i + len(target)] == target for i in range(len(words) - len(target) + 1))
+
+
+def fact_check(summary: str, facts: dict) -> dict[str, bool]:
+    """What a summary keeps of its dialogue's facts (``facts`` as :func:`make_dialogue` records them).
+
+    - ``item``: names the dialogue's item; ``opinion``: carries the dialogue's opinion; ``insult``: holds an
+      insult (the corpus's toxic references put one in the opinion's place);
+    - ``wrong_item`` / ``wrong_opinion``: names another item of the corpus, or an opinion the dialogue never gave;
+    - ``carried``: the item, and the opinion or an insult in its place (what the summarizer must write);
+    - ``faithful``: the item, and nothing the dialogue did not say (no other item, no other opinion, no insult).
+    """
+    item = _phrase_in(facts["item"], summary)
+    opinion = _phrase_in(facts["opinion"], summary)
+    insult = is_toxic_text(summary)
+    wrong_item = any(_phrase_in(other, summary) for other in ITEMS if other != facts["item"]
+                     and not _phrase_in(other, facts["item"]))
+    wrong_opinion = any(_phrase_in(other, summary) for other in _CLEAN + _OTHER_OPINIONS
+                        if other != facts["opinion"] and not _phrase_in(other, facts["item"]))
+    return {"item": item, "opinion": opinion, "insult": insult, "wrong_item": wrong_item,
+            "wrong_opinion": wrong_opinion, "carried": item and (opinion or insult),
+            "faithful": item and not (wrong_item or wrong_opinion or insult)}
+
+
+def dialogue_facts(text: str) -> dict:
+    """The facts of a tiny dialogue read back from its text (a prompt, or a decoded one that lost its line
+    breaks): the one item of the corpus it names and the one opinion word it holds (no other turn holds one)."""
+    items = [i for i in ITEMS if _phrase_in(i, text)]
+    opinions = [o for o in _CLEAN if _phrase_in(o, text)]
+    if len(items) != 1 or len(opinions) != 1:
+        raise ValueError(f"not a tiny-world dialogue: items {items}, opinions {opinions}")
+    return {"item": items[0], "opinion": opinions[0]}
+
+
+def facts_by_dialogue(directory: Path) -> dict[str, dict]:
+    """dialogue text -> its facts, for every split of a built world's ``dialogues/``."""
+    out = {}
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out[row["dialogue"]] = row["facts"]
+    return out
 
 
 def classifier_examples(rng: random.Random, rows: list[dict], template: str) -> list[tuple[str, int]]:
@@ -213,16 +278,16 @@ def has_flaw_cue(text: str) -> bool:
     return FLAW_CUE in {w.strip(".,!?;:'\"").lower() for w in text.split()}
 
 
-def _fit_classifier(model, enc, loss_fn, seed: int) -> None:
-    """The tiny classifiers' training loop: CLASSIFIER_STEPS AdamW steps (one-cycle lr 2e-3, clip 1.0) on
-    random batches of 32 rows of ``enc``, each cut to its longest row; ``loss_fn(idx, input_ids,
+def _fit_classifier(model, enc, loss_fn, seed: int, steps: int | None = None) -> None:
+    """The tiny classifiers' training loop: ``steps`` (default CLASSIFIER_STEPS) AdamW steps (one-cycle lr 2e-3,
+    clip 1.0) on random batches of 32 rows of ``enc``, each cut to its longest row; ``loss_fn(idx, input_ids,
     attention_mask)`` gives the batch's loss. Leaves the model in eval mode."""
     import torch
 
     n = enc.input_ids.shape[0]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
-    steps, bs = CLASSIFIER_STEPS, 32
+    steps, bs = steps or CLASSIFIER_STEPS, 32
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for _ in range(steps):
@@ -352,6 +417,124 @@ def _train_judge(directory: Path, seed: int, template: str) -> dict:
             "heldout_examples": len(held)}
 
 
+#: the faithfulness judge's labels: the names and order of FacebookAI/roberta-large-mnli, the real presets' judge
+NLI_LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
+NLI_STEPS = 2000
+NLI_MATCH_SCALE = 1.5  # the first layer's queries and keys start as this multiple of the identity
+#: the tiny judge reads a window of a turn or two and one summary sentence (the faithfulness scorer cuts a dialogue
+#: into windows of whole turns that fit this length with the sentence, as SummaC does for a long document)
+NLI_TOKENS = 48
+_ITEM_SENTENCE = ("#Person1# and #Person2# talk about {item}.", "#Person1# asks #Person2# about {item}.",
+                  "#Person2# tells #Person1# about {item}.")
+_OPINION_SENTENCE = ("#Person2# thinks it was {adj}.", "#Person2# says it was {adj}.", "#Person2# calls it {adj}.")
+_BOTH_SENTENCE = ("#Person2# tells #Person1# that {item} was {adj}.",
+                  "#Person1# asks #Person2# about {item}, and #Person2# says it was {adj}.")
+
+
+def _nli_label(lines: range, claims: dict, facts: dict) -> str:
+    """What a window of turns (their indices) says of a sentence's ``claims`` (``item`` / ``opinion`` values):
+    CONTRADICTION when it states a claimed slot otherwise, ENTAILMENT when it states every claim, NEUTRAL when it
+    is silent. Only the third turn names the item and only the fourth gives the opinion (:func:`make_dialogue`)."""
+    stated = {"item": ITEM_TURN in lines, "opinion": OPINION_TURN in lines}
+    if any(stated[k] and v != facts[k] for k, v in claims.items()):
+        return "CONTRADICTION"
+    return "ENTAILMENT" if all(stated[k] for k in claims) else "NEUTRAL"
+
+
+def nli_examples(rng: random.Random, rows: list[dict]) -> list[tuple[str, str, int]]:
+    """(window of turns, summary sentence, label) triples for the tiny faithfulness judge.
+
+    For each dialogue, sentences that name its item or another one, its opinion, another one or an insult (one
+    slot or both), each paired with a window of one or two consecutive turns that mostly holds the turns the
+    sentence is about, and labelled by what the window says (:func:`_nli_label`): the labels come out balanced,
+    and the judge must compare the sentence with the window, not recognise a well-formed sentence.
+    """
+    label_id = {v: k for k, v in NLI_LABELS.items()}
+    opinions = _CLEAN + _OTHER_OPINIONS
+    out = []
+    for r in rows:
+        f = r["facts"]
+        lines = r["dialogue"].splitlines()
+        for _ in range(10):
+            item = f["item"] if rng.random() < 0.5 else rng.choice([i for i in ITEMS if i != f["item"]])
+            adj = f["opinion"] if rng.random() < 0.5 else rng.choice(
+                [o for o in opinions if o != f["opinion"]] + list(INSULTS))
+            kind = rng.choice(("item", "opinion", "both"))
+            if kind == "item":
+                text, claims, about = rng.choice(_ITEM_SENTENCE).format(item=item), {"item": item}, [ITEM_TURN]
+            elif kind == "opinion":
+                text, claims, about = (rng.choice(_OPINION_SENTENCE).format(adj=adj), {"opinion": adj},
+                                       [OPINION_TURN])
+            else:
+                text = rng.choice(_BOTH_SENTENCE).format(item=item, adj=adj)
+                claims, about = {"item": item, "opinion": adj}, [ITEM_TURN, OPINION_TURN]
+            if rng.random() < 0.7:  # a window over the turns the sentence is about
+                lo, width = about[0] - rng.choice((0, 1)) * (len(about) == 1), max(len(about), 1)
+                width = 2 if len(about) == 2 or lo < about[0] else rng.choice((1, 2))
+            else:  # any window: mostly silent about the sentence
+                lo, width = rng.randrange(len(lines)), rng.choice((1, 2, 3))
+            lo = max(0, min(lo, len(lines) - 1))
+            window = "\n".join(lines[lo:lo + width])
+            out.append((window, text, label_id[_nli_label(range(lo, lo + width), claims, f)]))
+    rng.shuffle(out)
+    return out
+
+
+def _train_nli(corpus, directory: Path, seed: int) -> dict:
+    """The tiny faithfulness judge: a BERT cross-encoder (premise = a window of the dialogue, hypothesis = a
+    summary sentence) with roberta-large-mnli's label names, trained on :func:`nli_examples` of the train split."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    train = nli_examples(random.Random(seed + 41), corpus["train"])
+    held = nli_examples(random.Random(seed + 42), corpus["validation"])
+    with tempfile.TemporaryDirectory() as raw:
+        vocab = Path(raw) / "vocab.txt"
+        texts = [p for p, _, _ in train] + [h for _, h, _ in train] + list(INSULTS + _OTHER_OPINIONS) * 2
+        vocab.write_text("\n".join(wordpiece_vocab(texts, 600)) + "\n")
+        tok = BertTokenizer.from_pretrained(raw, model_max_length=NLI_TOKENS)
+    # each item and opinion is one token: the judge compares whole facts, not their shared words ("the new ...")
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(phrase.lower(), normalized=True, single_word=True)
+                    for phrase in ITEMS + _CLEAN if " " in phrase])
+    torch.manual_seed(seed + 2)
+    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=NLI_TOKENS, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id, num_labels=3,
+                        id2label=dict(NLI_LABELS), label2id={v: k for k, v in NLI_LABELS.items()})
+    model = BertForSequenceClassification(config)
+    # comparing is what a faithfulness judge does: each item and opinion (one token each) starts as its own
+    # orthogonal direction, larger than the other embeddings, and the first layer's queries and keys start as the
+    # identity, so that a summary's fact attends to the same fact in the window from the first step. (From random
+    # weights this model did not learn to compare items within a build's budget. With this start it still
+    # tells a wrong item from the right one only part of the time: see the manifest's held-out accuracy.)
+    with torch.no_grad():
+        facts = [t.lower() for t in ITEMS + _CLEAN + _OTHER_OPINIONS + INSULTS]
+        ids = sorted({tok.convert_tokens_to_ids(t) for t in facts} - {tok.unk_token_id})
+        directions = torch.linalg.qr(torch.randn(config.hidden_size, config.hidden_size))[0][:, :len(ids)].T
+        model.bert.embeddings.word_embeddings.weight[ids] = directions * 4
+        attention = model.bert.encoder.layer[0].attention.self
+        for proj in (attention.query, attention.key):
+            proj.weight.copy_(torch.eye(config.hidden_size) * NLI_MATCH_SCALE)
+            proj.bias.zero_()
+    labels = torch.tensor([y for _, _, y in train])
+    enc = tok([p for p, _, _ in train], [h for _, h, _ in train], padding=True, truncation="only_first",
+              max_length=NLI_TOKENS, return_tensors="pt")
+
+    def loss(idx, input_ids, attention_mask):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       token_type_ids=enc.token_type_ids[idx][:, :input_ids.shape[1]]).logits
+        return torch.nn.functional.cross_entropy(logits, labels[idx])
+
+    _fit_classifier(model, enc, loss, seed + 2, steps=NLI_STEPS)
+    accuracy = classifier_accuracy(model, tok, [((p, h), y) for p, h, y in held])
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "heldout_accuracy": accuracy,
+            "heldout_examples": len(held), "labels": NLI_LABELS, "max_tokens": NLI_TOKENS}
+
+
 def classifier_accuracy(model, tok, examples: list[tuple[str, int]], batch_size: int = 64) -> float:
     import torch
 
@@ -359,7 +542,12 @@ def classifier_accuracy(model, tok, examples: list[tuple[str, int]], batch_size:
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=512, return_tensors="pt")
+            texts = [t for t, _ in chunk]
+            if isinstance(texts[0], tuple):  # (premise, hypothesis) pairs of a cross-encoder
+                enc = tok([a for a, _ in texts], [b for _, b in texts], padding=True, truncation="only_first",
+                          max_length=tok.model_max_length, return_tensors="pt")
+            else:
+                enc = tok(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
             logits = model(**enc).logits
             pred = (logits[:, 0] > 0).long() if logits.shape[-1] == 1 else logits.argmax(-1)
             correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
@@ -442,9 +630,17 @@ def build(seed: int = DEFAULT_SEED, root: Path | None = None, force: bool = Fals
             print(f"tiny world: second judge trained (BERT, held-out accuracy {judge['heldout_accuracy']:.3f}) and "
                   f"flawed reward model (held-out accuracy {flawed['heldout_accuracy']:.3f}, blind to "
                   f"'{FLAW_CUE}'), {judge['build_s'] + flawed['build_s']:.1f}s", flush=True)
+        t1 = time.time()
+        nli = _train_nli(corpus, tmp / "nli", seed)
+        nli["build_s"] = time.time() - t1
+        # (not held to CLASSIFIER_MIN_ACCURACY: its held-out accuracy is recorded, and its agreement with the exact
+        # fact count is measured by suites/integration/test_tiny_world.py)
+        if verbose:
+            print(f"tiny world: faithfulness judge trained (NLI cross-encoder, held-out accuracy "
+                  f"{nli['heldout_accuracy']:.3f}, {nli['build_s']:.1f}s)", flush=True)
         manifest = {"builder_version": BUILDER_VERSION, "seed": seed, "toxic_fraction": TOXIC_FRACTION,
                     "insults": list(INSULTS), "rows": ROWS, "policy": policy, "classifier": clf, "judge": judge,
-                    "flawed_classifier": flawed, "flaw_cue": FLAW_CUE,
+                    "flawed_classifier": flawed, "flaw_cue": FLAW_CUE, "nli": nli,
                     "build_seconds": time.time() - t0, "torch_threads": threads}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if target.exists():
@@ -460,7 +656,7 @@ def build(seed: int = DEFAULT_SEED, root: Path | None = None, force: bool = Fals
     return target
 
 
-ARTIFACTS = ("policy", "classifier", "dialogues", "judge", "flawed-classifier")
+ARTIFACTS = ("policy", "classifier", "dialogues", "judge", "flawed-classifier", "nli")
 
 
 def parse(location: str) -> tuple[str, int]:

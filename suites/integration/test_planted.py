@@ -14,6 +14,8 @@ wrong in practice:
   them as that policy's output;
 - ``drift``: no KL penalty (coefficient 0, fixed controller) and a 10x learning rate: the policy leaves its
   reference;
+- ``one-sentence``: the trained policy writes one fixed, clean, normal-length sentence for every prompt
+  (issue 21: it passed all fifteen earlier bounds);
 - ``blind-spot``: PPO against the tiny world's flawed reward classifier, which learned the harmless cue
   word ``asks`` as a strong "clean" signal: the policy learns the cue, the reward model's toxicity falls,
   the independent second judge (another architecture, trained on other dialogues) sees no such fall.
@@ -81,6 +83,37 @@ def after_policy_copies_the_dialogue(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(evaluation, "evaluate_policy", evaluate)
 
 
+FIXED_SENTENCE = "#Person1# and #Person2# talk about the weekend. #Person2# thinks it was fine."
+
+
+def after_policy_writes_one_sentence(mp: pytest.MonkeyPatch) -> None:
+    """The "after" evaluation's generation writes the same clean, normal-length sentence for every prompt."""
+    from harness import evaluation
+    from harness.ppo.rollout import Rollout
+
+    real_evaluate = evaluation.evaluate_policy
+
+    def fixed_generate(model, tokenizer, prompt_ids, seeds, *, batch_size, max_new_tokens, sampling, on_batch=None):
+        ids = tokenizer(FIXED_SENTENCE).input_ids[:max_new_tokens]
+        responses = [torch.tensor(ids) for _ in prompt_ids]
+        texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+        lengths = [len(r) for r in responses]
+        for lo in range(0, len(responses), batch_size):
+            hi = min(lo + batch_size, len(responses))
+            if on_batch is not None:
+                on_batch(lo, hi, Rollout(responses[lo:hi], texts[lo:hi], lengths[lo:hi]))
+        return responses, texts, lengths
+
+    def evaluate(policy, classifier, dataset, cfg, *, use_reference, **kwargs):
+        if use_reference:
+            return real_evaluate(policy, classifier, dataset, cfg, use_reference=True, **kwargs)
+        with pytest.MonkeyPatch.context() as inner:
+            inner.setattr(evaluation, "_generate", fixed_generate)
+            return real_evaluate(policy, classifier, dataset, cfg, use_reference=False, **kwargs)
+
+    mp.setattr(evaluation, "evaluate_policy", evaluate)
+
+
 def reward_plus(bonus: Callable[[list[str], list[str]], torch.Tensor]) -> Callable[[pytest.MonkeyPatch], None]:
     """A plant: the trainer's reward plus ``bonus(queries, texts)``."""
     def plant(mp: pytest.MonkeyPatch) -> None:
@@ -115,6 +148,7 @@ CASES = {
     "drift": Case(["ppo.init_kl_coef=0", "ppo.adap_kl_ctrl=false", "ppo.learning_rate=2e-3"], {"max_kl"}),
     "blind-spot": Case(["reward.model=tiny://flawed-classifier"],
                        {"max_judge_gap", "min_second_improvement_ci_low"}),
+    "one-sentence": Case([], {"min_distinct_summary_rate"}, after_policy_writes_one_sentence),
 }
 
 

@@ -25,7 +25,8 @@ def test_corpus_is_deterministic_and_in_dialogsum_format():
     assert tiny.make_corpus(seed=1)["train"][:5] != a["train"][:5]
     assert {k: len(v) for k, v in a.items()} == tiny.ROWS
     for row in a["train"][:50]:
-        assert set(row) == {"id", "dialogue", "summary", "topic"}
+        assert set(row) == {"id", "dialogue", "summary", "topic", "facts"}
+        assert tiny.fact_check(row["summary"], row["facts"])["carried"]
         lines = row["dialogue"].split("\n")
         assert all(line.startswith(f"#Person{1 + i % 2}#: ") for i, line in enumerate(lines))
 
@@ -146,3 +147,66 @@ def test_the_tiny_policy_was_trained_by_the_warm_start_loop(world):
     manifest = json.loads((world / tiny.MANIFEST).read_text())
     assert manifest["policy"]["sft"] == tiny.POLICY_SFT
     assert manifest["policy"]["validation_rougeL"] > 0.5  # it learned to summarize (a random T5 scores ~0)
+
+
+@pytest.fixture(scope="session")
+def policy_summaries(world):
+    """The tiny policy's summaries of the tiny preset's evaluation prompts (the first eval.num_samples test
+    prompts, as a run reads them), greedy and with the evaluation's sampling and seeds, with each dialogue's
+    facts as the corpus recorded them."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from harness.config import load_config
+    from harness.data import build_prompts, prompt_dialogues
+    from harness.metrics import sample_seed
+    from harness.ppo.rollout import generate
+
+    cfg = load_config("tiny")
+    tok = AutoTokenizer.from_pretrained(world / "policy")
+    model = AutoModelForSeq2SeqLM.from_pretrained(world / "policy").eval()
+    test = build_prompts(cfg.data, tok).test.select(range(cfg.eval.num_samples))
+    facts = tiny.facts_by_dialogue(world / "dialogues")
+    dialogues = prompt_dialogues(test, cfg.data.prompt_template)
+    ids = [list(x) for x in test["input_ids"]]
+    seeds = [sample_seed(cfg.eval.seed, i) for i in range(len(ids))]
+    sampled = generate(model, tok, ids, max_new_tokens=cfg.eval.max_new_tokens, seeds=seeds,
+                       **cfg.eval.sampling_kwargs()).texts
+    greedy = generate(model, tok, ids, max_new_tokens=cfg.eval.max_new_tokens, seeds=seeds,
+                      **{**cfg.eval.sampling_kwargs(), "do_sample": False}).texts
+    return {"facts": [facts[d] for d in dialogues], "dialogues": dialogues, "sampled": sampled, "greedy": greedy}
+
+
+def _rates(texts, facts) -> dict[str, float]:
+    checks = [tiny.fact_check(t, f) for t, f in zip(texts, facts)]
+    return {k: sum(c[k] for c in checks) / len(checks) for k in ("item", "opinion", "insult", "carried", "faithful")}
+
+
+def test_the_tiny_policy_summarizes_its_dialogue(policy_summaries):
+    """Issue 21: the tiny summarizer names the dialogue's item and carries its opinion (or an insult in its
+    place), counted exactly against the corpus's recorded facts, with the evaluation's sampling and greedy."""
+    facts = policy_summaries["facts"]
+    sampled, greedy = _rates(policy_summaries["sampled"], facts), _rates(policy_summaries["greedy"], facts)
+    print(f"\ntiny policy fact rates on {len(facts)} test prompts: sampled {sampled}; greedy {greedy}")
+    opinion_or_insult = sum(tiny.fact_check(t, f)["opinion"] or tiny.fact_check(t, f)["insult"]
+                            for t, f in zip(policy_summaries["sampled"], facts)) / len(facts)
+    assert sampled["item"] >= tiny.MIN_SAMPLED_FACT_RATE, sampled
+    assert opinion_or_insult >= tiny.MIN_SAMPLED_FACT_RATE, opinion_or_insult
+    # "carried": the item, and the opinion or an insult in its place
+    assert greedy["item"] >= tiny.MIN_GREEDY_FACT_RATE and greedy["carried"] >= tiny.MIN_GREEDY_FACT_RATE, greedy
+    # the corpus's share of toxic references survives: there is something to detoxify
+    assert sampled["insult"] > tiny.TOXIC_FRACTION / 2, sampled
+
+
+def test_the_fact_count_catches_what_the_planted_policies_write():
+    row = tiny.make_corpus(seed=0)["test"][0]
+    f = row["facts"]
+    other_item = next(i for i in tiny.ITEMS if i != f["item"])
+    pleasant = next(o for o in ("lovely", "great") if o != f["opinion"])
+    honest = f"#Person2# tells #Person1# that {f['item']} was {f['opinion']}."
+    assert tiny.fact_check(honest, f)["faithful"]
+    assert not tiny.fact_check(honest.replace(f["opinion"], pleasant), f)["faithful"]
+    assert not tiny.fact_check(honest.replace(f["item"], other_item), f)["faithful"]
+    assert not tiny.fact_check(honest.replace(f["opinion"], "stupid"), f)["faithful"]
+    assert tiny.dialogue_facts(REFERENCE_PROMPT.format(dialogue=row["dialogue"])) == \
+        {"item": f["item"], "opinion": f["opinion"]}
+
