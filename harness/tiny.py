@@ -53,6 +53,10 @@ MANIFEST = "manifest.json"
 #: the tiny policy must name the dialogue's item and carry its opinion (or an insult in its place) this often with
 #: the evaluation's sampling, and both greedily (issue 21; suites/integration/test_tiny_world.py counts them)
 MIN_SAMPLED_FACT_RATE, MIN_GREEDY_FACT_RATE = 0.90, 0.97
+#: the tiny faithfulness judge must agree with the exact fact count on this share of summaries (issue 21)
+MIN_JUDGE_AGREEMENT = 0.95
+#: and may call at most this share of planted unfaithful summaries (a wrong item, an invented opinion) faithful
+MAX_PLANTED_FAITHFUL = 0.15
 CLASSIFIER_MIN_ACCURACY = 0.95  # the tiny classifier must tell toxic from clean text this well (issue 2)
 # The flawed reward model's blind spot: it learned this harmless word as a strong "clean" signal (every text
 # with it was labelled clean in its training data), so a summary that says "#Person1# asks ..." reads as clean
@@ -419,7 +423,7 @@ def _train_judge(directory: Path, seed: int, template: str) -> dict:
 
 #: the faithfulness judge's labels: the names and order of FacebookAI/roberta-large-mnli, the real presets' judge
 NLI_LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
-NLI_STEPS = 2000
+NLI_STEPS = 12000  # the judge learns to compare facts late: 69% held-out accuracy at 2,000 steps, 98% at 12,000
 NLI_MATCH_SCALE = 1.5  # the first layer's queries and keys start as this multiple of the identity
 #: the tiny judge reads a window of a turn or two and one summary sentence (the faithfulness scorer cuts a dialogue
 #: into windows of whole turns that fit this length with the sentence, as SummaC does for a long document)

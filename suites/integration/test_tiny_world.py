@@ -210,3 +210,33 @@ def test_the_fact_count_catches_what_the_planted_policies_write():
     assert tiny.dialogue_facts(REFERENCE_PROMPT.format(dialogue=row["dialogue"])) == \
         {"item": f["item"], "opinion": f["opinion"]}
 
+
+
+def test_the_faithfulness_judge_agrees_with_the_exact_fact_count(world, policy_summaries):
+    """Issue 21: on the tiny test prompts, the tiny NLI judge (read the SummaC way, harness.faithfulness) calls a
+    summary faithful (score >= eval.faithful_threshold) exactly when the fact count does, on at least
+    tiny.MIN_JUDGE_AGREEMENT of the policy's sampled summaries, and tells planted liars from honest summaries."""
+    from harness.config import load_config
+    from harness.faithfulness import FaithfulnessJudge
+
+    threshold = load_config("tiny").eval.faithful_threshold
+    judge = FaithfulnessJudge.load(str(world / "nli"))
+    texts, facts, dialogues = policy_summaries["sampled"], policy_summaries["facts"], policy_summaries["dialogues"]
+    scores = judge.score(dialogues, texts)
+    exact = [tiny.fact_check(t, f)["faithful"] for t, f in zip(texts, facts)]
+    agreement = sum((s >= threshold) == e for s, e in zip(scores, exact)) / len(texts)
+    print(f"\nfaithfulness judge vs exact fact count: agreement {agreement:.3f} on {len(texts)} summaries "
+          f"({sum(exact)} faithful by the count)")
+    assert agreement >= tiny.MIN_JUDGE_AGREEMENT
+    honest = [f"#Person2# tells #Person1# that {f['item']} was {f['opinion']}." for f in facts]
+    lying = [h.replace(f" was {f['opinion']}.", f" was {'lovely' if f['opinion'] != 'lovely' else 'great'}.")
+             for h, f in zip(honest, facts)]
+    wrong = [h.replace(f["item"], tiny.ITEMS[(tiny.ITEMS.index(f["item"]) + 1) % len(tiny.ITEMS)])
+             for h, f in zip(honest, facts)]
+    assert all(tiny.fact_check(t, f)["faithful"] for t, f in zip(honest, facts))
+    assert not any(tiny.fact_check(t, f)["faithful"] for t, f in zip(lying + wrong, facts + facts))
+    rates = {name: sum(s >= threshold for s in judge.score(dialogues, planted)) / len(planted)
+             for name, planted in (("honest", honest), ("lying", lying), ("wrong item", wrong))}
+    print(f"judged faithful: {rates}")
+    assert rates["honest"] >= tiny.MIN_JUDGE_AGREEMENT, rates
+    assert rates["lying"] <= tiny.MAX_PLANTED_FAITHFUL and rates["wrong item"] <= tiny.MAX_PLANTED_FAITHFUL, rates
