@@ -60,8 +60,11 @@ def test_sft_makes_a_validated_adapter_and_reuses_it(adapter):
     assert not (adapter / REFERENCE_ADAPTER).exists()  # one adapter, not a second copy
     validation = saved["result"]["validation"]
     assert [v["step"] for v in validation][0] == 0 and validation[-1]["step"] == cfg.sft.steps
-    # it learned: the validation loss fell, and its summaries reach the preset's floor
-    assert validation[-1]["loss"] < validation[0]["loss"]
+    # it learned: its greedy summaries gained ROUGE-L and reach the preset's floor. (Not the validation loss: since
+    # tiny world v9 the base policy is trained on this very task to the corpus's floor, where the loss is the
+    # randomness of the templates and insults; 60 warm-start steps move it by 1-2% either way, at any learning
+    # rate from 1e-4 to 2e-3, while the greedy ROUGE-L rises 0.736 -> 0.758.)
+    assert validation[-1]["rougeL"] - validation[0]["rougeL"] > cfg.thresholds["min_sft_rouge_l_gain"]
     assert validation[-1]["rougeL"] >= cfg.thresholds["min_sft_rouge_l"]
     assert saved["result"]["train_rows"] == len(build_prompts(cfg.data, load_policy(cfg.policy).tokenizer).train)
     weights = (adapter / "adapter_model.safetensors").stat().st_mtime_ns
