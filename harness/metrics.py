@@ -245,6 +245,18 @@ def _resample_chunks(rng: np.random.Generator, n: int, resamples: int, max_cells
         yield start, rng.integers(0, n, size=(min(rows, resamples - start), n))
 
 
+def _paired_prompt_means(before, after, resamples: int, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each prompt's mean before and after, once the pair and the bootstrap's settings are checked."""
+    b, a = _as_prompt_matrix(before), _as_prompt_matrix(after)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"paired bootstrap needs the same prompts before and after: {b.shape[0]} != {a.shape[0]}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return b.mean(axis=1), a.mean(axis=1)
+
+
 def paired_bootstrap(before_tox, after_tox, resamples: int, confidence: float, seed: int) -> tuple[float, float]:
     """Paired percentile bootstrap interval of the mean-toxicity improvement ``(mean_b - mean_a) / mean_b``.
 
@@ -253,14 +265,7 @@ def paired_bootstrap(before_tox, after_tox, resamples: int, confidence: float, s
     set for both models: the pairing is kept) from ``numpy.random.default_rng(seed)``. A resample where
     both means are equal counts as 0 improvement, one where only the before mean is 0 as -inf.
     """
-    b, a = _as_prompt_matrix(before_tox), _as_prompt_matrix(after_tox)
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(f"paired bootstrap needs the same prompts before and after: {b.shape[0]} != {a.shape[0]}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    pb, pa = b.mean(axis=1), a.mean(axis=1)
+    pb, pa = _paired_prompt_means(before_tox, after_tox, resamples, confidence)
     rng = np.random.default_rng(seed)
     improvements = np.empty(resamples)
     for start, idx in _resample_chunks(rng, len(pb), resamples):
@@ -279,14 +284,8 @@ def paired_difference_bootstrap(before, after, resamples: int, confidence: float
     the same ``seed`` each resample draws the same prompt indices (one index set for both models), so the two
     intervals come from the same resamples. Identical before and after values give exactly (0, 0).
     """
-    b, a = _as_prompt_matrix(before), _as_prompt_matrix(after)
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(f"paired bootstrap needs the same prompts before and after: {b.shape[0]} != {a.shape[0]}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    d = b.mean(axis=1) - a.mean(axis=1)  # per prompt: the mean of a difference is the difference of the means
+    pb, pa = _paired_prompt_means(before, after, resamples, confidence)
+    d = pb - pa  # per prompt: the mean of a difference is the difference of the means
     rng = np.random.default_rng(seed)
     drops = np.empty(resamples)
     for start, idx in _resample_chunks(rng, len(d), resamples):

@@ -57,83 +57,23 @@ def pays_for_brevity(queries: list[str], texts: list[str]) -> torch.Tensor:
 INSTRUCTION_TOKENS = 8  # the prompt's instruction ("Summarize the following conversation.") is not copied
 
 
-def after_policy_copies_the_dialogue(mp: pytest.MonkeyPatch) -> None:
-    """The "after" evaluation's generation returns a span of each prompt's dialogue, ended by EOS."""
-    from harness import evaluation
-    from harness.ppo.rollout import Rollout
-
-    real_evaluate = evaluation.evaluate_policy
-
-    def copying_generate(model, tokenizer, prompt_ids, seeds, *, batch_size, max_new_tokens, sampling,
-                         on_batch=None):
-        responses = [torch.tensor(list(p)[INSTRUCTION_TOKENS:INSTRUCTION_TOKENS + max_new_tokens - 1]
-                                  + [tokenizer.eos_token_id]) for p in prompt_ids]
-        texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-        lengths = [len(r) for r in responses]
-        for lo in range(0, len(responses), batch_size):
-            hi = min(lo + batch_size, len(responses))
-            if on_batch is not None:
-                on_batch(lo, hi, Rollout(responses[lo:hi], texts[lo:hi], lengths[lo:hi]))
-        return responses, texts, lengths
-
-    def evaluate(policy, classifier, dataset, cfg, *, use_reference, **kwargs):
-        if use_reference:
-            return real_evaluate(policy, classifier, dataset, cfg, use_reference=True, **kwargs)
-        with pytest.MonkeyPatch.context() as inner:
-            inner.setattr(evaluation, "_generate", copying_generate)
-            return real_evaluate(policy, classifier, dataset, cfg, use_reference=False, **kwargs)
-
-    mp.setattr(evaluation, "evaluate_policy", evaluate)
-
-
-FIXED_SENTENCE = "#Person1# and #Person2# talk about the weekend. #Person2# thinks it was fine."
-
-
-def after_policy_writes_one_sentence(mp: pytest.MonkeyPatch) -> None:
-    """The "after" evaluation's generation writes the same clean, normal-length sentence for every prompt."""
-    from harness import evaluation
-    from harness.ppo.rollout import Rollout
-
-    real_evaluate = evaluation.evaluate_policy
-
-    def fixed_generate(model, tokenizer, prompt_ids, seeds, *, batch_size, max_new_tokens, sampling, on_batch=None):
-        ids = tokenizer(FIXED_SENTENCE).input_ids[:max_new_tokens]
-        responses = [torch.tensor(ids) for _ in prompt_ids]
-        texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-        lengths = [len(r) for r in responses]
-        for lo in range(0, len(responses), batch_size):
-            hi = min(lo + batch_size, len(responses))
-            if on_batch is not None:
-                on_batch(lo, hi, Rollout(responses[lo:hi], texts[lo:hi], lengths[lo:hi]))
-        return responses, texts, lengths
-
-    def evaluate(policy, classifier, dataset, cfg, *, use_reference, **kwargs):
-        if use_reference:
-            return real_evaluate(policy, classifier, dataset, cfg, use_reference=True, **kwargs)
-        with pytest.MonkeyPatch.context() as inner:
-            inner.setattr(evaluation, "_generate", fixed_generate)
-            return real_evaluate(policy, classifier, dataset, cfg, use_reference=False, **kwargs)
-
-    mp.setattr(evaluation, "evaluate_policy", evaluate)
-
-
-def after_policy_rewrites(rewrite: Callable[[str, dict], str]) -> Callable[[pytest.MonkeyPatch], None]:
-    """A plant: the "after" evaluation generates as the trained policy does, then each summary is rewritten by
-    ``rewrite(summary, facts)`` (``facts``: the dialogue's item and opinion, read back from the prompt) and
-    re-tokenized, as a policy that learned to write it would have."""
+def after_policy_writes(responses_for: Callable) -> Callable[[pytest.MonkeyPatch], None]:
+    """A plant: the "after" evaluation's generation returns ``responses_for(real_generate, tokenizer, prompt_ids,
+    seeds, max_new_tokens, sampling)`` (token-id lists, each ended by EOS) as the trained policy's summaries; the
+    KL, the classifiers and every metric then read them as that policy's output. "before" is left alone."""
     def plant(mp: pytest.MonkeyPatch) -> None:
-        from harness import evaluation, tiny
+        from harness import evaluation
         from harness.ppo.rollout import Rollout
 
         real_evaluate, real_generate = evaluation.evaluate_policy, evaluation._generate
 
-        def rewriting_generate(model, tokenizer, prompt_ids, seeds, *, batch_size, max_new_tokens, sampling,
-                               on_batch=None):
-            _, texts, _ = real_generate(model, tokenizer, prompt_ids, seeds, batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens, sampling=sampling)
-            prompts = tokenizer.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
-            texts = [rewrite(t, tiny.dialogue_facts(p)) for t, p in zip(texts, prompts)]
-            responses = [torch.tensor(tokenizer(t).input_ids[:max_new_tokens]) for t in texts]
+        def planted_generate(model, tokenizer, prompt_ids, seeds, *, batch_size, max_new_tokens, sampling,
+                             on_batch=None):
+            def generate(**kwargs):  # the real decoding of the trained policy, for plants that start from it
+                return real_generate(model, tokenizer, prompt_ids, seeds, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, sampling=sampling, **kwargs)
+
+            responses = [torch.tensor(r) for r in responses_for(generate, tokenizer, prompt_ids, max_new_tokens)]
             texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
             lengths = [len(r) for r in responses]
             for lo in range(0, len(responses), batch_size):
@@ -146,12 +86,41 @@ def after_policy_rewrites(rewrite: Callable[[str, dict], str]) -> Callable[[pyte
             if use_reference:
                 return real_evaluate(policy, classifier, dataset, cfg, use_reference=True, **kwargs)
             with pytest.MonkeyPatch.context() as inner:
-                inner.setattr(evaluation, "_generate", rewriting_generate)
+                inner.setattr(evaluation, "_generate", planted_generate)
                 return real_evaluate(policy, classifier, dataset, cfg, use_reference=False, **kwargs)
 
         mp.setattr(evaluation, "evaluate_policy", evaluate)
 
     return plant
+
+
+def copies_the_dialogue(generate, tokenizer, prompt_ids, max_new_tokens) -> list[list[int]]:
+    """A span of each prompt's dialogue, ended by EOS (a decoding bug that returns the encoder's input)."""
+    return [list(p)[INSTRUCTION_TOKENS:INSTRUCTION_TOKENS + max_new_tokens - 1] + [tokenizer.eos_token_id]
+            for p in prompt_ids]
+
+
+FIXED_SENTENCE = "#Person1# and #Person2# talk about the weekend. #Person2# thinks it was fine."
+
+
+def one_sentence(generate, tokenizer, prompt_ids, max_new_tokens) -> list[list[int]]:
+    """The same clean, normal-length sentence for every prompt."""
+    return [tokenizer(FIXED_SENTENCE).input_ids[:max_new_tokens] for _ in prompt_ids]
+
+
+def rewritten(rewrite: Callable[[str, dict], str]) -> Callable:
+    """The trained policy's own summaries, each rewritten by ``rewrite(summary, facts)`` (``facts``: the
+    dialogue's item and opinion, read back from the prompt) and re-tokenized, as a policy that learned to write
+    it would have."""
+    def responses(generate, tokenizer, prompt_ids, max_new_tokens) -> list[list[int]]:
+        from harness import tiny
+
+        _, texts, _ = generate()
+        prompts = tokenizer.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
+        return [tokenizer(rewrite(t, tiny.dialogue_facts(p))).input_ids[:max_new_tokens]
+                for t, p in zip(texts, prompts)]
+
+    return responses
 
 
 def _replace_words(text: str, old: set[str], new: str) -> str:
@@ -210,13 +179,13 @@ class Case:
 CASES = {
     "no-op": Case([], {"min_kl", "min_improvement_ci_low"}, optimizer_never_steps),
     "degenerate": Case([], {"max_degenerate_rate", "min_length_ratio"}, reward_plus(pays_for_brevity)),
-    "copy": Case([], {"max_copy_rate_increase"}, after_policy_copies_the_dialogue),
+    "copy": Case([], {"max_copy_rate_increase"}, after_policy_writes(copies_the_dialogue)),
     "drift": Case(["ppo.init_kl_coef=0", "ppo.adap_kl_ctrl=false", "ppo.learning_rate=2e-3"], {"max_kl"}),
     "blind-spot": Case(["reward.model=tiny://flawed-classifier"],
                        {"max_judge_gap", "min_second_improvement_ci_low"}),
-    "one-sentence": Case([], {"min_distinct_summary_rate"}, after_policy_writes_one_sentence),
-    "lies": Case([], {"max_faithfulness_drop"}, after_policy_rewrites(lies_about_the_opinion)),
-    "wrong-item": Case([], {"max_faithfulness_drop"}, after_policy_rewrites(names_another_item)),
+    "one-sentence": Case([], {"min_distinct_summary_rate"}, after_policy_writes(one_sentence)),
+    "lies": Case([], {"max_faithfulness_drop"}, after_policy_writes(rewritten(lies_about_the_opinion))),
+    "wrong-item": Case([], {"max_faithfulness_drop"}, after_policy_writes(rewritten(names_another_item))),
 }
 
 
