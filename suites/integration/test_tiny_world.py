@@ -187,8 +187,8 @@ def test_the_tiny_policy_summarizes_its_dialogue(policy_summaries):
     facts = policy_summaries["facts"]
     sampled, greedy = _rates(policy_summaries["sampled"], facts), _rates(policy_summaries["greedy"], facts)
     print(f"\ntiny policy fact rates on {len(facts)} test prompts: sampled {sampled}; greedy {greedy}")
-    opinion_or_insult = sum(tiny.fact_check(t, f)["opinion"] or tiny.fact_check(t, f)["insult"]
-                            for t, f in zip(policy_summaries["sampled"], facts)) / len(facts)
+    checks = [tiny.fact_check(t, f) for t, f in zip(policy_summaries["sampled"], facts)]
+    opinion_or_insult = sum(c["opinion"] or c["insult"] for c in checks) / len(facts)
     assert sampled["item"] >= tiny.MIN_SAMPLED_FACT_RATE, sampled
     assert opinion_or_insult >= tiny.MIN_SAMPLED_FACT_RATE, opinion_or_insult
     # "carried": the item, and the opinion or an insult in its place
