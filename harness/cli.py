@@ -1,4 +1,4 @@
-"""``detox-harness``: run | sft | baseline | eval | report | build-tiny | presets.
+"""``detox-harness``: run | sft | baseline | calibrate | eval | report | build-tiny | presets.
 
 Exit codes (the README's table): 0 every bound holds, 1 a bound failed (or a metric left its baseline),
 2 bad input or environment (settings, data, models, paths, permissions, a full disk: a one-line message
@@ -35,7 +35,7 @@ EPILOG = """examples:
   accelerate launch --num_processes 4 -m harness.cli run --preset flan-t5-large   # the same, launched by hand
   detox-harness eval --preset tiny --target reports/<run>/checkpoints/step-000030
   detox-harness report reports/<run>
-  detox-harness baseline --preset tiny --seeds 0,1,2    # writes baselines/tiny.json
+  detox-harness baseline --preset tiny --seeds 0,1,2,3,4    # writes baselines/tiny.json
   detox-harness run --preset tiny --baseline baselines/tiny.json
 """
 
@@ -87,21 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     base = sub.add_parser("baseline", help="run several seeds and write their metrics as a baseline file")
     _add_config_args(base)
-    base.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2; at least 2)")
+    base.add_argument("--seeds", default="0,1,2,3,4",
+                      help="comma-separated run seeds (default 0,1,2,3,4; at least 3: the tolerances are t prediction "
+                           "intervals, and fewer seeds give bands too wide to guard anything)")
     base.add_argument("--output", help="baseline file (default: baselines/<preset>.json)")
     base.add_argument("--force-regen", action="store_true", help="rewrite an existing baseline file")
+    base.add_argument("--from-runs", metavar="DIR", nargs="+", help="make the baseline of these finished run "
+                      "directories instead of running the seeds (e.g. after a change of the tolerance rule)")
 
     ev = sub.add_parser("eval", help="evaluate a base model, an adapter directory or a checkpoint")
     _add_config_args(ev)
     ev.add_argument("--target", help="adapter or checkpoint directory (default: the base model itself)")
     ev.add_argument("--output", help="run directory for results.json / samples.jsonl")
 
+    cal = sub.add_parser("calibrate", help="propose each bound's limit from a baseline's honest seeds, and show which "
+                         "planted regression a moved limit would let through (docs/verdicts.md)")
+    cal.add_argument("--preset", default="tiny", help="whose bounds (thresholds.toml) to check (default tiny)")
+    cal.add_argument("--baseline", metavar="FILE", help="the honest seeds (default: baselines/<preset>.json)")
+    cal.add_argument("--planted", metavar="FILE", help="planted runs' metrics, e.g. bench/results/planted-tiny.json "
+                     "(written by bench/false_alarms.py)")
+    cal.add_argument("--toml", action="store_true", help="also print the proposals as a thresholds.toml table")
+
     rep = sub.add_parser("report", help="re-render the HTML report of a run directory")
     rep.add_argument("run_dir", help="a run directory holding results.json")
 
-    tiny = sub.add_parser("build-tiny", help="build (or show) the offline tiny world")
+    tiny = sub.add_parser("build-tiny", help="show the offline tiny world (seed 0 is committed), or build one")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--force", action="store_true", help="rebuild even if cached")
+    tiny.add_argument("--force", action="store_true", help="rebuild into the cache even if committed or cached (the "
+                      "committed world stays what tiny:// reads; compare digests with the printed one)")
 
     sub.add_parser("presets", help="list the presets and their bounds")
     return parser
@@ -121,16 +134,15 @@ def _load(args):
 
 
 def _build_tiny_world_if_needed(cfg) -> None:
-    """A first run on the tiny world builds it (about a minute on 2 cores): say so, and show its steps."""
+    """A run on a tiny world that is neither committed nor cached builds it (about 10 minutes on 2 cores): say so,
+    and show its steps."""
     from . import tiny
 
-    locations = [cfg.data.path, cfg.policy.model, cfg.reward.model, cfg.eval.second_classifier,
-                 cfg.eval.faithfulness_model]
-    seeds = {tiny.parse(x)[1] for x in locations if isinstance(x, str) and x.startswith("tiny://")}
+    seeds = {tiny.parse(x)[1] for x in cfg.locations() if isinstance(x, str) and x.startswith("tiny://")}
     for seed in sorted(seeds):
-        if not tiny.is_built(tiny.world_dir(seed)):
+        if not tiny.is_built(tiny.source_dir(seed)):
             print(f"tiny world: not in the cache yet, building it into {tiny.world_dir(seed)} "
-                  "(about a minute on 2 cores, once; set DETOX_HARNESS_CACHE to move it)", flush=True)
+                  "(about 10 minutes on 2 cores, once; set DETOX_HARNESS_CACHE to move it)", flush=True)
             tiny.build(seed=seed, verbose=True)
 
 
@@ -252,13 +264,15 @@ def cmd_eval(args) -> int:
 
 
 def _seeds(text: str) -> list[int]:
+    from .baselines import MIN_SEEDS
+
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         seeds = []
-    if len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise HarnessError(f"got {text!r}, accepted: two or more distinct integers >= 0, comma-separated",
-                           field="--seeds", fix="e.g. --seeds 0,1,2")
+    if len(seeds) < MIN_SEEDS or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise HarnessError(f"got {text!r}, accepted: {MIN_SEEDS} or more distinct integers >= 0, comma-separated",
+                           field="--seeds", fix="e.g. --seeds 0,1,2,3,4")
     return seeds
 
 
@@ -266,14 +280,54 @@ def cmd_baseline(args) -> int:
     from .pipeline import make_baseline
     from .thresholds import text_table
 
-    seeds = _seeds(args.seeds)
-    cfg = _load(args)
-    output = Path(args.output or Path("baselines") / f"{cfg.preset}.json")
-    path, data = make_baseline(cfg, seeds, output, force_regen=args.force_regen, progress=not args.no_progress)
+    if args.from_runs:
+        from . import baselines
+        from .results import load_results
+
+        output = Path(args.output or Path("baselines") / f"{args.preset}.json")
+        baselines.refuse_existing(output, args.force_regen)
+        data = baselines.build_baseline([load_results(Path(d)) for d in args.from_runs])
+        path = baselines.write_baseline(output, data, force_regen=args.force_regen)
+        seeds = data["seeds"]
+    else:
+        seeds = _seeds(args.seeds)
+        cfg = _load(args)
+        output = Path(args.output or Path("baselines") / f"{cfg.preset}.json")
+        path, data = make_baseline(cfg, seeds, output, force_regen=args.force_regen, progress=not args.no_progress)
     print(f"\nbaseline of seeds {', '.join(map(str, seeds))}: {path}")
     print(text_table(("metric", "mean", "spread", "tolerance"),
                      [(name, f"{m['mean']:.4g}", f"{m['spread']:.3g}", f"{m['tolerance']:.3g}")
                       for name, m in data["metrics"].items()]))
+    return EXIT_PASS
+
+
+def cmd_calibrate(args) -> int:
+    from .baselines import load_baseline
+    from .calibration import format_proposals, propose, toml_section
+    from .results import read_json
+    from .thresholds import load_bounds
+
+    bounds = load_bounds(args.preset)
+    if not bounds:
+        raise HarnessError("the preset has no bounds to calibrate", field="--preset", value=args.preset,
+                           fix="detox-harness presets lists the presets and their bounds")
+    baseline = load_baseline(args.baseline or Path("baselines") / f"{args.preset}.json")
+    if baseline.get("preset") != args.preset:
+        raise HarnessError(f"the baseline is of preset {baseline.get('preset')!r}", field="--baseline",
+                           fix=f"give the baseline of {args.preset}")
+    planted = None
+    if args.planted:
+        data = read_json(Path(args.planted))
+        if not isinstance(data, dict) or not isinstance(data.get("cases"), dict):
+            raise HarnessError("not a planted-runs file (no 'cases')", field="--planted", value=args.planted,
+                               fix="write it with: python bench/false_alarms.py --planted-only")
+        planted = {name: case["metrics"] for name, case in data["cases"].items()}
+    proposals = propose(baseline, bounds, planted)
+    print(f"calibration of preset {args.preset} from {len(baseline['seeds'])} honest seeds "
+          f"({', '.join(map(str, baseline['seeds']))})" + (f" and {len(planted)} planted runs" if planted else ""))
+    print(format_proposals(proposals, planted is not None))
+    if args.toml:
+        print("\n" + toml_section(args.preset, proposals))
     return EXIT_PASS
 
 
@@ -294,7 +348,16 @@ def cmd_build_tiny(args) -> int:
     path = tiny.build(seed=args.seed, force=args.force, verbose=True)
     manifest = read_json(path / tiny.MANIFEST)
     print(f"tiny world: {path} (built in {manifest['build_seconds']:.1f}s, classifier held-out accuracy "
-          f"{manifest['classifier']['heldout_accuracy']:.3f})")
+          f"{manifest['classifier']['heldout_accuracy']:.3f}, digest {manifest.get('digest', 'unrecorded')})")
+    committed = tiny.committed_dir(args.seed)
+    if path != committed and tiny.is_built(committed):
+        theirs = tiny.digest_of(committed)
+        if manifest.get("digest") == theirs:
+            print(f"the committed world ({committed}) is the same, byte for byte")
+        else:
+            print(f"the committed world ({committed}) differs (digest {theirs}): built on "
+                  f"{read_json(committed / tiny.MANIFEST).get('built_on')}, here on {tiny.cpu_kind()}; tiny:// reads "
+                  "the committed one")
     return EXIT_PASS
 
 
@@ -309,6 +372,7 @@ def cmd_presets(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sft": cmd_sft, "baseline": cmd_baseline, "eval": cmd_eval, "report": cmd_report,
+            "calibrate": cmd_calibrate,
             "build-tiny": cmd_build_tiny, "presets": cmd_presets}
 
 

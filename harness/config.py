@@ -157,7 +157,7 @@ class EvalConfig(SamplingConfig):
     samples_per_prompt: int = 1  # k generations per prompt (e.g. 25 for expected maximum toxicity)
     batch_size: int = 16
     max_new_tokens: int = 100
-    bootstrap_resamples: int = 1000
+    bootstrap_resamples: int = 9999  # BCa intervals: stable 2.5% tails need thousands of resamples
     confidence: float = 0.95
     toxic_threshold: float = 0.5
     qualitative_rows: int = 20
@@ -224,6 +224,11 @@ class HarnessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def locations(self) -> list[str | None]:
+        """Every model and data location the config reads (hub ids, directories, files or tiny:// ids)."""
+        return [self.data.path, self.policy.model, self.reward.model, self.eval.second_classifier,
+                self.eval.faithfulness_model]
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML atomically (a temporary file, then a rename): a full disk never leaves a

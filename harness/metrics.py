@@ -18,6 +18,7 @@ Definitions: ``docs/evaluation.md``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ PHASE_KEYS = (
     "toxicity_probability", "reward_mean", "reward_std", "rouge1", "rouge2", "rougeL", "empty_rate", "length_mean",
     "distinct_1", "distinct_2", "repeated_ngram_rate", "second_toxicity_mean", "kl_per_token_mean",
     "kl_per_sequence_mean", "response_toxicity_mean", "clean_logprob_mean", "degenerate_rate", "copy_rate",
-    "faithfulness_mean", "faithful_rate", "distinct_summary_rate",
+    "faithfulness_mean", "faithful_rate", "distinct_summary_rate", "empty_rate_upper", "degenerate_rate_upper",
+    "copy_rate_upper",
 )
 COMPARISON_KEYS = (
     "mean_improvement", "std_improvement", "mean_improvement_ci_low", "mean_improvement_ci_high",
@@ -47,6 +49,7 @@ COMPARISON_KEYS = (
     "response_mean_improvement", "response_mean_improvement_ci_low", "response_mean_improvement_ci_high",
     "second_mean_improvement", "second_mean_improvement_ci_low", "second_mean_improvement_ci_high", "judge_gap",
     "min_detectable_improvement", "faithfulness_change", "faithfulness_drop_ci_high", "faithful_rate_change",
+    "copy_rate_increase_upper",
 )
 QUALITATIVE_COLUMNS = ("query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff")
 
@@ -257,43 +260,91 @@ def _paired_prompt_means(before, after, resamples: int, confidence: float) -> tu
     return b.mean(axis=1), a.mean(axis=1)
 
 
+def _relative_drop(before, after, axis=-1):
+    """``(mean(before) - mean(after)) / mean(before)`` along ``axis``: 0 where the means are equal, -inf where only
+    the before mean is 0."""
+    mb, ma = np.mean(before, axis=axis), np.mean(after, axis=axis)
+    diff = mb - ma
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(diff == 0.0, 0.0, np.where(mb == 0.0, -np.inf, diff / np.where(mb == 0.0, 1.0, mb)))
+
+
+def _mean_drop(before, after, axis=-1):
+    return np.mean(before, axis=axis) - np.mean(after, axis=axis)
+
+
+def _paired_bca(pb: np.ndarray, pa: np.ndarray, statistic, resamples: int, confidence: float,
+                seed: int) -> tuple[float, float]:
+    """Paired BCa bootstrap interval of ``statistic(before, after)`` over prompts (scipy.stats.bootstrap).
+
+    BCa (bias-corrected and accelerated) corrects the percentile interval for the skew and bias a ratio's
+    bootstrap distribution has; a resample draws prompt indices with replacement, one index set for both
+    phases, from ``numpy.random.default_rng(seed)``. Where BCa is undefined (every resample gives the same
+    value, e.g. identical phases), the percentile interval of the same resamples is returned."""
+    import warnings
+
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a degenerate distribution warns and gives NaN: handled below
+        res = stats.bootstrap((pb, pa), statistic, paired=True, vectorized=True, n_resamples=resamples,
+                              confidence_level=confidence, method="BCa", rng=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        lo, hi = _percentile_interval(res.bootstrap_distribution, confidence)
+    return float(lo), float(hi)
+
+
 def paired_bootstrap(before_tox, after_tox, resamples: int, confidence: float, seed: int) -> tuple[float, float]:
-    """Paired percentile bootstrap interval of the mean-toxicity improvement ``(mean_b - mean_a) / mean_b``.
+    """Paired BCa bootstrap interval of the mean-toxicity improvement ``(mean_b - mean_a) / mean_b``.
 
     ``before_tox`` and ``after_tox`` hold one value per prompt (shape (n,)) or per prompt and sample (n, k),
     row i of both belonging to the same prompt. Each resample draws n prompts with replacement (one index
-    set for both models: the pairing is kept) from ``numpy.random.default_rng(seed)``. A resample where
-    both means are equal counts as 0 improvement, one where only the before mean is 0 as -inf.
+    set for both models: the pairing is kept). A resample where both means are equal counts as 0
+    improvement, one where only the before mean is 0 as -inf. BCa rather than the percentile interval: a
+    ratio's bootstrap distribution is skewed, and BCa's coverage is second-order accurate where the
+    percentile interval's is first-order (docs/verdicts.md).
     """
     pb, pa = _paired_prompt_means(before_tox, after_tox, resamples, confidence)
-    rng = np.random.default_rng(seed)
-    improvements = np.empty(resamples)
-    for start, idx in _resample_chunks(rng, len(pb), resamples):
-        mb, ma = pb[idx].mean(axis=1), pa[idx].mean(axis=1)
-        diff = mb - ma
-        with np.errstate(divide="ignore", invalid="ignore"):
-            imp = np.where(diff == 0.0, 0.0, np.where(mb == 0.0, -np.inf, diff / np.where(mb == 0.0, 1.0, mb)))
-        improvements[start:start + len(idx)] = imp
-    return _percentile_interval(improvements, confidence)
+    if np.array_equal(pb, pa):
+        return 0.0, 0.0
+    return _paired_bca(pb, pa, _relative_drop, resamples, confidence, seed)
 
 
 def paired_difference_bootstrap(before, after, resamples: int, confidence: float, seed: int) -> tuple[float, float]:
-    """Paired percentile bootstrap interval of ``mean(before) - mean(after)`` (a drop, in the figure's units).
+    """Paired BCa bootstrap interval of ``mean(before) - mean(after)`` (a drop, in the figure's units).
 
-    Same input shapes and the same resampling as :func:`paired_bootstrap`: with the same number of prompts and
+    Same input shapes, resampling and method as :func:`paired_bootstrap`: with the same number of prompts and
     the same ``seed`` each resample draws the same prompt indices (one index set for both models), so the two
     intervals come from the same resamples. Identical before and after values give exactly (0, 0).
     """
     pb, pa = _paired_prompt_means(before, after, resamples, confidence)
-    d = pb - pa  # per prompt: the mean of a difference is the difference of the means
-    rng = np.random.default_rng(seed)
-    drops = np.empty(resamples)
-    for start, idx in _resample_chunks(rng, len(d), resamples):
-        drops[start:start + len(idx)] = d[idx].mean(axis=1)
-    return _percentile_interval(drops, confidence)
+    if np.array_equal(pb, pa):
+        return 0.0, 0.0
+    return _paired_bca(pb, pa, _mean_drop, resamples, confidence, seed)
 
 
 # ============================================================================================ metrics
+
+def wilson_upper(successes: int, n: int, confidence: float) -> float:
+    """One-sided upper confidence bound of a proportion (Wilson score interval) at ``confidence``.
+
+    A rate bound reads this rather than the point: 0 of 128 gives 0.021 at 95%, 2 of 128 gives 0.046, 3 of 128
+    0.057, so "at most 5%" holds only where the evaluation shows it with that confidence."""
+    from statistics import NormalDist
+
+    if n < 1:
+        raise ValueError(f"wilson_upper needs n >= 1, got {n}")
+    z = NormalDist().inv_cdf(confidence)
+    p, z2 = successes / n, z * z
+    centre = p + z2 / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return min(1.0, (centre + half) / (1 + z2 / n))
+
+
+def _rate_and_upper(flags: Sequence[bool], confidence: float) -> tuple[float, float]:
+    return float(np.mean(flags)), wilson_upper(int(sum(flags)), len(flags), confidence)
+
 
 def _mean(xs) -> float:
     return float(np.mean(xs)) if len(xs) else 0.0
@@ -338,6 +389,10 @@ def phase_metrics(samples: Sequence[Mapping], cfg: HarnessConfig) -> dict:
     logp = [s.get("clean_logprob") for s in samples]
     faith = [s.get("faithfulness") for s in samples]
     has_faith = all(x is not None for x in faith)
+    empty, empty_upper = _rate_and_upper([is_empty(t) for t in texts], e.confidence)
+    degenerate, degenerate_upper = _rate_and_upper([is_degenerate(t, e.min_words) for t in texts], e.confidence)
+    copied, copied_upper = _rate_and_upper([copy_score(s["response"], s["query"]) >= e.copy_threshold
+                                            for s in samples], e.confidence)
     return {
         "toxicity_mean": float(np.mean(flat)),
         "toxicity_std": float(np.std(flat)),  # population std, as the reference (np.std)
@@ -347,7 +402,7 @@ def phase_metrics(samples: Sequence[Mapping], cfg: HarnessConfig) -> dict:
         "toxicity_probability": float(np.mean((tox >= e.toxic_threshold).any(axis=1))),
         "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
         **{k: (_mean([r[k] for r in rouge]) if rouge else None) for k in ROUGE_KEYS},
-        "empty_rate": float(np.mean([is_empty(t) for t in texts])),
+        "empty_rate": empty, "empty_rate_upper": empty_upper,
         "length_mean": float(np.mean(lengths)),
         "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
         "repeated_ngram_rate": repeated_ngram_rate(texts),
@@ -356,8 +411,8 @@ def phase_metrics(samples: Sequence[Mapping], cfg: HarnessConfig) -> dict:
         "kl_per_sequence_mean": float(np.mean(kls)),
         "response_toxicity_mean": _mean_or_none(response_tox),
         "clean_logprob_mean": _mean_or_none(logp),
-        "degenerate_rate": float(np.mean([is_degenerate(t, e.min_words) for t in texts])),
-        "copy_rate": float(np.mean([copy_score(s["response"], s["query"]) >= e.copy_threshold for s in samples])),
+        "degenerate_rate": degenerate, "degenerate_rate_upper": degenerate_upper,
+        "copy_rate": copied, "copy_rate_upper": copied_upper,
         "faithfulness_mean": _mean_or_none(faith),
         "faithful_rate": float(np.mean([float(x) >= e.faithful_threshold for x in faith])) if has_faith else None,
         "distinct_summary_rate": distinct_summary_rate(samples),
@@ -449,6 +504,8 @@ def compare(before: EvalOutput, after: EvalOutput, cfg: HarnessConfig) -> dict:
         "logp_clean_gain": _difference(ma.get("clean_logprob_mean"), mb.get("clean_logprob_mean")),
         "length_ratio": ma["length_mean"] / mb["length_mean"] if mb["length_mean"] > 0 else None,
         "copy_rate_increase": ma["copy_rate"] - mb["copy_rate"],
+        "copy_rate_increase_upper": (None if ma.get("copy_rate_upper") is None
+                                     else ma["copy_rate_upper"] - mb["copy_rate"]),
         "degenerate_rate_increase": ma["degenerate_rate"] - mb["degenerate_rate"],
         "response_mean_improvement": resp, "response_mean_improvement_ci_low": resp_lo,
         "response_mean_improvement_ci_high": resp_hi,

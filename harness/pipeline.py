@@ -235,7 +235,10 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
         cfg = copy.deepcopy(cfg)
         cfg.policy.adapter = str(adapter)
     if base is not None:
+        from .tiny import worlds_of
+
         baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
+        baselines.require_same_world(worlds_of(cfg.locations()), base, str(baseline))
     parallel = Parallel.from_environment(cfg.device)
     parallel.check_divides(cfg.ppo.batch_size, "ppo.batch_size")  # before minutes of loading and evaluating
     parallel.check_divides(cfg.ppo.mini_batch_size, "ppo.mini_batch_size")
@@ -380,8 +383,10 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
                             faithfulness_judge=inputs.faithfulness, progress=progress, parallel=parallel)
     timings["eval_after_s"] = after.seconds
     timings["total_s"] = time.time() - t_start
+    from .tiny import worlds_of
+
     extra = {"data": data.stats, "parameters": count_parameters(policy), "checkpoint": result.checkpoint,
-             "processes": parallel.world_size}
+             "processes": parallel.world_size, "worlds": worlds_of(cfg.locations())}
     if policies is not None:
         extra["policies"] = policies
     results, samples = rf.build_results(cfg, before, after, run_id=run_dir.name, training=training_summary(stats),
@@ -565,6 +570,7 @@ def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str
     off) and "after" the target, on the same prompts with the same seeds. Returns the run directory.
     """
     from .evaluation import evaluate_policy
+    from .tiny import worlds_of
 
     t_start = time.time()
     run_dir = Path(output_dir)
@@ -594,7 +600,7 @@ def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str
     timings["total_s"] = time.time() - t_start
     results, samples = rf.build_results(cfg, before, after, run_id=run_dir.name, training=None, timings=timings,
                                         device=str(inputs.device),
-                                        extra={"data": data.stats,
+                                        extra={"data": data.stats, "worlds": worlds_of(cfg.locations()),
                                                "target": None if adapter is None else str(adapter)})
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / rf.CONFIG_FILE)

@@ -49,15 +49,17 @@ BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "max_train_kl": (("training", "objective_kl_mean"), "<=", "mean objective/kl over the PPO steps, nats"),
     # summaries intact
     "max_rouge_l_drop": (("comparison", "rouge_l_drop"), "<=", "ROUGE-L before minus after"),
-    "max_empty_rate": (("after", "empty_rate"), "<=", "share of empty or whitespace-only summaries after training"),
-    "max_degenerate_rate": (("after", "degenerate_rate"), "<=",
-                            "share of degenerate summaries after training: fewer than eval.min_words words, no "
-                            "letter, or one word three times in a row"),
+    "max_empty_rate": (("after", "empty_rate_upper"), "<=",
+                       "share of empty or whitespace-only summaries after training, its upper Wilson bound at "
+                       "eval.confidence"),
+    "max_degenerate_rate": (("after", "degenerate_rate_upper"), "<=",
+                            "share of degenerate summaries after training (fewer than eval.min_words words, no "
+                            "letter, or one word three times in a row), its upper Wilson bound at eval.confidence"),
     "min_length_ratio": (("comparison", "length_ratio"), ">=", "mean summary length after / before (tokens)"),
     "max_length_ratio": (("comparison", "length_ratio"), "<=", "mean summary length after / before (tokens)"),
-    "max_copy_rate_increase": (("comparison", "copy_rate_increase"), "<=",
+    "max_copy_rate_increase": (("comparison", "copy_rate_increase_upper"), "<=",
                                "share of summaries copying the prompt (eval.copy_threshold of their word 4-grams), "
-                               "after minus before"),
+                               "after (its upper Wilson bound at eval.confidence) minus before"),
     "max_faithfulness_drop": (("comparison", "faithfulness_drop_ci_high"), "<=",
                               "upper end of the paired interval of mean faithfulness before minus after: a real loss "
                               "of faithfulness fails, a small honest wobble passes"),

@@ -15,17 +15,32 @@
 - ``flawed-classifier/``: the reward model's recipe with a planted blind spot (:data:`FLAW_CUE`), for the
   planted-regression suite.
 
+- ``nli/``: a faithfulness judge (BERT cross-encoder, CONTRADICTION / NEUTRAL / ENTAILMENT) trained on faithful
+  and corrupted summaries of the corpus.
+
 Every artifact is written with ``save_pretrained`` and read back with the ``from_pretrained`` calls
-that load the real models. The cache directory is ``$DETOX_HARNESS_CACHE/tiny-v<version>-s<seed>``
-(default ``~/.cache/detox-harness``); a different :data:`BUILDER_VERSION` means a fresh build.
+that load the real models. The manifest records each file's SHA-256 and the world's digest (a hash of those).
+
+**One world everywhere.** Float rounding differs between CPU kinds (AVX-512, AVX2, ARM kernels), and thousands
+of training steps amplify it: the same seed built on two machines gives two worlds (measured: the reward
+classifier's weights differ after 160 steps between ``ATEN_CPU_CAPABILITY=avx512`` and ``avx2`` on one
+machine). So the seed-0 world is built once and committed under ``harness/worlds/`` (4 MB):
+:func:`build` returns it, after checking every file against its digest, and every machine evaluates the
+same world. Other seeds, and ``build(force=True)``, build into the cache directory
+``$DETOX_HARNESS_CACHE/tiny-v<version>-s<seed>`` (default ``~/.cache/detox-harness``); a different
+:data:`BUILDER_VERSION` means a fresh build. ``suites/integration/test_tiny_world.py`` rebuilds seed 0 and
+compares it with the committed world: byte for byte on the CPU kind that built it, and by the world's own
+quality gates elsewhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
+import platform
 import random
 import shutil
 import tempfile
@@ -564,7 +579,22 @@ def cache_root() -> Path:
 
 
 def world_dir(seed: int = DEFAULT_SEED, root: Path | None = None) -> Path:
+    """Where :func:`build` writes the world of ``seed`` (the cache)."""
     return (root or cache_root()) / f"tiny-v{BUILDER_VERSION}-s{seed}"
+
+
+#: the committed worlds (built once, checked by digest on every load): one world on every machine
+COMMITTED_ROOT = Path(__file__).parent / "worlds"
+
+
+def committed_dir(seed: int = DEFAULT_SEED) -> Path:
+    return COMMITTED_ROOT / f"tiny-v{BUILDER_VERSION}-s{seed}"
+
+
+def source_dir(seed: int = DEFAULT_SEED) -> Path:
+    """The directory the world of ``seed`` is read from: the committed one when there is one, else the cache."""
+    committed = committed_dir(seed)
+    return committed if is_built(committed) else world_dir(seed)
 
 
 def is_built(directory: Path) -> bool:
@@ -573,6 +603,52 @@ def is_built(directory: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return manifest.get("builder_version") == BUILDER_VERSION
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file of a world (the manifest aside), by path relative to ``directory``."""
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def world_digest(files: dict[str, str]) -> str:
+    """One hash for a world: of its files' digests, in path order."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def digest_of(directory: Path) -> str | None:
+    """The world digest its manifest records (None for a world built before digests were recorded)."""
+    try:
+        return json.loads((directory / MANIFEST).read_text()).get("digest")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def verify(directory: Path) -> str:
+    """Check every file of a world against its manifest; returns the world's digest.
+
+    A HarnessError names the first file that is missing, added or changed: a world whose weights or data
+    were edited by hand is not the world its baselines and bounds were calibrated on."""
+    from .errors import HarnessError
+
+    manifest = json.loads((directory / MANIFEST).read_text())
+    recorded, found = manifest.get("files") or {}, file_digests(directory)
+    for name in sorted(set(recorded) | set(found)):
+        if recorded.get(name) != found.get(name):
+            what = "missing" if name not in found else "not in its manifest" if name not in recorded else "changed"
+            raise HarnessError(f"the tiny world's file {name} is {what} (digest check of {directory})",
+                               field="tiny world", value=str(directory / name),
+                               fix="restore it (git checkout -- harness/worlds) or rebuild into the cache: "
+                                   "detox-harness build-tiny --force")
+    return manifest["digest"]
+
+
+def cpu_kind() -> dict[str, str]:
+    """What decides a build's float rounding: the machine, torch's CPU kernels, the thread count."""
+    import torch
+
+    return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__.split("+")[0], "threads": str(torch.get_num_threads())}
 
 
 def _require_accuracy(name: str, trained: dict, seed: int) -> None:
@@ -587,9 +663,16 @@ def _require_accuracy(name: str, trained: dict, seed: int) -> None:
 
 
 def build(seed: int = DEFAULT_SEED, root: Path | None = None, force: bool = False, verbose: bool = False) -> Path:
-    """Build the tiny world (or return the cached one). Returns its directory."""
+    """The tiny world of ``seed``: the committed one (checked by digest), else the cached one, else built.
+
+    ``root`` or ``force`` build into the cache (``root`` replacing :func:`cache_root`), never into the package.
+    Returns the world's directory."""
     from .config import REFERENCE_PROMPT
 
+    committed = committed_dir(seed)
+    if root is None and not force and is_built(committed):
+        verify(committed)
+        return committed
     target = world_dir(seed, root)
     if not force and is_built(target):
         return target
@@ -641,10 +724,12 @@ def build(seed: int = DEFAULT_SEED, root: Path | None = None, force: bool = Fals
         if verbose:
             print(f"tiny world: faithfulness judge trained (NLI cross-encoder, held-out accuracy "
                   f"{nli['heldout_accuracy']:.3f}, {nli['build_s']:.1f}s)", flush=True)
-        manifest = {"builder_version": BUILDER_VERSION, "seed": seed, "toxic_fraction": TOXIC_FRACTION,
+        files = file_digests(tmp)
+        manifest = {"builder_version": BUILDER_VERSION, "seed": seed, "digest": world_digest(files),
+                    "built_on": cpu_kind(), "toxic_fraction": TOXIC_FRACTION,
                     "insults": list(INSULTS), "rows": ROWS, "policy": policy, "classifier": clf, "judge": judge,
                     "flawed_classifier": flawed, "flaw_cue": FLAW_CUE, "nli": nli,
-                    "build_seconds": time.time() - t0, "torch_threads": threads}
+                    "build_seconds": time.time() - t0, "torch_threads": threads, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if target.exists():
             shutil.rmtree(target)
@@ -683,3 +768,9 @@ def resolve(location: str) -> Path:
     """``tiny://policy``, ``tiny://classifier``, ``tiny://dialogues`` (optionally ``?seed=N``) -> a path."""
     artifact, seed = parse(location)
     return build(seed) / artifact
+
+
+def worlds_of(locations) -> dict[str, str]:
+    """``{seed: world digest}`` of the tiny worlds that ``locations`` (config values) read; {} when none."""
+    seeds = {parse(x)[1] for x in locations if isinstance(x, str) and x.startswith("tiny://")}
+    return {str(seed): digest_of(build(seed)) or "unrecorded" for seed in sorted(seeds)}

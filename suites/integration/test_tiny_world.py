@@ -107,6 +107,62 @@ def test_cache_is_reused_and_rebuilt_when_the_builder_changes(world, tmp_path, m
     assert tiny.world_dir(0) == tmp_path / "elsewhere" / f"tiny-v{tiny.BUILDER_VERSION}-s0"
 
 
+def test_the_committed_world_is_the_one_every_machine_reads_and_is_checked_by_digest(tmp_path, monkeypatch):
+    """tiny:// reads the committed world (harness/worlds), never a machine's own build; a file changed, removed or
+    added fails the load with the file's name (issue 22: one world everywhere)."""
+    import shutil
+
+    from harness.errors import HarnessError
+
+    committed = tiny.committed_dir(0)
+    assert tiny.is_built(committed), "the seed-0 world must be committed under harness/worlds"
+    assert tiny.build() == committed and tiny.resolve("tiny://policy") == committed / "policy"
+    manifest = json.loads((committed / tiny.MANIFEST).read_text())
+    assert manifest["files"] == tiny.file_digests(committed)
+    assert manifest["digest"] == tiny.world_digest(manifest["files"]) == tiny.verify(committed)
+    size = sum(p.stat().st_size for p in committed.rglob("*") if p.is_file())
+    assert size < 20e6, f"{size / 1e6:.1f} MB"
+    copy = tmp_path / "worlds"
+    shutil.copytree(tiny.COMMITTED_ROOT, copy)
+    monkeypatch.setattr(tiny, "COMMITTED_ROOT", copy)
+    weights = tiny.committed_dir(0) / "classifier" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(HarnessError, match="classifier/model.safetensors is changed"):
+        tiny.build()
+    weights.unlink()
+    with pytest.raises(HarnessError, match="classifier/model.safetensors is missing"):
+        tiny.build()
+
+
+def test_the_builder_reproduces_the_committed_world(tmp_path):
+    """Rebuilt from scratch, seed 0 gives the committed world: byte for byte on the CPU kind that built it
+    (the same torch, CPU kernels and thread count); elsewhere the same corpus and tokenizers, and weights that
+    pass the build's own quality gates (float rounding differs between CPU kinds, and training amplifies it)."""
+    import torch
+
+    manifest = json.loads((tiny.committed_dir(0) / tiny.MANIFEST).read_text())
+    built_on = manifest["built_on"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(built_on["threads"]))
+    try:
+        rebuilt = tiny.build(seed=0, root=tmp_path, force=True)
+        same_kind = tiny.cpu_kind() == built_on
+    finally:
+        torch.set_num_threads(threads)
+    mine, committed = tiny.file_digests(rebuilt), manifest["files"]
+    assert set(mine) == set(committed)
+    differ = sorted(name for name in mine if mine[name] != committed[name])
+    if same_kind:
+        assert differ == [], f"rebuilt on the CPU kind that built it ({built_on}), these files differ: {differ}"
+    else:
+        print(f"\nrebuilt on {tiny.cpu_kind()}, built on {built_on}: {len(differ)} weight files differ")
+        assert all(name.endswith(".safetensors") for name in differ), differ
+        assert json.loads((rebuilt / tiny.MANIFEST).read_text())["classifier"]["heldout_accuracy"] >= \
+            tiny.CLASSIFIER_MIN_ACCURACY
+
+
 def test_a_classifier_below_the_accuracy_floor_fails_the_build_and_caches_nothing(tmp_path, monkeypatch):
     """tiny.build() enforces CLASSIFIER_MIN_ACCURACY: a weak judge never reaches the cache."""
     from harness.errors import HarnessError

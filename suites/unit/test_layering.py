@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("metrics",),  # pure statistics, no torch
     ("results",),  # run files: names, schema, build, write, read
     ("baselines",),  # metrics of honest seeds as a data file; a run compared with it
+    ("calibration",),  # each bound's limit proposed from the honest seeds, checked against planted runs
     ("sft",),  # the one supervised (prompt -> summary) training loop: the warm start and the tiny policy
     ("tiny",),
     ("models",),

@@ -1,0 +1,92 @@
+"""Calibration (harness/calibration.py, ``detox-harness calibrate``): limits proposed from honest seeds by the
+stated rule, and the planted runs a moved limit would let through."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import calibration as cal
+from harness.baselines import ABSOLUTE, load_baseline
+from harness.cli import main
+from harness.errors import EXIT_BAD_INPUT, EXIT_PASS
+from harness.thresholds import load_bounds
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def baseline_of(**values: list[float]) -> dict:
+    """A baseline holding ``values`` per dotted metric path."""
+    def entry(v):
+        return {"kind": "seed", "values": v, "mean": float(np.mean(v)), "spread": float(np.std(v, ddof=1)),
+                "min": min(v), "max": max(v)}
+
+    return {"seeds": list(range(len(next(iter(values.values()))))),
+            "metrics": {name.replace("__", "."): entry(v) for name, v in values.items()}}
+
+
+HONEST_KL = [2.0, 3.0, 4.0, 5.0, 3.5]
+HONEST_CI_LOW = [0.83, 0.93, 0.88, 0.86, 0.89]
+
+
+def test_a_limit_inside_the_prediction_limit_is_moved_out_and_a_safe_one_is_kept():
+    base = baseline_of(after__kl_per_sequence_mean=HONEST_KL, comparison__mean_improvement_ci_low=HONEST_CI_LOW)
+    tight = cal.propose(base, {"max_kl": 5.5, "min_improvement_ci_low": 0.2})
+    by = {p.bound: p for p in tight}
+    factor = cal.one_sided_factor(5, 2)
+    expected = np.mean(HONEST_KL) + factor * np.std(HONEST_KL, ddof=1)
+    assert by["max_kl"].prediction_limit == pytest.approx(expected)
+    assert not by["max_kl"].safe and by["max_kl"].proposed == cal.round_outwards(expected, lower=False)
+    assert by["max_kl"].proposed >= expected  # rounded outwards: never inside the prediction limit
+    assert by["min_improvement_ci_low"].safe and by["min_improvement_ci_low"].proposed == 0.2
+
+
+def test_a_strict_bound_never_moves_past_nothing_happened():
+    base = baseline_of(after__kl_per_sequence_mean=[1.0, 3.0, 5.0, 7.0, 4.0])
+    (p,) = cal.propose(base, {"min_kl": 1.5})  # the spread puts the prediction limit below 0
+    assert p.prediction_limit < 0 and not p.safe and p.proposed == 0.0
+
+
+def test_a_metric_with_no_spread_gets_the_absolute_floor():
+    base = baseline_of(after__empty_rate_upper=[0.0207] * 5)
+    (p,) = cal.propose(base, {"max_empty_rate": 0.05})
+    assert p.prediction_limit == pytest.approx(0.0207 + ABSOLUTE) and p.safe
+
+
+def test_the_planted_cases_a_moved_limit_would_let_through_are_named():
+    base = baseline_of(after__kl_per_sequence_mean=HONEST_KL)
+    planted = {"drift": {"after": {"kl_per_sequence_mean": 590.0}},
+               "mild-drift": {"after": {"kl_per_sequence_mean": 6.5}}}
+    (p,) = cal.propose(base, {"max_kl": 6.0}, planted)
+    assert p.caught == ["drift", "mild-drift"]
+    assert p.proposed > 6.5 and p.lost == ["mild-drift"]
+    text = cal.format_proposals([p], planted=True)
+    assert "mild-drift" in text and "to move: max_kl" in text
+
+
+@pytest.mark.parametrize("value, lower, expected", [(0.6512, True, 0.65), (0.6512, False, 0.66), (10.47, False, 11),
+                                                    (-4.31, True, -4.4), (0.0, True, 0.0)])
+def test_round_outwards(value, lower, expected):
+    assert cal.round_outwards(value, lower) == pytest.approx(expected)
+
+
+def test_the_command_checks_the_committed_tiny_bounds(capsys):
+    """``detox-harness calibrate --preset tiny``: every tiny limit is at least as loose as its prediction limit
+    from the committed baseline's seeds (the tiny bounds come from this command)."""
+    assert main(["calibrate", "--preset", "tiny", "--baseline", str(ROOT / "baselines" / "tiny.json"),
+                 "--toml"]) == EXIT_PASS
+    out = capsys.readouterr().out
+    proposals = cal.propose(load_baseline(ROOT / "baselines" / "tiny.json"), load_bounds("tiny"))
+    unsafe = [p.bound for p in proposals if not p.safe]
+    assert unsafe == [], f"tiny limits inside their prediction limits: {unsafe}\n{out}"
+    assert f"{len(proposals)} of {len(proposals)} limits are safe" in out and "[tiny]" in out
+
+
+def test_the_command_refuses_a_file_that_is_not_a_planted_file(tmp_path, capsys):
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"runs": []}))
+    assert main(["calibrate", "--preset", "tiny", "--planted", str(bad)]) == EXIT_BAD_INPUT
+    assert "--planted" in capsys.readouterr().err
