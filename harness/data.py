@@ -366,15 +366,36 @@ def build_prompts(cfg: DataConfig, tokenizer, *, min_test_rows: int = 1, min_tra
         raise DataError(f"cannot split {len(ds)} dialogues: {first_line(e)}", field="data.test_fraction",
                         value=cfg.test_fraction, fix="give more data or change data.test_fraction") from e
     train, test = split["train"], split["test"]
+    test, overlap = without_training_dialogues(train, test)
     if len(train) < min_train_rows:
         raise DataError(f"the train split has {len(train)} prompts, fewer than one batch of {min_train_rows}",
                         field="ppo.batch_size", fix="lower ppo.batch_size or give more data")
     if len(test) < min_test_rows:
-        raise DataError(f"the test split has {len(test)} prompts, fewer than {min_test_rows} needed",
+        removed = f" ({overlap} removed: their dialogue is a training dialogue)" if overlap else ""
+        raise DataError(f"the test split has {len(test)} prompts{removed}, fewer than {min_test_rows} needed",
                         field="eval.num_samples", fix="lower eval.num_samples or give more data")
     stats = {**{k: v for k, v in stats.items() if k != "unknown_token_dialogues"}, "train": len(train),
-             "test": len(test), "unknown_token_dialogues": stats["unknown_token_dialogues"]}
+             "test": len(test), "test_overlap_removed": overlap,
+             "unknown_token_dialogues": stats["unknown_token_dialogues"]}
     return PromptData(train=train, test=test, stats=stats)
+
+
+def without_training_dialogues(train, test):
+    """(``test`` without the rows whose dialogue is also a training dialogue, how many were removed). Dialogues
+    are compared as :func:`harness.metrics.normalize_summary` writes them: lower-cased, punctuation out, white
+    space collapsed, so a training dialogue with a trailing space or another capital still counts as seen."""
+    from .metrics import normalize_summary
+
+    seen = {normalize_summary(d) for d in train["dialogue"]}
+    keep = [i for i, d in enumerate(test["dialogue"]) if normalize_summary(d) not in seen]
+    removed = len(test) - len(keep)
+    if removed:
+        import logging
+
+        logging.getLogger(__name__).warning("%d of %d test prompts were removed: their dialogue is a training "
+                                            "dialogue (case, white space and punctuation aside)", removed, len(test))
+        test = test.select(keep)
+    return test, removed
 
 
 #: a dialogue is "mostly unknown" when at least this share of its visible characters fall in unknown tokens

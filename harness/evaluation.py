@@ -185,7 +185,8 @@ def evaluate_policy(policy, classifier, dataset, cfg: HarnessConfig, *, use_refe
         columns = {
             "toxicity": logp[:, classifier.toxic_index].exp().tolist(),
             "reward": classifier.reward(logits, cfg.reward.transform).tolist(),
-            "clean_logprob": logp[:, classifier.label_index].tolist(),
+            # log P(not toxic), from the toxic label: min_logp_clean_gain reads it whatever reward.label is
+            "clean_logprob": classifier.clean_log_probabilities(logits).tolist(),
             # the reference judges query + response; the response alone is what the policy wrote
             "response_toxicity": (logp[:, classifier.toxic_index].exp() if cfg.reward.input == "response"
                                   else classifier.toxicity(texts)).tolist(),

@@ -48,8 +48,8 @@ COMPARISON_KEYS = (
     "logp_clean_gain", "length_ratio", "copy_rate_increase", "degenerate_rate_increase",
     "response_mean_improvement", "response_mean_improvement_ci_low", "response_mean_improvement_ci_high",
     "second_mean_improvement", "second_mean_improvement_ci_low", "second_mean_improvement_ci_high", "judge_gap",
-    "min_detectable_improvement", "faithfulness_change", "faithfulness_drop_ci_high", "faithful_rate_change",
-    "copy_rate_increase_upper",
+    "min_detectable_improvement", "response_min_detectable_improvement", "second_min_detectable_improvement",
+    "faithfulness_change", "faithfulness_drop_ci_high", "faithful_rate_change", "copy_rate_increase_upper",
 )
 QUALITATIVE_COLUMNS = ("query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff")
 
@@ -465,6 +465,14 @@ def min_detectable_improvement(before_tox: np.ndarray, after_tox: np.ndarray, co
     return float(z * np.std(b - a, ddof=1) / np.sqrt(len(b)) / b.mean())
 
 
+def _detectable(before: EvalOutput, after: EvalOutput, key: str, confidence: float) -> float | None:
+    """:func:`min_detectable_improvement` of the figure ``key`` (None when it was not measured before and after)."""
+    if not (_measured(before.samples, key) and _measured(after.samples, key)):
+        return None
+    return min_detectable_improvement(prompt_matrix(before.samples, key), prompt_matrix(after.samples, key),
+                                      confidence)
+
+
 def _difference(after: float | None, before: float | None) -> float | None:
     return None if after is None or before is None else after - before
 
@@ -513,6 +521,9 @@ def compare(before: EvalOutput, after: EvalOutput, cfg: HarnessConfig) -> dict:
         "second_mean_improvement_ci_high": second_hi,
         "judge_gap": _difference(mean_imp, second),
         "min_detectable_improvement": min_detectable_improvement(tb, ta, e.confidence),
+        # the same for the summary alone and for the second judge: the bounds on their intervals are held to them
+        "response_min_detectable_improvement": _detectable(before, after, "response_toxicity", e.confidence),
+        "second_min_detectable_improvement": _detectable(before, after, "second_toxicity", e.confidence),
         "faithfulness_change": _difference(ma.get("faithfulness_mean"), mb.get("faithfulness_mean")),
         "faithfulness_drop_ci_high": drop_hi,
         "faithful_rate_change": _difference(ma.get("faithful_rate"), mb.get("faithful_rate")),

@@ -42,6 +42,7 @@ class RunOutcome:
     interrupted: bool = False
     report: Path | None = None
     baseline_checks: list = field(default_factory=list)  # baselines.MetricCheck, with --baseline
+    verdict: object = None  # thresholds.Verdict: the bounds beside the preset's, the evidence, the status
 
     @property
     def exit_code(self) -> int:
@@ -160,12 +161,13 @@ def _resumed_config(run_dir: Path, overrides: list[str], echo) -> HarnessConfig:
     except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise HarnessError(f"its config.yaml cannot be read ({first_line(e)})", field="--output", value=str(run_dir),
                            fix="restore the run's config.yaml, or start a new run") from e
+    saved = _bounds_from_preset(saved, data.get("thresholds"), overrides, echo)
     if not overrides:
         echo(f"resuming {run_dir} with its saved config")
         return saved
     wanted = apply_overrides(copy.deepcopy(saved), overrides)
     changed = changed_keys(saved, wanted)
-    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    refused = [k for k in changed if k not in RESUMABLE_KEYS and not k.startswith("thresholds.")]
     if refused:
         raise HarnessError(f"--resume continues the run with its saved config; these settings would change what "
                            f"it computes: {', '.join(refused)}", field="--resume",
@@ -173,6 +175,24 @@ def _resumed_config(run_dir: Path, overrides: list[str], echo) -> HarnessConfig:
                                "run with another --output")
     echo(f"resuming {run_dir} with its saved config" + (f", changing {', '.join(changed)}" if changed else ""))
     return wanted
+
+
+def _bounds_from_preset(cfg: HarnessConfig, saved_bounds, overrides: list[str], echo) -> HarnessConfig:
+    """``cfg`` with the bounds of its preset and the command line's ``thresholds.*`` overrides, never those of the
+    run's editable config.yaml: bounds written there (an emptied ``thresholds: {}``, a loosened limit) are
+    ignored, and said so."""
+    from .config import apply_overrides
+    from .thresholds import load_bounds
+
+    cfg = copy.deepcopy(cfg)
+    cfg.thresholds = load_bounds(cfg.preset)
+    cfg = apply_overrides(cfg, [o for o in overrides if o.strip().startswith("thresholds.")])
+    saved_bounds = saved_bounds if isinstance(saved_bounds, dict) else {}
+    differ = sorted(k for k in set(saved_bounds) | set(cfg.thresholds) if saved_bounds.get(k) != cfg.thresholds.get(k))
+    if differ:
+        echo(f"resume: the bounds come from preset {cfg.preset} and the command line, not from config.yaml "
+             f"(its {', '.join(differ)} differ and are not used; give thresholds.NAME=VALUE to change a bound)")
+    return cfg
 
 
 def _resume_hint(cfg: HarnessConfig, run_dir: Path) -> str:
@@ -185,8 +205,11 @@ def _resume_hint(cfg: HarnessConfig, run_dir: Path) -> str:
 
 def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = False, progress: bool = True,
         echo=print, baseline: str | Path | None = None, overrides: list[str] | None = None,
-        sft: bool = False) -> RunOutcome:
+        sft: bool = False, accept_loosened: bool = False) -> RunOutcome:
     """Run the whole job; returns the outcome (results, bounds, exit code).
+
+    ``accept_loosened`` (``--accept-loosened-bounds``): bounds loosened against the preset's do not fail the run
+    by themselves; the verdict then reads "PASS with loosened bounds", never PASS (:func:`harness.thresholds.judge`).
 
     ``sft``: the whole recipe: first the supervised warm start (:func:`warm_start`: made, or reused from the
     cache when one was made with the same settings), then PPO from that adapter, judged from where it
@@ -227,6 +250,10 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
             raise HarnessError("holds no run to resume (no config.yaml)", field="--output", value=str(run_dir),
                                fix="give the directory of the interrupted run")
         cfg = _resumed_config(run_dir, overrides or [], echo)
+    from .judges import check_judges
+
+    check_judges(cfg)  # labels and judges that cannot measure what the verdict claims: refused before any loading
+    _warn_about_the_verdict(cfg, accept_loosened, echo)
     if sft and not resume:
         if cfg.policy.adapter:
             raise HarnessError("--sft makes the starting adapter itself", field="policy.adapter",
@@ -258,7 +285,7 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     log_handler = _open_run_log(run_dir) if parallel.is_main else None
     try:
         return _run(cfg, run_dir, inputs, base, baseline, resume=resume, progress=progress and parallel.is_main,
-                    echo=echo, parallel=parallel)
+                    echo=echo, parallel=parallel, accept_loosened=accept_loosened)
     except HarnessError as e:
         if isinstance(e, EnvironmentFault):
             raise EnvironmentFault(f"{e}; {_resume_hint(cfg, run_dir)}") from e
@@ -283,6 +310,27 @@ def run(cfg: HarnessConfig, *, output: str | Path | None = None, resume: bool = 
     finally:
         if log_handler is not None:
             _close_run_log(log_handler)
+
+
+def _warn_about_the_verdict(cfg: HarnessConfig, accept_loosened: bool, echo) -> None:
+    """Say at the start what will keep the verdict from a plain PASS whatever the run measures: bounds loosened
+    or removed against the preset, an evaluation smaller than the preset's least evidence."""
+    from .thresholds import bound_change, load_bounds, load_evidence
+
+    preset = load_bounds(cfg.preset)
+    for name in sorted(set(preset) | set(cfg.thresholds)):
+        change = bound_change(name, cfg.thresholds.get(name), preset.get(name))
+        if change in ("loosened", "removed"):
+            then = ("the verdict can at best read PASS with loosened bounds" if change == "loosened" and accept_loosened
+                    else "the run fails")
+            echo(f"warning: thresholds.{name} is {change} against preset {cfg.preset} "
+                 f"({cfg.thresholds.get(name)} vs {preset.get(name)}): {then}")
+    least = load_evidence(cfg.preset)
+    for key, setting, value in (("min_num_samples", "eval.num_samples", cfg.eval.num_samples),
+                                ("min_bootstrap_resamples", "eval.bootstrap_resamples", cfg.eval.bootstrap_resamples)):
+        if key in least and value is not None and value < least[key]:
+            echo(f"warning: {setting}={value} is below preset {cfg.preset}'s least evidence ({least[key]}): the "
+                 "verdict will be FAIL (not enough evidence)")
 
 
 def _silent(*args, **kwargs) -> None:
@@ -311,12 +359,12 @@ def _close_run_log(handler: logging.FileHandler) -> None:
 
 
 def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *, resume: bool, progress: bool,
-         echo, parallel: Parallel = SINGLE) -> RunOutcome:
+         echo, parallel: Parallel = SINGLE, accept_loosened: bool = False) -> RunOutcome:
     from . import baselines
     from .evaluation import evaluate_policy, select_prompts
     from .models import count_parameters, format_parameter_count
     from .ppo.trainer import PPOTrainer
-    from .thresholds import all_passed, verdict
+    from .thresholds import judge, load_bounds, load_evidence
 
     t_start = time.time() - inputs.seconds
     main = parallel.is_main
@@ -330,8 +378,14 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
     echo(format_parameter_count(count_parameters(policy)))
     echo(f"data: {data.stats['kept']} dialogues kept of {data.stats['dialogues']} "
          f"({data.stats['train']} train / {data.stats['test']} test prompts, "
-         f"{data.stats['truncated_prompts']} truncated to {data.stats['max_prompt_tokens']} tokens)")
+         f"{data.stats['truncated_prompts']} truncated to {data.stats['max_prompt_tokens']} tokens"
+         + (f"; {data.stats['test_overlap_removed']} test prompts removed: their dialogue is a training dialogue "
+            "(case, white space and punctuation aside)" if data.stats.get("test_overlap_removed") else "") + ")")
     test = select_prompts(data.test, cfg.eval.num_samples)
+
+    # "before" is where training starts: the starting adapter itself when the KL reference is the bare base
+    # (policy.reference=base), evaluated before any step, so that its old effect is never counted as this run's
+    start_is_reference = not (cfg.policy.adapter and cfg.policy.reference == "base")
 
     def evaluated_once(name: str, *, base: bool = False) -> EvalOutput:
         """The reference's (or the bare base's) evaluation, saved in ``name``: a resumed run reuses it."""
@@ -342,8 +396,9 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
             if not set(PHASE_KEYS) <= set(saved.metrics):  # saved before a figure existed: summarize its rows again
                 saved.metrics = phase_metrics(saved.samples, cfg)
             return saved
-        out = evaluate_policy(policy, classifier, test, cfg, use_reference=True, base=base, second_classifier=second,
-                              faithfulness_judge=inputs.faithfulness, progress=progress, parallel=parallel)
+        out = evaluate_policy(policy, classifier, test, cfg, use_reference=base or start_is_reference, base=base,
+                              second_classifier=second, faithfulness_judge=inputs.faithfulness, progress=progress,
+                              parallel=parallel)
         if main:
             rf.write_json(path, out.to_json(), indent=None)
         return out
@@ -393,8 +448,10 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
                                         timings=timings, device=str(device), extra=extra)
     if policies is not None and policies["start"]["sft"]:
         results["metrics"]["sft"] = sft_metrics(policies["start"]["sft"])
-    bounds = verdict(results, cfg.thresholds)
-    results["verdict"] = {"passed": all_passed(bounds), "bounds": [b.to_dict() for b in bounds]}
+    judged = judge(results, cfg.thresholds, load_bounds(cfg.preset), evidence=load_evidence(cfg.preset),
+                   accept_loosened=accept_loosened)
+    bounds = judged.bounds
+    results["verdict"] = judged.to_dict()
     checks = []
     if base is not None:
         checks = baselines.compare(results, base, baseline_name=str(baseline))
@@ -403,7 +460,7 @@ def _run(cfg: HarnessConfig, run_dir: Path, inputs: RunInputs, base, baseline, *
     if main:
         rf.write_run_files(run_dir, results, samples)
     outcome = RunOutcome(run_dir=run_dir, results=results, bounds=bounds,
-                         passed=all_passed(bounds) and all(c.passed for c in checks), baseline_checks=checks)
+                         passed=judged.passed and all(c.passed for c in checks), baseline_checks=checks, verdict=judged)
     if cfg.output.report and main:
         from .report import render_index, render_run
 
@@ -585,6 +642,9 @@ def evaluate_only(cfg: HarnessConfig, target: str | Path | None, output_dir: str
         adapter = resolve_target(target)
         cfg.policy.adapter = str(adapter)
         cfg.policy.reference = "base"  # "before" is the base model, "after" the target (not a copy of itself)
+    from .judges import check_judges
+
+    check_judges(cfg)
     inputs = load_inputs(cfg)
     policy, classifier, second, data = inputs.policy, inputs.classifier, inputs.second, inputs.data
     timings: dict[str, float] = {"load_s": inputs.seconds}

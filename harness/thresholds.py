@@ -38,7 +38,8 @@ BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
                       "reward model's improvement minus the second judge's: a policy that fools its reward model "
                       "but not an independent judge opens this gap"),
     "min_logp_clean_gain": (("comparison", "logp_clean_gain"), ">",
-                            "mean log P(reward label, e.g. nothate) after minus before, in nats"),
+                            "mean log P(not toxic) = log(1 - P(reward.toxic_label)) after minus before, in nats "
+                            "(read from the toxic label whichever label the reward reads)"),
     "min_reward_gain": (("comparison", "reward_gain"), ">=",
                         "mean reward after minus before (reward.transform of the label; the raw logit by default)"),
     # it trained, and stayed near its reference
@@ -85,9 +86,19 @@ class BoundResult:
     value: float | None
     passed: bool
     description: str
+    # set by :func:`judge` (None from :func:`verdict`): the preset's limit of this bound (None: the preset has
+    # none), how the limit used differs from it (:func:`bound_change`), and why the bound failed when its
+    # measurement alone does not say it ("not enough evidence: ...", "removed: ...")
+    preset: float | None = None
+    change: str | None = None
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("preset", "change", "reason"):  # a plain verdict's rows keep their old shape
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 def validate_bounds(bounds: dict[str, Any]) -> None:
@@ -112,6 +123,35 @@ def load_bounds(preset: str, path: str | Path | None = None) -> dict[str, float]
     bounds = {k: float(v) for k, v in data.get(preset, {}).items()}
     validate_bounds(bounds)
     return bounds
+
+
+#: the evidence table's keys (``[evidence.<preset>]`` in thresholds.toml) and what each one limits
+EVIDENCE_KEYS = {"min_num_samples": ("comparison", "num_prompts"),
+                 "min_bootstrap_resamples": ("comparison", "bootstrap_resamples")}
+#: bounds that read a relative drop of toxicity, and the minimum detectable improvement of the same judge: a limit
+#: below it asks for an effect the evaluation is too small to resolve
+POWERED_BOUNDS = {
+    "min_improvement": ("comparison", "min_detectable_improvement"),
+    "min_improvement_ci_low": ("comparison", "min_detectable_improvement"),
+    "min_response_improvement_ci_low": ("comparison", "response_min_detectable_improvement"),
+    "min_second_improvement_ci_low": ("comparison", "second_min_detectable_improvement"),
+}
+
+
+def load_evidence(preset: str, path: str | Path | None = None) -> dict[str, int]:
+    """The least evidence a verdict of ``preset`` needs (``[evidence.<preset>]``: ``min_num_samples``,
+    ``min_bootstrap_resamples``); empty when the file names none for it."""
+    path = Path(path) if path else THRESHOLDS_FILE
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read thresholds file: {e}", field="thresholds", value=str(path)) from e
+    table = data.get("evidence", {}).get(preset, {})
+    for key, value in table.items():
+        if key not in EVIDENCE_KEYS or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"got {key} = {value!r}, accepted: {', '.join(EVIDENCE_KEYS)} as integers >= 1",
+                              field=f"evidence.{preset}", value=str(path))
+    return dict(table)
 
 
 def lookup(metrics: dict[str, Any], path: tuple[str, ...]):
@@ -147,13 +187,138 @@ def all_passed(results: list[BoundResult]) -> bool:
     return all(r.passed for r in results)
 
 
-def format_table(results: list[BoundResult]) -> str:
-    """A plain-text table for the terminal."""
-    rows = [(r.name, r.op, f"{r.bound:.4g}", "missing" if r.value is None else f"{r.value:.4g}",
-             "PASS" if r.passed else "FAIL") for r in results]
-    overall = "PASS" if all_passed(results) else "FAIL"
-    return (text_table(("bound", "op", "limit", "measured", "result"), rows)
-            + f"\nverdict: {overall} ({sum(r.passed for r in results)}/{len(results)} bounds hold)")
+def bound_change(name: str, used: float | None, preset: float | None) -> str | None:
+    """How the limit ``used`` for bound ``name`` differs from the preset's: None (the same), ``"loosened"``
+    (easier to meet: a lower ``min_*`` or a higher ``max_*``), ``"tightened"``, ``"added"`` (the preset has
+    no such bound) or ``"removed"`` (the preset's bound is not used)."""
+    if preset is None:
+        return None if used is None else "added"
+    if used is None:
+        return "removed"
+    if float(used) == float(preset):
+        return None
+    lower_is_looser = BOUNDS[name][1] in (">", ">=")
+    return "loosened" if (used < preset) == lower_is_looser else "tightened"
+
+
+PASS, PASS_LOOSENED, FAIL = "PASS", "PASS with loosened bounds", "FAIL"
+
+
+@dataclass
+class Verdict:
+    """A run judged against its bounds, its preset's bounds and the least evidence its preset asks for.
+
+    ``status`` is PASS only when every bound holds, none is loosened or removed against the preset, at least one
+    bound was judged and the evidence suffices; "PASS with loosened bounds" when loosened bounds were accepted
+    (``accept_loosened``) and everything else holds; FAIL otherwise. ``reasons`` says why it is not a plain PASS.
+    """
+
+    bounds: list[BoundResult]
+    preset_bounds: dict[str, float]
+    evidence: list[dict[str, Any]]
+    accept_loosened: bool = False
+
+    def changed(self, change: str) -> list[str]:
+        return [b.name for b in self.bounds if b.change == change]
+
+    @property
+    def evidence_ok(self) -> bool:
+        return all(e["passed"] for e in self.evidence)
+
+    @property
+    def reasons(self) -> list[str]:
+        out = []
+        if not self.bounds:
+            out.append("no bounds were judged: a verdict needs its preset's bounds")
+        out += [e["message"] for e in self.evidence if not e["passed"]]
+        if self.changed("removed"):
+            out.append(f"preset bounds removed: {', '.join(self.changed('removed'))}")
+        if self.changed("loosened"):
+            out.append(f"bounds loosened against the preset: {', '.join(self.changed('loosened'))}"
+                       + ("" if self.accept_loosened else " (accept them with --accept-loosened-bounds)"))
+        out += [f"{b.name}: {b.reason}" for b in self.bounds if b.reason and b.change != "removed"]
+        return out
+
+    @property
+    def status(self) -> str:
+        if not self.bounds or not self.evidence_ok or not all_passed(self.bounds):
+            return FAIL
+        if self.changed("loosened"):
+            return PASS_LOOSENED if self.accept_loosened else FAIL
+        return PASS
+
+    @property
+    def passed(self) -> bool:
+        return self.status != FAIL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "status": self.status, "bounds": [b.to_dict() for b in self.bounds],
+                "preset_bounds": dict(self.preset_bounds), "loosened": self.changed("loosened"),
+                "removed": self.changed("removed"), "accepted_loosened_bounds": bool(self.accept_loosened),
+                "evidence": list(self.evidence), "reasons": self.reasons}
+
+
+def _evidence(metrics: dict[str, Any], evidence: dict[str, int]) -> list[dict[str, Any]]:
+    out = []
+    for key, least in evidence.items():
+        value = lookup(metrics, EVIDENCE_KEYS[key])
+        setting = {"min_num_samples": "eval.num_samples", "min_bootstrap_resamples": "eval.bootstrap_resamples"}[key]
+        passed = value is not None and value >= least
+        out.append({"check": key, "least": least, "value": value, "passed": passed,
+                    "message": f"not enough evidence: {setting} gave {value}, the preset asks for at least {least}"
+                               f" ({key} in harness/thresholds.toml [evidence])"})
+    return out
+
+
+def judge(results: dict[str, Any], bounds: dict[str, float], preset_bounds: dict[str, float], *,
+          evidence: dict[str, int] | None = None, accept_loosened: bool = False) -> Verdict:
+    """The run's :class:`Verdict`: :func:`verdict` of ``bounds``, each row marked with the preset's limit and how
+    it differs (:func:`bound_change`); a preset bound missing from ``bounds`` is a failing row; a bound that
+    reads a relative drop of toxicity fails as "not enough evidence" when its limit lies below the minimum
+    detectable improvement of the run (:data:`POWERED_BOUNDS`); ``evidence`` (:func:`load_evidence`) gives the
+    least evaluation size and resample count."""
+    metrics = results.get("metrics", results)
+    rows = verdict(results, bounds)
+    for row in rows:
+        row.preset = preset_bounds.get(row.name)
+        row.change = bound_change(row.name, row.bound, row.preset)
+        if row.name in POWERED_BOUNDS:
+            mde = lookup(metrics, POWERED_BOUNDS[row.name])
+            if mde is not None and mde == mde and row.bound > 0 and row.bound < mde:
+                row.passed = False
+                row.reason = (f"not enough evidence: its limit {row.bound:.4g} is below the run's minimum "
+                              f"detectable improvement {mde:.4g} (evaluate more prompts: eval.num_samples)")
+    for name, limit in preset_bounds.items():
+        if name in bounds or (name in SFT_BOUNDS and "sft" not in metrics):
+            continue
+        value = lookup(metrics, BOUNDS[name][0])
+        rows.append(BoundResult(name, float(limit), BOUNDS[name][1], None if value is None else float(value), False,
+                                BOUNDS[name][2], preset=float(limit), change="removed",
+                                reason="removed: the preset's bound is missing from the run's bounds"))
+    return Verdict(rows, dict(preset_bounds), _evidence(metrics, evidence or {}), accept_loosened)
+
+
+def _limit_cell(r: BoundResult) -> str:
+    text = f"{r.bound:.4g}"
+    if r.change in ("loosened", "tightened", "removed"):
+        text += f" ({r.change.upper()}; preset {r.preset:.4g})"
+    return text
+
+
+def format_table(results: list[BoundResult] | Verdict) -> str:
+    """A plain-text table for the terminal: the bounds, then the verdict line (and, for a :class:`Verdict`, the
+    reasons it is not a plain PASS)."""
+    judged = results if isinstance(results, Verdict) else None
+    rows_in = judged.bounds if judged else results
+    rows = [(r.name, r.op, _limit_cell(r), "missing" if r.value is None else f"{r.value:.4g}",
+             ("PASS" if r.passed else "FAIL") + (" (not enough evidence)" if (r.reason or "").startswith("not enough")
+                                                  else "")) for r in rows_in]
+    overall = judged.status if judged else ("PASS" if all_passed(rows_in) else "FAIL")
+    lines = [text_table(("bound", "op", "limit", "measured", "result"), rows),
+             f"verdict: {overall} ({sum(r.passed for r in rows_in)}/{len(rows_in)} bounds hold)"]
+    if judged:
+        lines += [f"  {reason}" for reason in judged.reasons]
+    return "\n".join(lines)
 
 
 def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -76,6 +76,15 @@ class Classifier:
         """Log-probabilities of each label: log-softmax over the labels, or log-sigmoid per label (multi-label)."""
         return torch.nn.functional.logsigmoid(logits) if self.multi_label else torch.log_softmax(logits, dim=-1)
 
+    def clean_log_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """log P(not toxic) = log(1 - P(toxic label)) of each row, from the toxic label alone, whichever label the
+        reward reads: a policy trained on an inverted reward label cannot raise it. With a two-label softmax it is
+        log P(the other label) (log P(nothate)); with a sigmoid per label log sigmoid(-logit)."""
+        if self.multi_label:
+            return torch.nn.functional.logsigmoid(-logits[:, self.toxic_index])
+        others = [i for i in range(logits.shape[-1]) if i != self.toxic_index]
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1)[:, others], dim=-1)
+
     def toxicity(self, texts: Sequence[str]) -> torch.Tensor:
         """P(toxic label) in [0, 1] for each text."""
         return self.log_probabilities(self.logits(texts))[:, self.toxic_index].exp()

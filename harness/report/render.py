@@ -202,6 +202,9 @@ def verdict_context(results: dict[str, Any]) -> dict[str, Any]:
             "value": None if is_missing(value) else value,
             "passed": bool(b.get("passed")),
             "description": str(b.get("description") or ""),
+            "preset": b.get("preset"),
+            "change": str(b.get("change") or ""),
+            "reason": str(b.get("reason") or ""),
         })
     passed = verdict.get("passed")
     if not isinstance(passed, bool):
@@ -209,8 +212,12 @@ def verdict_context(results: dict[str, Any]) -> dict[str, Any]:
     baseline = results.get("baseline")
     if isinstance(baseline, dict) and baseline.get("passed") is False:
         passed = False  # the run exits 1 when a metric left its baseline: the headline says so too
-    return {"judged": True, "overall": "PASS" if passed else "FAIL", "bounds": bounds,
-            "held": sum(b["passed"] for b in bounds)}
+    # "PASS with loosened bounds" is never shown as a plain PASS
+    overall = "FAIL" if not passed else ("PASS with loosened bounds" if verdict.get("loosened") else "PASS")
+    reasons = [str(r) for r in verdict.get("reasons") or []]
+    return {"judged": True, "overall": overall, "bounds": bounds, "held": sum(b["passed"] for b in bounds),
+            "reasons": reasons, "loosened": list(verdict.get("loosened") or []),
+            "removed": list(verdict.get("removed") or [])}
 
 
 #: rows of TOXICITY_ROWS that need several samples per prompt: with one they repeat the mean and the toxic rate

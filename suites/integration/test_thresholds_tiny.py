@@ -14,7 +14,7 @@ import pytest
 from tiny_cli import run_cli
 
 from harness.baselines import compare, format_checks
-from harness.thresholds import SFT_BOUNDS, load_bounds, verdict
+from harness.thresholds import SFT_BOUNDS, judge, load_bounds, load_evidence, verdict
 
 SEEDS = [0, 1]
 BOUNDS = {name: bound for name, bound in load_bounds("tiny").items() if name not in SFT_BOUNDS}
@@ -41,9 +41,12 @@ def test_the_run_stays_within_the_baseline(tiny_run, tiny_baseline, seed):
 def test_cli_exit_code_and_printed_verdict_match_the_bounds(tiny_run, seed):
     run = tiny_run(seed)
     results = run.results
-    bounds = verdict(results, BOUNDS)
+    judged = judge(results, BOUNDS, load_bounds("tiny"), evidence=load_evidence("tiny"))
+    bounds = judged.bounds
     assert results["verdict"]["bounds"] == [b.to_dict() for b in bounds]
-    assert run.exit_code == (0 if all(b.passed for b in bounds) else 1)
+    assert results["verdict"]["status"] == judged.status == "PASS"  # an honest run with the preset's bounds
+    assert results["verdict"]["preset_bounds"] == load_bounds("tiny")
+    assert run.exit_code == (0 if judged.passed else 1)
     assert "verdict:" in run.stdout
     for b in bounds:
         assert b.name in run.stdout

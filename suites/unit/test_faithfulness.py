@@ -525,6 +525,9 @@ def test_evaluate_policy_scores_each_summary_against_its_dialogue(cfg):
         def reward(self, logits, transform):
             return logits[:, 0]
 
+        def clean_log_probabilities(self, logits):
+            return torch.log_softmax(logits, -1)[:, 0]
+
         def toxicity(self, texts):
             return torch.full((len(texts),), 0.25)
 

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sft",),  # the one supervised (prompt -> summary) training loop: the warm start and the tiny policy
     ("tiny",),
     ("models",),
+    ("judges",),  # labels and judges checked from config.json files, before any model loads
     ("data",),
     ("toxicity",),
     ("faithfulness",),  # the NLI judge of summaries against their dialogues (reuses toxicity's loading)
