@@ -90,7 +90,10 @@ def judge(results: dict, bounds: dict, baseline: dict, *, old: bool = False) -> 
                  or abs(v - m["mean"]) > m["tolerance"]]
     else:
         failed = [b.name for b in verdict(results, bounds) if not b.passed]
-        moved = [c.metric for c in bl.compare(results, baseline) if not c.passed]
+        try:
+            moved = [c.metric for c in bl.compare(results, baseline) if not c.passed]
+        except bl.HarnessError as e:  # a planted case of another config (drift, blind spot): not comparable
+            moved = [f"(not comparable: {str(e).split(' (')[0]})"]
     return {"failed_bounds": failed, "moved": moved, "false_alarm": bool(failed or moved)}
 
 

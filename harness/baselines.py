@@ -35,7 +35,7 @@ from typing import Any
 from .config import flatten_dict
 from .errors import HarnessError
 from .results import environment_info, read_json, write_json
-from .thresholds import BOUNDS, lookup, text_table
+from .thresholds import BOUNDS, POWERED_BOUNDS, lookup, text_table
 
 BASELINE_FORMAT = 2  # 2: world digests, fixed "before" metrics, t prediction tolerances with a family budget
 #: a whole honest run fails the baseline (any guarded metric) with probability at most this, by design; the
@@ -139,6 +139,11 @@ def build_baseline(runs: list[dict]) -> dict[str, Any]:
         metrics[name] = {"kind": kind, "mean": mean, "spread": spread, "min": min(values), "max": max(values),
                          "values": values, "tolerance": (ROUNDING * max(1.0, abs(mean)) if kind == "fixed"
                                                          else tolerance(spread, factor))}
+    detectable = {}  # the largest minimum detectable improvement of each judge: calibrate keeps limits above it
+    for path in dict.fromkeys(POWERED_BOUNDS.values()):
+        values = [_lookup(r["metrics"], path) for r in runs]
+        if all(v is not None for v in values):
+            detectable[".".join(path)] = max(values)
     return {
         "format": BASELINE_FORMAT,
         "preset": runs[0]["preset"],
@@ -156,6 +161,7 @@ def build_baseline(runs: list[dict]) -> dict[str, Any]:
         "environment": environment_info(runs[0]["environment"].get("device")),
         "config": runs[0]["config"],
         "metrics": metrics,
+        "detectable": detectable,
     }
 
 

@@ -11,7 +11,9 @@ values of every metric a bound reads (the baseline file keeps them) and, per bou
 - the **proposal**: the preset's limit when it is safe (a principle limit such as "a rate of at most 5%" may
   be stricter than the seeds need, and stays); else the prediction limit rounded outwards to two significant
   figures, never past 0 for a strict bound (">" or "<": those ask for positive evidence, and 0 is "nothing
-  happened");
+  happened"). A bound on a relative drop of toxicity (:data:`harness.thresholds.POWERED_BOUNDS`) whose limit
+  lies above 0 but below the largest minimum detectable improvement the seeds measured would fail honest runs
+  as "not enough evidence": such a limit is not safe, and a strict one is proposed at 0 (significance only);
 - the **planted cases** (measurements of runs that must fail, ``--planted``): which of them the limit
   catches now, and which would pass at the proposal.
 
@@ -27,7 +29,7 @@ from typing import Any
 
 from .baselines import ABSOLUTE
 from .errors import HarnessError
-from .thresholds import BOUNDS, OPERATORS, lookup, text_table
+from .thresholds import BOUNDS, OPERATORS, POWERED_BOUNDS, lookup, text_table
 
 #: a whole honest run fails some bound with probability at most this, by design (with the baseline's
 #: FAMILY_ALPHA, 5% for bounds and baseline together)
@@ -47,6 +49,7 @@ class Proposal:
     limit: float | None  # the preset's
     safe: bool
     proposed: float
+    detectable: float | None = None  # the seeds' largest minimum detectable improvement (POWERED_BOUNDS)
     caught: list[str] = field(default_factory=list)  # planted cases the preset's limit fails
     lost: list[str] = field(default_factory=list)  # ... of them, those that would pass at the proposal
 
@@ -94,7 +97,13 @@ def propose(baseline: dict, bounds: dict[str, float], planted: dict[str, dict] |
         width = max(one_sided_factor(n, len(measured), alpha) * m["spread"], ABSOLUTE)
         predicted = m["mean"] - width if lower else m["mean"] + width
         limit = bounds.get(name)
-        safe = limit is not None and (limit <= predicted if lower else limit >= predicted)
+        detectable = (baseline.get("detectable") or {}).get(".".join(POWERED_BOUNDS[name])) \
+            if name in POWERED_BOUNDS else None
+
+        def resolvable(x: float) -> bool:  # a powered limit above 0 but below the detectable improvement is not
+            return detectable is None or x <= 0 or x >= detectable
+
+        safe = limit is not None and (limit <= predicted if lower else limit >= predicted) and resolvable(limit)
         if safe:
             proposed = float(limit)
         else:
@@ -103,7 +112,10 @@ def propose(baseline: dict, bounds: dict[str, float], planted: dict[str, dict] |
                 proposed = max(proposed, 0.0)
             elif op == "<":
                 proposed = min(proposed, 0.0)
-        p = Proposal(name, op, n, m["mean"], m["spread"], m["min"], m["max"], predicted, limit, safe, proposed)
+            if not resolvable(proposed) and op == ">":
+                proposed = 0.0
+        p = Proposal(name, op, n, m["mean"], m["spread"], m["min"], m["max"], predicted, limit, safe, proposed,
+                     detectable)
         for case, metrics in (planted or {}).items():
             value = lookup(metrics, path)
             value = value if isinstance(value, (int, float)) else None
@@ -119,11 +131,12 @@ def format_proposals(proposals: list[Proposal], planted: bool) -> str:
     def g(x):
         return "-" if x is None else f"{x:.4g}"
 
-    header = ("bound", "op", "honest seeds", "prediction limit", "limit", "safe", "proposed")
+    header = ("bound", "op", "honest seeds", "prediction limit", "detectable", "limit", "safe", "proposed")
     header += ("planted caught", "would pass at proposed") if planted else ()
     rows = []
     for p in proposals:
-        row = (p.bound, p.op, f"{p.low:.4g}..{p.high:.4g} (n={p.n})", g(p.prediction_limit), g(p.limit),
+        row = (p.bound, p.op, f"{p.low:.4g}..{p.high:.4g} (n={p.n})", g(p.prediction_limit), g(p.detectable),
+               g(p.limit),
                "yes" if p.safe else "NO", g(p.proposed))
         row += (", ".join(p.caught) or "-", ", ".join(p.lost) or "-") if planted else ()
         rows.append(row)

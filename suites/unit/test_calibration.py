@@ -90,3 +90,14 @@ def test_the_command_refuses_a_file_that_is_not_a_planted_file(tmp_path, capsys)
     bad.write_text(json.dumps({"runs": []}))
     assert main(["calibrate", "--preset", "tiny", "--planted", str(bad)]) == EXIT_BAD_INPUT
     assert "--planted" in capsys.readouterr().err
+
+
+def test_a_limit_the_evaluation_cannot_resolve_is_not_safe_and_a_strict_one_drops_to_significance():
+    """A relative-drop limit above 0 but below the seeds' minimum detectable improvement fails honest runs as
+    'not enough evidence' (thresholds.judge): calibrate never keeps or proposes one."""
+    base = baseline_of(comparison__mean_improvement_ci_low=[0.70, 0.72, 0.74, 0.71, 0.73])
+    base["detectable"] = {"comparison.min_detectable_improvement": 0.69}
+    (p,) = cal.propose(base, {"min_improvement_ci_low": 0.5})  # looser than the seeds need, but unresolvable
+    assert p.detectable == 0.69 and 0.5 < p.prediction_limit < 0.69 and not p.safe and p.proposed == 0.0
+    (kept,) = cal.propose(base, {"min_improvement_ci_low": 0.0})
+    assert kept.safe and kept.proposed == 0.0
