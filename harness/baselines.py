@@ -47,6 +47,24 @@ ABSOLUTE = 0.02
 ROUNDING = 1e-6
 #: seeds a baseline needs at least: the t quantile of 2 seeds is huge (a band that guards nothing)
 MIN_SEEDS = 3
+#: metrics read on a log scale: positive, with a long right tail over seeds (the KLs; the rates' upper bounds, a
+#: count's): their band is the prediction interval of log(value), mapped back (log-normal), wider above than below
+LOG_SCALE = ("after.kl_per_sequence_mean", "training.objective_kl_mean", "after.empty_rate_upper",
+             "after.degenerate_rate_upper", "comparison.copy_rate_increase_upper")
+
+
+def prediction_band(name: str, values: list[float], factor: float) -> tuple[float, float, str]:
+    """``(low, high, scale)``: mean -+ factor x spread of ``values`` (of their logs for a :data:`LOG_SCALE`
+    metric whose values are all positive, mapped back), widened to at least mean -+ :data:`ABSOLUTE`."""
+    mean = statistics.fmean(values)
+    if name in LOG_SCALE and min(values) > 0:
+        logs = [math.log(v) for v in values]
+        centre, spread = statistics.fmean(logs), statistics.stdev(logs)
+        low, high, scale = math.exp(centre - factor * spread), math.exp(centre + factor * spread), "log"
+    else:
+        spread = statistics.stdev(values)
+        low, high, scale = mean - factor * spread, mean + factor * spread, "linear"
+    return min(low, mean - ABSOLUTE), max(high, mean + ABSOLUTE), scale
 #: metrics a baseline guards, as paths into ``results["metrics"]``: every metric a bound reads, and the
 #: headline figures of both phases (a change to the evaluation itself moves "before")
 GUARDED: tuple[tuple[str, ...], ...] = tuple(dict.fromkeys(
@@ -99,10 +117,6 @@ def prediction_factor(n: int, m: int, alpha: float = FAMILY_ALPHA) -> float:
     return float(stats.t.ppf(1 - alpha / (2 * m), n - 1) * math.sqrt(1 + 1 / n))
 
 
-def tolerance(spread: float, factor: float) -> float:
-    return max(factor * spread, ABSOLUTE)
-
-
 def build_baseline(runs: list[dict]) -> dict[str, Any]:
     """The baseline of finished runs' ``results.json`` dicts (same preset, config and world, different seeds)."""
     if len(runs) < MIN_SEEDS:
@@ -135,10 +149,16 @@ def build_baseline(runs: list[dict]) -> dict[str, Any]:
     metrics: dict[str, dict] = {}
     for name, values in measured.items():
         mean, spread = statistics.fmean(values), statistics.stdev(values)
-        kind = "fixed" if name in fixed else "seed"
-        metrics[name] = {"kind": kind, "mean": mean, "spread": spread, "min": min(values), "max": max(values),
-                         "values": values, "tolerance": (ROUNDING * max(1.0, abs(mean)) if kind == "fixed"
-                                                         else tolerance(spread, factor))}
+        if name in fixed:
+            tol = ROUNDING * max(1.0, abs(mean))
+            metrics[name] = {"kind": "fixed", "mean": mean, "spread": spread, "min": min(values), "max": max(values),
+                             "values": values, "tolerance": tol, "low": mean - tol, "high": mean + tol,
+                             "scale": "linear"}
+        else:
+            low, high, scale = prediction_band(name, values, factor)
+            metrics[name] = {"kind": "seed", "mean": mean, "spread": spread, "min": min(values), "max": max(values),
+                             "values": values, "tolerance": max(high - mean, mean - low), "low": low, "high": high,
+                             "scale": scale}
     detectable = {}  # the largest minimum detectable improvement of each judge: calibrate keeps limits above it
     for path in dict.fromkeys(POWERED_BOUNDS.values()):
         values = [_lookup(r["metrics"], path) for r in runs]
@@ -154,8 +174,9 @@ def build_baseline(runs: list[dict]) -> dict[str, Any]:
         "worlds": runs[0].get("worlds") or {},
         "tolerance_rule": {
             "fixed": f"before.* metrics: |value - mean| <= {ROUNDING:g} x max(1, |mean|) (seed-free evaluation)",
-            "seed": f"max(t(1 - {FAMILY_ALPHA:g} / (2 x {len(seed_metrics)}), {len(runs) - 1}) x sqrt(1 + 1/"
-                    f"{len(runs)}) x spread, {ABSOLUTE:g}) = max({factor:.3f} x spread, {ABSOLUTE:g})",
+            "seed": f"mean -+ max(t(1 - {FAMILY_ALPHA:g} / (2 x {len(seed_metrics)}), {len(runs) - 1}) x sqrt(1 + 1/"
+                    f"{len(runs)}) x spread, {ABSOLUTE:g}) = mean -+ max({factor:.3f} x spread, {ABSOLUTE:g}); on "
+                    f"log(value) for {', '.join(LOG_SCALE)}",
             "family_alpha": FAMILY_ALPHA, "guarded_seed_metrics": len(seed_metrics), "factor": factor,
             "assumes": "each metric normal over training seeds; Bonferroni over the guarded metrics"},
         "environment": environment_info(runs[0]["environment"].get("device")),
@@ -228,7 +249,8 @@ def compare(results: dict, baseline: dict, *, baseline_name: str = "baseline") -
     checks = []
     for name, m in baseline["metrics"].items():
         value = _lookup(results["metrics"], tuple(name.split(".")))
-        passed = value is not None and abs(value - m["mean"]) <= m["tolerance"]
+        low, high = m.get("low", m["mean"] - m["tolerance"]), m.get("high", m["mean"] + m["tolerance"])
+        passed = value is not None and low <= value <= high
         checks.append(MetricCheck(name, m["mean"], m["tolerance"], value, passed, m.get("kind", "seed")))
     return checks
 

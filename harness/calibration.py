@@ -6,7 +6,8 @@ values of every metric a bound reads (the baseline file keeps them) and, per bou
 - the **prediction limit**: the one-sided t prediction limit for one new seed,
   ``mean -+ max(t(1 - alpha / k, n - 1) x sqrt(1 + 1/n) x spread, ABSOLUTE)`` with n seeds and the family
   budget ``alpha`` (:data:`BOUNDS_ALPHA`) split over the k bounds the preset has (Bonferroni): if each metric
-  is normal over seeds, an honest run fails any bound with probability at most ``alpha``;
+  is normal over seeds (log-normal for :data:`harness.baselines.LOG_SCALE`: the KLs and the rates, whose
+  limits come from the logs), an honest run fails any bound with probability at most ``alpha``;
 - **safe** when the preset's limit is at least as loose as the prediction limit;
 - the **proposal**: the preset's limit when it is safe (a principle limit such as "a rate of at most 5%" may
   be stricter than the seeds need, and stays); else the prediction limit rounded outwards to two significant
@@ -27,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .baselines import ABSOLUTE
+from .baselines import prediction_band
 from .errors import HarnessError
 from .thresholds import BOUNDS, OPERATORS, POWERED_BOUNDS, lookup, text_table
 
@@ -94,8 +95,8 @@ def propose(baseline: dict, bounds: dict[str, float], planted: dict[str, dict] |
         m = baseline["metrics"][".".join(path)]
         n = len(m["values"])
         lower = op in (">=", ">")
-        width = max(one_sided_factor(n, len(measured), alpha) * m["spread"], ABSOLUTE)
-        predicted = m["mean"] - width if lower else m["mean"] + width
+        low, high, _ = prediction_band(".".join(path), m["values"], one_sided_factor(n, len(measured), alpha))
+        predicted = low if lower else high
         limit = bounds.get(name)
         detectable = (baseline.get("detectable") or {}).get(".".join(POWERED_BOUNDS[name])) \
             if name in POWERED_BOUNDS else None
@@ -155,7 +156,13 @@ def toml_section(preset: str, proposals: list[Proposal]) -> str:
     """The proposals as a ``thresholds.toml`` table, each line saying where its number comes from."""
     lines = [f"[{preset}]"]
     for p in proposals:
-        why = ("kept: at least as loose as the prediction limit" if p.safe
-               else "prediction limit, rounded outwards")
+        if p.safe:
+            why = "kept: at least as loose as the prediction limit"
+        elif p.proposed == 0 and p.detectable is not None and 0 < p.prediction_limit < p.detectable:
+            why = f"significance only: below the detectable improvement {p.detectable:.3g}, the prediction limit"
+        elif p.proposed == 0 and p.op in (">", "<"):
+            why = "0, 'nothing happened', for a strict bound: the prediction limit"
+        else:
+            why = "prediction limit, rounded outwards"
         lines.append(f"{p.bound} = {p.proposed:g}  # {why} {p.prediction_limit:.4g}; honest {p.low:.4g}..{p.high:.4g}")
     return "\n".join(lines)

@@ -28,25 +28,26 @@ def baseline_of(**values: list[float]) -> dict:
             "metrics": {name.replace("__", "."): entry(v) for name, v in values.items()}}
 
 
-HONEST_KL = [2.0, 3.0, 4.0, 5.0, 3.5]
+HONEST_DROP = [0.02, 0.03, 0.04, 0.05, 0.035]  # a ROUGE-L drop: read on a linear scale
 HONEST_CI_LOW = [0.83, 0.93, 0.88, 0.86, 0.89]
 
 
 def test_a_limit_inside_the_prediction_limit_is_moved_out_and_a_safe_one_is_kept():
-    base = baseline_of(after__kl_per_sequence_mean=HONEST_KL, comparison__mean_improvement_ci_low=HONEST_CI_LOW)
-    tight = cal.propose(base, {"max_kl": 5.5, "min_improvement_ci_low": 0.2})
+    base = baseline_of(comparison__rouge_l_drop=HONEST_DROP, comparison__mean_improvement_ci_low=HONEST_CI_LOW)
+    tight = cal.propose(base, {"max_rouge_l_drop": 0.06, "min_improvement_ci_low": 0.2})
     by = {p.bound: p for p in tight}
     factor = cal.one_sided_factor(5, 2)
-    expected = np.mean(HONEST_KL) + factor * np.std(HONEST_KL, ddof=1)
-    assert by["max_kl"].prediction_limit == pytest.approx(expected)
-    assert not by["max_kl"].safe and by["max_kl"].proposed == cal.round_outwards(expected, lower=False)
-    assert by["max_kl"].proposed >= expected  # rounded outwards: never inside the prediction limit
+    expected = np.mean(HONEST_DROP) + factor * np.std(HONEST_DROP, ddof=1)
+    p = by["max_rouge_l_drop"]
+    assert p.prediction_limit == pytest.approx(expected)
+    assert not p.safe and p.proposed == cal.round_outwards(expected, lower=False)
+    assert p.proposed >= expected  # rounded outwards: never inside the prediction limit
     assert by["min_improvement_ci_low"].safe and by["min_improvement_ci_low"].proposed == 0.2
 
 
 def test_a_strict_bound_never_moves_past_nothing_happened():
-    base = baseline_of(after__kl_per_sequence_mean=[1.0, 3.0, 5.0, 7.0, 4.0])
-    (p,) = cal.propose(base, {"min_kl": 1.5})  # the spread puts the prediction limit below 0
+    base = baseline_of(comparison__logp_clean_gain=[0.2, 1.0, 2.0, 3.0, 0.5])
+    (p,) = cal.propose(base, {"min_logp_clean_gain": 1.5})  # the spread puts the prediction limit below 0
     assert p.prediction_limit < 0 and not p.safe and p.proposed == 0.0
 
 
@@ -57,14 +58,22 @@ def test_a_metric_with_no_spread_gets_the_absolute_floor():
 
 
 def test_the_planted_cases_a_moved_limit_would_let_through_are_named():
-    base = baseline_of(after__kl_per_sequence_mean=HONEST_KL)
-    planted = {"drift": {"after": {"kl_per_sequence_mean": 590.0}},
-               "mild-drift": {"after": {"kl_per_sequence_mean": 6.5}}}
-    (p,) = cal.propose(base, {"max_kl": 6.0}, planted)
-    assert p.caught == ["drift", "mild-drift"]
-    assert p.proposed > 6.5 and p.lost == ["mild-drift"]
+    base = baseline_of(comparison__rouge_l_drop=HONEST_DROP)
+    planted = {"copy": {"comparison": {"rouge_l_drop": 0.5}}, "mild-loss": {"comparison": {"rouge_l_drop": 0.065}}}
+    (p,) = cal.propose(base, {"max_rouge_l_drop": 0.06}, planted)
+    assert p.caught == ["copy", "mild-loss"]
+    assert p.proposed > 0.065 and p.lost == ["mild-loss"]
     text = cal.format_proposals([p], planted=True)
-    assert "mild-drift" in text and "to move: max_kl" in text
+    assert "mild-loss" in text and "to move: max_rouge_l_drop" in text
+
+
+def test_a_kl_is_read_on_a_log_scale():
+    """A KL is positive with a long right tail over seeds: its limit comes from the logs (log-normal)."""
+    kl = [2.0, 3.0, 4.0, 8.0, 3.5]
+    (p,) = cal.propose(baseline_of(after__kl_per_sequence_mean=kl), {"max_kl": 100.0})
+    logs = np.log(kl)
+    assert p.prediction_limit == pytest.approx(np.exp(logs.mean() + cal.one_sided_factor(5, 1) * logs.std(ddof=1)))
+    assert p.prediction_limit > np.mean(kl) + cal.one_sided_factor(5, 1) * np.std(kl, ddof=1)
 
 
 @pytest.mark.parametrize("value, lower, expected", [(0.6512, True, 0.65), (0.6512, False, 0.66), (10.47, False, 11),

@@ -216,7 +216,7 @@ def test_too_few_prompts_or_resamples_is_not_enough_evidence():
 
 def test_a_limit_below_the_minimum_detectable_improvement_fails_as_not_enough_evidence():
     results = passing_results(PRESET_BOUNDS)
-    name = "min_improvement_ci_low"
+    name = "min_improvement"  # a powered bound whose tiny limit lies above 0
     results["metrics"]["comparison"][POWERED_BOUNDS[name][-1]] = PRESET_BOUNDS[name] * 2
     v = judged(results, PRESET_BOUNDS)
     row = next(b for b in v.bounds if b.name == name)
