@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, brief, one_line
 from .thresholds import load_bounds, validate_bounds
 
 REFERENCE_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
@@ -240,11 +240,128 @@ class HarnessConfig:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
+                f.write(yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+# --------------------------------------------------------------------------------------------
+# YAML settings files (--config, and a run's config.yaml read back on --resume)
+
+#: a settings file is a page of text; anything bigger is not one (and is not parsed to find out)
+MAX_SETTINGS_BYTES = 1 << 20
+# YAML 1.1 (PyYAML) reads a float only with a dot, so 1e-3 would be the string "1e-3"; YAML 1.2 and the command
+# line read it as a number, and so do settings files
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+class _Refused(yaml.YAMLError):
+    """What :class:`SettingsLoader` will not read: ``key`` (dotted) and ``line`` say where."""
+
+    def __init__(self, what: str, key: str, line: int, fix: str):
+        super().__init__(what)
+        self.what, self.key, self.line, self.fix = what, key, line, fix
+
+
+class SettingsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, made strict for settings: an alias (``*name``) is refused where it stands, before
+    anything is expanded (a "billion laughs" file is one line of error, not minutes and a MemoryError), and
+    numbers with an exponent (``1e-3``, ``5E2``) are numbers. Duplicate keys are found by
+    :func:`parse_settings` on the composed tree."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._path: list[str] = []  # the keys from the document's root to the node being composed
+
+    def compose_node(self, parent, index):
+        label = (str(index.value) if isinstance(index, yaml.ScalarNode)
+                 else f"[{index}]" if isinstance(index, int) and not isinstance(index, bool) else None)
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            where = _dotted(self._path + ([label] if label else []))
+            raise _Refused(f"a YAML alias (*{one_line(event.anchor, 40)}) on line {event.start_mark.line + 1}",
+                           where, event.start_mark.line + 1,
+                           "settings files take no anchors and aliases: write the value itself")
+        if label is None:
+            return super().compose_node(parent, index)
+        self._path.append(label)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+
+SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value shared by two settings twice, never as an anchor and alias that :class:`SettingsLoader`
+    would refuse on --resume."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def _dotted(path) -> str:
+    """``("ppo", "batch_size")`` -> ``ppo.batch_size``; ``("x", "[2]")`` -> ``x[2]``."""
+    return "".join(p if p.startswith("[") or i == 0 else f".{p}" for i, p in enumerate(path))
+
+
+def _no_duplicate_keys(node, loader: SettingsLoader, path: tuple[str, ...] = ()) -> None:
+    """Refuse a key given twice in one mapping, at any depth: YAML keeps the last and drops the first silently."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            label = "?"
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = loader.construct_object(key_node)
+                label, line = str(key), key_node.start_mark.line + 1
+                if key in seen:
+                    raise _Refused(f"duplicate key on line {line} (first on line {seen[key]})", _dotted((*path, label)),
+                                   line, "YAML would keep the second and drop the first: write each key once (merge "
+                                         "the two blocks into one)")
+                seen[key] = line
+            _no_duplicate_keys(value_node, loader, (*path, label))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _no_duplicate_keys(item, loader, (*path, f"[{i}]"))
+
+
+def read_settings(path: Path, field: str) -> Any:
+    """:func:`parse_settings` of the file ``path``, whose size is checked before it is read (a UnicodeDecodeError
+    is the caller's to word)."""
+    size = path.stat().st_size
+    if size > MAX_SETTINGS_BYTES:
+        raise ConfigError(f"{path} is {size:,} bytes, not a settings file (at most {MAX_SETTINGS_BYTES:,})",
+                          field=field, fix="give the YAML file of settings")
+    return parse_settings(path.read_text(encoding="utf-8"), str(path), field)
+
+
+def parse_settings(text: str, source: str, field: str) -> Any:
+    """The settings in the YAML ``text`` read from ``source`` (a file name, for messages), strictly: no aliases,
+    no duplicate keys, ``1e-3`` a number. Every refusal is a one-line :class:`ConfigError` naming the key (or
+    ``field`` when the whole file is at fault) and its line; a message never echoes more than a short excerpt."""
+    if len(text) > MAX_SETTINGS_BYTES:
+        raise ConfigError(f"{source} is {len(text):,} characters, not a settings file (at most {MAX_SETTINGS_BYTES:,})",
+                          field=field, fix="give the YAML file of settings")
+    loader = SettingsLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _no_duplicate_keys(node, loader)
+        return loader.construct_document(node)
+    except _Refused as e:
+        raise ConfigError(f"{e.what} in {source}", field=e.key or field, fix=e.fix) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML in {source}: {one_line(str(e), 200)}", field=field) from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting thousands deep
+        raise ConfigError(f"cannot be read as settings ({type(e).__name__}: {one_line(str(e), 120)}) in {source}",
+                          field=field, fix="give the YAML file of settings") from None
+    finally:
+        loader.dispose()
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,8 +452,8 @@ def _apply(cfg: HarnessConfig, updates: dict[str, Any], source: str) -> None:
     """Merge a nested dict of updates into cfg, rejecting unknown keys with a suggestion."""
     known = _known_keys(cfg)
     for key, value in updates.items():
-        if not hasattr(cfg, key):
-            raise _unknown(key, source, known)
+        if not isinstance(key, str) or not hasattr(cfg, key):  # a YAML key may be a number, null, ...
+            raise _unknown(str(key), source, known)
         target = getattr(cfg, key)
         if key == "thresholds":
             if not isinstance(value, dict):
@@ -348,7 +465,7 @@ def _apply(cfg: HarnessConfig, updates: dict[str, Any], source: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"must be a mapping (in {source})", field=key, value=value)
             for sub, subval in value.items():
-                if not hasattr(target, sub):
+                if not isinstance(sub, str) or not hasattr(target, sub):
                     raise _unknown(f"{key}.{sub}", source, known)
                 setattr(target, sub, subval)
         else:
@@ -407,18 +524,18 @@ def coerce(key: str, raw: str, tp: Any) -> Any:
     if tp is bool:
         if text.lower() in _TRUE | _FALSE:
             return text.lower() in _TRUE
-        raise ConfigError(f"got {raw!r}, accepted: true or false{or_null}", field=key)
+        raise ConfigError(f"got {brief(raw)}, accepted: true or false{or_null}", field=key)
     if tp is int:
         if _INT.fullmatch(text):
             return int(text)
-        raise ConfigError(f"got {raw!r}, accepted: an integer{or_null}", field=key)
+        raise ConfigError(f"got {brief(raw)}, accepted: an integer{or_null}", field=key)
     if tp is float:
         try:
             value = float(text)
         except ValueError:
-            raise ConfigError(f"got {raw!r}, accepted: a number{or_null}", field=key) from None
+            raise ConfigError(f"got {brief(raw)}, accepted: a number{or_null}", field=key) from None
         if not math.isfinite(value):
-            raise ConfigError(f"got {raw!r}, accepted: a finite number (not inf or nan){or_null}", field=key)
+            raise ConfigError(f"got {brief(raw)}, accepted: a finite number (not inf or nan){or_null}", field=key)
         return value
     if typing.get_origin(tp) is list:
         if text.startswith("["):
@@ -427,7 +544,7 @@ def coerce(key: str, raw: str, tp: Any) -> Any:
             except yaml.YAMLError:
                 value = None
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"got {raw!r}, accepted: a list of strings, a,b,c or [a, b, c]", field=key)
+                raise ConfigError(f"got {brief(raw)}, accepted: a list of strings, a,b,c or [a, b, c]", field=key)
             return [v.strip() for v in value if v.strip()]
         return [v.strip() for v in text.split(",") if v.strip()]
     return raw
@@ -473,9 +590,7 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
         if not path.is_file():
             raise ConfigError("config file not found", field="--config", value=str(path))
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"not valid YAML: {e}".splitlines()[0], field="--config", value=str(path)) from e
+            data = read_settings(path, "--config") or {}
         except UnicodeDecodeError as e:
             raise ConfigError("is not a text (UTF-8) YAML file", field="--config", value=str(path),
                               fix="give the YAML file of settings") from e
@@ -483,7 +598,8 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
             raise ConfigError("must hold a mapping of sections", field="--config", value=str(path))
         if "preset" in data and data["preset"] != preset:
             raise ConfigError("the file names another preset than the command line", field="preset",
-                              value=data["preset"], fix=f"pass --preset {data['preset']} or remove it from the file")
+                              value=data["preset"],
+                              fix=f"pass --preset {brief(data['preset'])} or remove it from the file")
         data.pop("preset", None)
         _apply(cfg, data, str(path))
     return apply_overrides(cfg, overrides or [])
@@ -531,9 +647,37 @@ def config_from_dict(data: dict[str, Any]) -> HarnessConfig:
 # --------------------------------------------------------------------------------------------
 # validation
 
+#: the longest name a file system takes for one directory entry
+MAX_NAME_BYTES = 255
+
+
+def name_problem(name: str) -> str | None:
+    """What keeps ``name`` from being one plain directory entry (a run id, a file name), or None: a name with a
+    path separator, ``.`` or ``..``, or a control character would put files outside the directory meant for them
+    (``output.run_id=.`` writes the run into ``reports/`` itself, over its history page)."""
+    if not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return "names a directory itself, not an entry in it"
+    if "/" in name or "\\" in name:
+        return "holds a path separator (/ or \\)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "holds a control character"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def check_name(name: str, field_name: str, fix: str) -> None:
+    """A :class:`ConfigError` naming ``field_name`` when ``name`` is not one plain directory entry."""
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError(f"got {brief(name)}, which {problem}", field=field_name, fix=fix)
+
+
 def _check(cond: bool, field_name: str, value, accepted: str) -> None:
     if not cond:
-        raise ConfigError(f"got {value!r}, accepted: {accepted}", field=field_name)
+        raise ConfigError(f"got {brief(value)}, accepted: {accepted}", field=field_name)
 
 
 def _typed(cfg_section, section: str) -> None:
@@ -654,7 +798,7 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
         _check(getattr(o, name) > 0, f"ppo.{name}", getattr(o, name), "an integer > 0")
     if o.batch_size % (o.mini_batch_size * o.gradient_accumulation_steps) != 0:
         raise ConfigError(
-            f"got {o.batch_size}, accepted: a multiple of ppo.mini_batch_size x ppo.gradient_accumulation_steps "
+            f"got {brief(o.batch_size)}, accepted: a multiple of ppo.mini_batch_size x ppo.gradient_accumulation_steps "
             f"= {o.mini_batch_size} x {o.gradient_accumulation_steps} = "
             f"{o.mini_batch_size * o.gradient_accumulation_steps}", field="ppo.batch_size")
     _check(o.init_kl_coef >= 0, "ppo.init_kl_coef", o.init_kl_coef, "a number >= 0")
@@ -688,5 +832,9 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
                                  "or null for no faithfulness judge")
     _check(0.0 < e.faithful_threshold < 1.0, "eval.faithful_threshold", e.faithful_threshold, "a number in (0, 1)")
     _check(e.faithfulness_batch_size > 0, "eval.faithfulness_batch_size", e.faithfulness_batch_size, "an integer > 0")
+    if cfg.output.run_id is not None:  # the run's directory is <output.dir>/<run_id>: one entry, never a path
+        check_name(cfg.output.run_id, "output.run_id",
+                   "give one plain name such as my-run (no / or \\, no control characters, not . or ..; output.dir "
+                   "says where runs go), or omit it for <time>-<preset>-s<seed>")
     validate_bounds(cfg.thresholds)
     return cfg

@@ -27,10 +27,10 @@ class HarnessError(ValueError):
         self.fix = fix
         parts = []
         if field:
-            parts.append(f"{field}: ")
+            parts.append(f"{one_line(str(field)[:4 * FIELD_LIMIT], FIELD_LIMIT)}: ")
         parts.append(message)
         if value is not None and "got" not in message:
-            parts.append(f" (got {value!r})")
+            parts.append(f" (got {brief(value, PATH_LIMIT)})")  # a path, usually: longer, but bounded too
         if fix:
             parts.append(f"; {fix}")
         # one line, always: the CLI prints the message as is, and a log line must stay a line
@@ -43,6 +43,35 @@ def one_line(text: str, limit: int | None = None) -> str:
     if limit is not None and len(out) > limit:
         out = out[: limit - 3].rstrip() + "..."
     return out
+
+
+#: the most characters an error shows of a value, or of a field name read from a file (a YAML key)
+VALUE_LIMIT = 80
+FIELD_LIMIT = 80
+PATH_LIMIT = 300
+
+
+def brief(value, limit: int = VALUE_LIMIT) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters (ending in "..."), in time bounded by ``limit`` too: a
+    message never echoes a whole file's worth of a value, nor expands a nested one (reprlib shows a few items per
+    level and a few levels), nor converts a thousand-digit integer to text."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        text = f"<an integer of {value.bit_length()} bits>"
+    else:
+        text = _BRIEF.repr(value)
+    return one_line(text, limit)
+
+
+def _brief_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = PATH_LIMIT + 2
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 4, 6, 6, 6
+    return r
+
+
+_BRIEF = _brief_repr()
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -147,18 +147,16 @@ def _has_started(run_dir: Path) -> bool:
 
 def _resumed_config(run_dir: Path, overrides: list[str], echo) -> HarnessConfig:
     """The saved config of ``run_dir`` with those ``overrides`` that may change on resume (others refused)."""
-    import yaml
+    from .config import apply_overrides, changed_keys, config_from_dict, read_settings
 
-    from .config import apply_overrides, changed_keys, config_from_dict
-
-    try:
-        data = yaml.safe_load((run_dir / rf.CONFIG_FILE).read_text(encoding="utf-8"))
+    try:  # as strictly as a --config file: no aliases, no duplicate keys (a refusal names the key and line)
+        data = read_settings(run_dir / rf.CONFIG_FILE, "--output")
         if not isinstance(data, dict):
             raise ValueError("it holds no mapping of settings")
         saved = config_from_dict(data)
     except HarnessError:
         raise
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise HarnessError(f"its config.yaml cannot be read ({first_line(e)})", field="--output", value=str(run_dir),
                            fix="restore the run's config.yaml, or start a new run") from e
     saved = _bounds_from_preset(saved, data.get("thresholds"), overrides, echo)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
 
@@ -110,7 +110,7 @@ def validate_bounds(bounds: dict[str, Any]) -> None:
             fix = f"did you mean 'thresholds.{near[0]}'?" if near else f"known bounds: {', '.join(BOUNDS)}"
             raise ConfigError("unknown bound", field=f"thresholds.{name}", fix=fix)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"got {value!r}, accepted: a finite number", field=f"thresholds.{name}")
+            raise ConfigError(f"got {brief(value)}, accepted: a finite number", field=f"thresholds.{name}")
 
 
 def load_bounds(preset: str, path: str | Path | None = None) -> dict[str, float]:
