@@ -21,6 +21,7 @@ from .errors import (
     EXIT_PASS,
     HarnessError,
     TrainingError,
+    brief,
     environment_fault,
     first_line,
 )
@@ -279,15 +280,40 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def baseline_output(given: str | None, preset: str) -> Path:
+    """The baseline file ``baseline`` writes: ``--output``, whose last part must be a plain file name (not ``.``,
+    ``..`` or empty, no separator or control character) and not a directory, or ``baselines/<preset>.json`` of a
+    known preset. Refused before anything runs or is written."""
+    import os
+
+    from .config import name_problem, preset_names
+
+    if preset not in preset_names():
+        raise HarnessError("unknown preset", field="--preset", value=preset,
+                           fix=f"choose one of {', '.join(preset_names())}")
+    if given is None:
+        return Path("baselines") / f"{preset}.json"
+    name = os.path.basename(given)
+    problem = name_problem(name)
+    if problem:
+        whose = "which" if name == given else f"whose file name {brief(name)}"
+        raise HarnessError(f"got {brief(given)}, {whose} {problem}", field="--output",
+                           fix="give the baseline file's path, e.g. baselines/mine.json")
+    if Path(given).is_dir():
+        raise HarnessError(f"got {brief(given)}, which is a directory", field="--output",
+                           fix="give the baseline file's path, e.g. baselines/mine.json")
+    return Path(given)
+
+
 def cmd_baseline(args) -> int:
     from .pipeline import make_baseline
     from .thresholds import text_table
 
+    output = baseline_output(args.output, args.preset)
     if args.from_runs:
         from . import baselines
         from .results import load_results
 
-        output = Path(args.output or Path("baselines") / f"{args.preset}.json")
         baselines.refuse_existing(output, args.force_regen)
         data = baselines.build_baseline([load_results(Path(d)) for d in args.from_runs])
         path = baselines.write_baseline(output, data, force_regen=args.force_regen)
@@ -295,7 +321,6 @@ def cmd_baseline(args) -> int:
     else:
         seeds = _seeds(args.seeds)
         cfg = _load(args)
-        output = Path(args.output or Path("baselines") / f"{cfg.preset}.json")
         path, data = make_baseline(cfg, seeds, output, force_regen=args.force_regen, progress=not args.no_progress)
     print(f"\nbaseline of seeds {', '.join(map(str, seeds))}: {path}")
     print(text_table(("metric", "mean", "spread", "tolerance"),
