@@ -356,7 +356,8 @@ def parse_settings(text: str, source: str, field: str) -> Any:
     except _Refused as e:
         raise ConfigError(f"{e.what} in {source}", field=e.key or field, fix=e.fix) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML in {source}: {one_line(str(e), 200)}", field=field) from None
+        where = str(e).replace('in "<unicode string>", ', "")  # the text was read from source, named already
+        raise ConfigError(f"not valid YAML in {source}: {one_line(where, 200)}", field=field) from None
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting thousands deep
         raise ConfigError(f"cannot be read as settings ({type(e).__name__}: {one_line(str(e), 120)}) in {source}",
                           field=field, fix="give the YAML file of settings") from None
@@ -597,9 +598,8 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
         if not isinstance(data, dict):
             raise ConfigError("must hold a mapping of sections", field="--config", value=str(path))
         if "preset" in data and data["preset"] != preset:
-            raise ConfigError("the file names another preset than the command line", field="preset",
-                              value=data["preset"],
-                              fix=f"pass --preset {brief(data['preset'])} or remove it from the file")
+            raise ConfigError(f"got {brief(data['preset'])}: the file names another preset than the command line",
+                              field="preset", fix=f"pass --preset {brief(data['preset'])} or remove it from the file")
         data.pop("preset", None)
         _apply(cfg, data, str(path))
     return apply_overrides(cfg, overrides or [])
