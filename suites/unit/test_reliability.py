@@ -167,7 +167,9 @@ def _build_or_error(tmp_path_factory, tokenizer, rows, fmt, *, min_chars=0, span
     event("valid dataset")
     limit = data.stats["max_prompt_tokens"]
     assert len(data.train) >= batch and len(data.test) >= 1
-    assert data.stats["train"] + data.stats["test"] == min(data.stats["kept"], max_rows or data.stats["kept"])
+    # test dialogues that repeat a training dialogue (after normalisation) are removed and counted (issue 26)
+    assert data.stats["train"] + data.stats["test"] + data.stats["test_overlap_removed"] \
+        == min(data.stats["kept"], max_rows or data.stats["kept"])
     for split in (data.train, data.test):
         for row in split:
             assert min_chars < len(row["dialogue"]) < min_chars + span
