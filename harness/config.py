@@ -346,7 +346,12 @@ def parse_settings(text: str, source: str, field: str) -> Any:
     if len(text) > MAX_SETTINGS_BYTES:
         raise ConfigError(f"{source} is {len(text):,} characters, not a settings file (at most {MAX_SETTINGS_BYTES:,})",
                           field=field, fix="give the YAML file of settings")
-    loader = SettingsLoader(text)
+    try:  # the reader checks the characters at once: a NUL byte or other control character fails here
+        loader = SettingsLoader(text)
+    except yaml.YAMLError as e:
+        where = str(e).replace('in "<unicode string>", ', "")
+        raise ConfigError(f"{source} cannot be read as YAML: {one_line(where, 200)}", field=field,
+                          fix="give a text file of YAML settings") from None
     try:
         node = loader.get_single_node()
         if node is None:
