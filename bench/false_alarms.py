@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness import baselines as bl  # noqa: E402
-from harness.thresholds import BOUNDS, lookup, verdict  # noqa: E402
+from harness.thresholds import BOUNDS, OPERATORS, lookup, verdict  # noqa: E402
 
 OLD_REF = "a942319"  # the last revision with the 4-spread tolerances and point-rate bounds
 #: the old rate bounds read the point rates (the new ones read their upper Wilson bounds)
@@ -82,8 +82,7 @@ def judge(results: dict, bounds: dict, baseline: dict, *, old: bool = False) -> 
             value = lookup(results["metrics"], OLD_PATHS.get(name, path))
             if name.startswith("min_sft") and "sft" not in results["metrics"]:
                 continue
-            ok = value is not None and {">=": value >= limit, ">": value > limit, "<=": value <= limit,
-                                        "<": value < limit}[op]
+            ok = value is not None and OPERATORS[op](value, limit)
             failed += [] if ok else [name]
         moved = [name for name, m in baseline["metrics"].items()
                  if (v := bl._lookup(results["metrics"], tuple(name.split(".")))) is None

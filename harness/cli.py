@@ -142,8 +142,7 @@ def _build_tiny_world_if_needed(cfg) -> None:
     and show its steps."""
     from . import tiny
 
-    seeds = {tiny.parse(x)[1] for x in cfg.locations() if isinstance(x, str) and x.startswith("tiny://")}
-    for seed in sorted(seeds):
+    for seed in tiny.seeds_of(cfg.locations()):
         if not tiny.is_built(tiny.source_dir(seed)):
             print(f"tiny world: not in the cache yet, building it into {tiny.world_dir(seed)} "
                   "(about 10 minutes on 2 cores, once; set DETOX_HARNESS_CACHE to move it)", flush=True)

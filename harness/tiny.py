@@ -770,7 +770,11 @@ def resolve(location: str) -> Path:
     return build(seed) / artifact
 
 
+def seeds_of(locations) -> list[int]:
+    """The seeds of the tiny worlds that ``locations`` (config values) read, in order; [] when none is tiny."""
+    return sorted({parse(x)[1] for x in locations if isinstance(x, str) and x.startswith("tiny://")})
+
+
 def worlds_of(locations) -> dict[str, str]:
     """``{seed: world digest}`` of the tiny worlds that ``locations`` (config values) read; {} when none."""
-    seeds = {parse(x)[1] for x in locations if isinstance(x, str) and x.startswith("tiny://")}
-    return {str(seed): digest_of(build(seed)) or "unrecorded" for seed in sorted(seeds)}
+    return {str(seed): digest_of(build(seed)) or "unrecorded" for seed in seeds_of(locations)}
