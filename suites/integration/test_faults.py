@@ -30,6 +30,7 @@ from harness.config import load_config
 from harness.data import build_prompts
 from harness.errors import TrainingError
 from harness.models import load_policy, trainable_state_dict
+from harness.plan import concrete
 from harness.ppo.trainer import PPOTrainer, is_complete_checkpoint, latest_checkpoint
 from harness.toxicity import Classifier
 
@@ -45,7 +46,7 @@ WAIT_S = 300  # a subprocess that has not reached the awaited step by then has h
 
 
 def config(*overrides: str):
-    return load_config("tiny", overrides=list(overrides))
+    return concrete(load_config("tiny", overrides=list(overrides)))
 
 
 @pytest.fixture(scope="module")
