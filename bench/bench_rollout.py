@@ -273,7 +273,7 @@ def compare(name: str, policy, tok, prompts, limits, reps: int, device, log) -> 
 def ppo_step_child(reference: str, device: torch.device) -> dict:
     """One PPO step on the flan-t5-base architecture at batch 16; timings and peak memory of this process."""
     rss_start = rss_mb()
-    tiny_cfg = load_config("tiny")
+    tiny_cfg = concrete(load_config("tiny"))
     classifier = Classifier.load(tiny_cfg.reward.model, batch_size=BATCH, device=device)
     from transformers import AutoTokenizer
 

@@ -132,7 +132,7 @@ def require_warm_start_dir(out: Path, own: set[str]) -> None:
     """A warm start writes a new or empty directory, or continues its own work there (``own``: the names of a
     warm start's files); never a run directory or another tool's files."""
     require_directory(out)
-    names = _entries(out)
+    names = _not_ours(out, {LOCK_FILE})
     if not names:
         return
     if rf.CONFIG_FILE in names or rf.RESULTS_FILE in names or rf.TRAIN_STATS_FILE in names:

@@ -213,7 +213,7 @@ def test_a_stop_signal_finishes_the_step_and_writes_a_loadable_checkpoint(tmp_pa
     assert not (out / "results.json").exists()
 
     # the checkpoint loads: a new trainer resumes at its step with its weights
-    cfg = load_config("tiny", overrides=[f"ppo.steps={CLI_STEPS}"])
+    cfg = concrete(load_config("tiny", overrides=[f"ppo.steps={CLI_STEPS}"]))
     trainer = trainer_for(cfg, world, out)
     assert trainer.resume() == ckpt and trainer.step == len(rows)
     from safetensors.torch import load_file
