@@ -7,6 +7,7 @@ names and formats: :mod:`harness.results`; what was decided before anything load
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -70,10 +71,8 @@ def run(plan: RunPlan, *, progress: bool = True, echo=print) -> RunOutcome:
         warm_start(plan.warm_start, progress=progress, echo=echo)
     parallel.wait()  # every process has planned before the main process writes into the directory
     check = rundir.require_resumable if plan.resume else rundir.require_new_run
-    claim = rundir.Claim(plan.run_dir, "run", check) if parallel.is_main else None
-    if claim is not None:
-        claim.__enter__()
-    try:
+    owner = rundir.Claim(plan.run_dir, "run", check) if parallel.is_main else contextlib.nullcontext()
+    with owner as claim:  # the main process owns the directory for the whole run; the others only read
         try:
             inputs = load_inputs(plan.loads, min_train_rows=plan.cfg.ppo.batch_size, device=parallel.device)
         except BaseException:
@@ -84,9 +83,6 @@ def run(plan: RunPlan, *, progress: bool = True, echo=print) -> RunOutcome:
             return _run(plan, inputs, progress=False, echo=echo)
         with rundir.RunLog(plan.run_dir) as log:
             return _guarded(plan, inputs, log, progress=progress, echo=echo)
-    finally:
-        if claim is not None:
-            claim.release()
 
 
 def _last_checkpoint(run_dir: Path):
