@@ -29,9 +29,11 @@ import torch
 from harness.config import load_config
 from harness.data import build_prompts
 from harness.errors import TrainingError
-from harness.models import load_policy, trainable_state_dict
-from harness.ppo.trainer import PPOTrainer, is_complete_checkpoint, latest_checkpoint
+from harness.models import load_policy
+from harness.ppo.checkpoints import is_complete_checkpoint, latest_checkpoint
+from harness.ppo.trainer import PPOTrainer
 from harness.toxicity import Classifier
+from suites.weights import trainable_state_dict
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,7 +26,7 @@ from tiny_cli import run_cli
 from harness.config import load_config
 from harness.data import build_prompts
 from harness.models import REFERENCE_ADAPTER, TRAINED_ADAPTER, load_policy
-from harness.ppo.step import prepare_inputs
+from harness.ppo.batch import prepare_inputs
 from harness.ppo.trainer import PPOTrainer
 from harness.toxicity import Classifier
 
