@@ -30,13 +30,14 @@ ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5  # the bar: statistics and weights of N processes equal 1 process's within it
 # The two runs differ only in how sums are grouped (each process's share of a mini-batch, then an all-reduce),
 # so the difference is float rounding, and how large it grows depends on the kernels that round: the thread
-# count and the SIMD code paths of torch and of MKL, which are picked per machine. Pinned here, for every run of
-# the module, to one thread and the AVX2 paths (torch's ATEN_CPU_CAPABILITY, MKL's conditional numerical
-# reproducibility), which every x86-64 machine since 2013 has: the numbers compared are then the same on each of
-# them. Measured with these pins (torch 2.13 CPU, MKL 2024.2, 2 steps, both tests): statistics within 1.8e-6,
+# count and the SIMD code paths of torch, MKL and oneDNN, which are picked per machine. Pinned here, for every
+# run of the module, to one thread and the AVX2 paths (torch's ATEN_CPU_CAPABILITY, MKL's conditional numerical
+# reproducibility, oneDNN's ISA cap), which every x86-64 machine since 2013 has: each of them then rounds with
+# the same code. Measured with these pins (torch 2.13 CPU, MKL 2024.2, 2 steps, both tests): statistics within 1.8e-6,
 # trainable weights within 6.6e-7, 5.6x below TOLERANCE; the same machine on its own AVX-512 paths (no pins but
 # the thread count) gave 3.0e-7 and 2.5e-6. The 7.6e-6 was measured on another machine, unpinned.
-PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+          "ONEDNN_MAX_CPU_ISA": "AVX2"}
 STEPS = 2
 BATCH = 8  # global batch; each of 2 processes generates and scores 4 rows
 MINI_BATCH = 4  # 2 rows per process per mini-batch

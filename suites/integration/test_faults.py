@@ -8,8 +8,8 @@
   the last complete checkpoint and finishes with every step logged exactly once and a full results file;
 * SIGTERM (and SIGINT) finish the current step, write a loadable checkpoint and exit with 130.
 
-The unit half (one PPO step with NaN logits, values, gradients; checkpoint files) is
-``suites/unit/test_reliability.py``.
+The unit half is ``suites/unit/test_step_faults.py`` (one PPO step with NaN logits, values, gradients) and
+``suites/unit/test_checkpoints.py`` (checkpoint files).
 """
 
 from __future__ import annotations
