@@ -133,37 +133,43 @@ def test_a_crash_between_the_two_renames_of_a_resave_loses_nothing(tmp_path):
     assert again.resume() == path and again.step == 2
 
 
-def _cut_short(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """The checkpoints of steps 2 and 4 of one trainer, and its policy (each test resumes a copy)."""
+    run = tmp_path_factory.mktemp("two-checkpoints")
+    t = _trainer(run)
+    for t.step in (2, 4):
+        t.save_checkpoint()
+    return run / "checkpoints", t.policy
 
 
-CORRUPTIONS = {
-    "adapter_model.safetensors": _cut_short,
-    "optimizer.pt": _cut_short,
-    "value_head.safetensors": _cut_short,
-    "rng_state.safetensors": _cut_short,
-    "trainer_state.json": _cut_short,
-}
-
-
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
-def test_a_corrupt_file_in_the_newest_checkpoint_is_bad_input_naming_it(tmp_path, name):
-    """Whichever file of the newest checkpoint is cut short, resuming stops with exit 2 and one line naming that
-    file and the fix; it never falls back to the older checkpoint silently (issue 27)."""
-    t = _trainer(tmp_path)
-    t.step = 2
-    t.save_checkpoint()
-    t.step = 4
-    path = t.save_checkpoint()
-    CORRUPTIONS[name](path / name)
-    again = _trainer(tmp_path, policy=t.policy)
+def _resume_a_copy(two_checkpoints, tmp_path: Path, spoil) -> tuple[Path, object]:
+    """Copy the checkpoints into ``tmp_path``, ``spoil(step-000004)``, resume there; (newest, the raised error)."""
+    checkpoints, policy = two_checkpoints
+    shutil.copytree(checkpoints, tmp_path / "checkpoints")
+    newest = tmp_path / "checkpoints" / "step-000004"
+    spoil(newest)
+    again = _trainer(tmp_path, policy=policy)
     with pytest.raises(HarnessError) as e:
         again.resume()
-    message = str(e.value)
-    assert e.value.exit_code == EXIT_BAD_INPUT and e.value.field == "--resume"
-    assert str(path / name) in message and "\n" not in message
-    assert f"delete {path} to resume from the checkpoint before it" in message
     assert again.step == 0, "nothing was taken from an older checkpoint"
+    return newest, e.value
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "value_head.safetensors",
+                                  "rng_state.safetensors", "trainer_state.json"])
+def test_a_corrupt_file_in_the_newest_checkpoint_is_bad_input_naming_it(two_checkpoints, tmp_path, name):
+    """Whichever file of the newest checkpoint is cut short, resuming stops with exit 2 and one line naming that
+    file and the fix; it never falls back to the older checkpoint silently (issue 27)."""
+    def cut_short(newest: Path) -> None:
+        path = newest / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    newest, error = _resume_a_copy(two_checkpoints, tmp_path, cut_short)
+    message = str(error)
+    assert error.exit_code == EXIT_BAD_INPUT and error.field == "--resume"
+    assert str(newest / name) in message and "\n" not in message
+    assert f"delete {newest} to resume from the checkpoint before it" in message
 
 
 @pytest.mark.parametrize("state, says", [
@@ -171,17 +177,11 @@ def test_a_corrupt_file_in_the_newest_checkpoint_is_bad_input_naming_it(tmp_path
     ('{"step": 2}', "names step 2, not 4"),  # another step's state
     ("[1, 2]", "names step None, not 4"),  # not a mapping
 ])
-def test_a_trainer_state_that_cannot_be_used_is_refused_not_passed_over(tmp_path, state, says):
-    t = _trainer(tmp_path)
-    t.step = 2
-    t.save_checkpoint()
-    t.step = 4
-    path = t.save_checkpoint()
-    (path / "trainer_state.json").write_text(state)
-    with pytest.raises(HarnessError) as e:
-        _trainer(tmp_path, policy=t.policy).resume()
-    assert e.value.exit_code == EXIT_BAD_INPUT and str(path / "trainer_state.json") in str(e.value)
-    assert says in str(e.value)
+def test_a_trainer_state_that_cannot_be_used_is_refused_not_passed_over(two_checkpoints, tmp_path, state, says):
+    newest, error = _resume_a_copy(two_checkpoints, tmp_path,
+                                   lambda newest: (newest / "trainer_state.json").write_text(state))
+    assert error.exit_code == EXIT_BAD_INPUT and str(newest / "trainer_state.json") in str(error)
+    assert says in str(error)
 
 
 @pytest.mark.parametrize("error", [
