@@ -221,7 +221,7 @@ def run_one_at_a_time(policy, tok, prompts, limits, device) -> tuple[float, int]
 def time_encoders(policy, prompts, device) -> tuple[float, float]:
     """The encoder pass alone: over the padded batch (what batched generate runs once) and prompt by prompt
     (what the loop runs). Both ways do this work in full; only the decoding can gain from batching."""
-    from harness.ppo.step import pad_right
+    from harness.ppo.batch import pad_right
 
     encoder = policy.model.get_encoder()
     ids, mask = pad_right([torch.tensor(p) for p in prompts], 0)
@@ -284,7 +284,7 @@ def ppo_step_child(reference: str, device: torch.device) -> dict:
     policy = build_flan_policy(device, dtype, reference, tok)
     cfg = load_config("flan-t5-base").ppo  # the reference's PPO settings (batch 16, mini-batch 4, lr 1.41e-5)
     assert cfg.batch_size == BATCH
-    state = PPOState.create(policy, cfg)
+    state = PPOState.create(policy, cfg, pad_token_id=0, decoder_start_token_id=0)
     prompts = synthetic_prompts(BATCH)
     queries_text = tok.batch_decode(prompts)
     params = {id(q): q for m in (policy, policy.ref_model) if m is not None for q in m.parameters()}
@@ -301,8 +301,7 @@ def ppo_step_child(reference: str, device: torch.device) -> dict:
     t1 = time.perf_counter()
     rewards, toxicity = classifier.score(reward_texts(queries_text, roll.texts, "query+response"), "logit")
     t2 = time.perf_counter()
-    stats = ppo_step(policy, state, [torch.tensor(p) for p in prompts], roll.responses, rewards, cfg,
-                     pad_token_id=0, decoder_start_token_id=0,
+    stats = ppo_step(policy, state, [torch.tensor(p) for p in prompts], roll.responses, rewards,
                      orders=random_orders(BATCH, torch.Generator().manual_seed(SEED)))
     sync(device)
     t3 = time.perf_counter()

@@ -103,8 +103,9 @@ def harness_child(setup_path: str) -> int:
 
     from harness.config import PPOConfig
     from harness.models import resolve_device, resolve_dtype
+    from harness.ppo.batch import Record
     from harness.ppo.core import SampledDistribution
-    from harness.ppo.rollout import Scoring, generate
+    from harness.ppo.rollout import generate
     from harness.ppo.step import PPOState, ppo_step, random_orders
 
     s = json.loads(Path(setup_path).read_text())
@@ -120,10 +121,10 @@ def harness_child(setup_path: str) -> int:
     tok = Tok()
     policy = build_flan_policy(device, resolve_dtype("auto", device), "adapter-off", tok)
     cfg = PPOConfig(**s["ppo"])
-    state = PPOState.create(policy, cfg)
+    state = PPOState.create(policy, cfg, pad_token_id=0, decoder_start_token_id=0)
     queries = [torch.tensor(p) for p in s["prompts"]]
     scores = torch.tensor(s["scores"])
-    scoring = Scoring(policy.value_head, SampledDistribution()) if s["reuse_rollout_outputs"] else None
+    record = Record(policy.value_head, SampledDistribution()) if s["reuse_rollout_outputs"] else None
     print(json.dumps({"ready": True, "torch_threads": torch.get_num_threads()}), flush=True)
     step = 0
     for line in sys.stdin:
@@ -139,11 +140,10 @@ def harness_child(setup_path: str) -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         roll = generate(policy.model, tok, s["prompts"], max_new_tokens=limits, min_new_tokens=max(limits),
                         seeds=[SEED + 1000 * step + i for i in range(BATCH)], top_k=0, top_p=1.0, device=device,
-                        score=scoring)
+                        record=record)
         _sync(device)
         t1, c1 = time.perf_counter(), time.process_time()
-        stats = ppo_step(policy, state, queries, roll.responses, scores, cfg, pad_token_id=0,
-                         decoder_start_token_id=0, sampled=roll.sampled,
+        stats = ppo_step(policy, state, queries, roll.responses, scores, recorded=roll.recorded,
                          orders=random_orders(BATCH, torch.Generator().manual_seed(SEED + step)))
         _sync(device)
         t2, c2 = time.perf_counter(), time.process_time()

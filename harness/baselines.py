@@ -19,7 +19,7 @@ prediction interval for one new seed given the baseline's n seeds,
 honest run fails the whole baseline with probability at most ``alpha``. :data:`ABSOLUTE` is a floor for
 metrics that barely move between seeds (a rate that is 0 in every seed may still see 2 summaries of 128).
 
-Pure functions of results dicts; running the seeds is :func:`harness.pipeline.make_baseline`.
+Pure functions of results dicts; running the seeds is :func:`harness.jobs.baseline.make_baseline`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ without a traceback and exits with the class's ``exit_code`` (2, or 3 for a :cla
 
 from __future__ import annotations
 
-# The command line's exit codes (README: "Exit codes"); one table for the CLI and the pipeline.
+# The command line's exit codes (README: "Exit codes"); one table for the CLI and the jobs.
 EXIT_PASS = 0  # every bound holds
 EXIT_BOUND_FAILED = 1  # the run finished and a bound failed: a model regression
 EXIT_BAD_INPUT = 2  # bad settings, data, models or paths: nothing about the model's quality
@@ -97,6 +97,16 @@ class EnvironmentFault(HarnessError):
     """The machine refused: a path that cannot be created or written, a full disk, a read-only file system."""
 
 
+def no_space_left(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk: an OSError's ENOSPC, or a library's text for it (safetensors: "No space
+    left on device (os error 28)"; torch.save: "PytorchStreamWriter failed writing file ...: file write failed")."""
+    import errno as _errno
+
+    lower = first_line(exc).lower()
+    return (getattr(exc, "errno", None) == _errno.ENOSPC or "no space left" in lower or "os error 28" in lower
+            or "file write failed" in lower)
+
+
 def environment_fault(exc: BaseException, action: str) -> EnvironmentFault:
     """One line for an OSError (or a library's "No space left on device") while ``action`` (e.g. "writing
     checkpoints/step-000010"): what failed, why, and what to do."""
@@ -104,8 +114,7 @@ def environment_fault(exc: BaseException, action: str) -> EnvironmentFault:
 
     code = getattr(exc, "errno", None)
     text = first_line(exc)
-    lower = text.lower()
-    if code == _errno.ENOSPC or "no space left" in lower or "os error 28" in lower or "file write failed" in lower:
+    if no_space_left(exc):
         why, fix = "no space left on the device", "free disk space"
     elif code == _errno.EROFS:
         why, fix = f"not writable ({text})", "choose a writable directory"

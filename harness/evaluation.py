@@ -74,13 +74,13 @@ def sequence_kl(policy, queries: Sequence, responses: Sequence, chunk: int = 16,
     For every generated token t the KL of the two next-token distributions given the same prefix,
     ``sum_v p(v | prefix) * (log p(v | prefix) - log q(v | prefix))`` over the whole vocabulary (no
     sampling estimate), from one policy forward pass and one reference forward pass
-    (:meth:`PolicyWithValueHead.reference_logits`) on ``step.prepare_inputs``; summed per sequence.
+    (:meth:`PolicyWithValueHead.reference_logits`) on ``batch.prepare_inputs``; summed per sequence.
     Dropout is off (eval mode) during both passes.
     """
     import torch
 
+    from .ppo.batch import prepare_inputs
     from .ppo.core import SampledDistribution
-    from .ppo.step import prepare_inputs
 
     distribution = distribution or SampledDistribution()
     if not responses:

@@ -27,8 +27,9 @@ LOCK_FILE = ".detox-harness.lock"
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then ``os.replace`` it into place.
 
-    The temporary file is opened like any file (the umask's permissions, not ``mkstemp``'s 0600), and its
-    name carries the process id so that two writers never share one. A failure leaves the old file as it was.
+    The temporary file is opened like any file (the umask's permissions, not the 0600 of a secure temporary
+    file), and its name carries the process id so that two writers never share one. A failure leaves the old file
+    as it was.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"

@@ -51,7 +51,6 @@ COMPARISON_KEYS = (
     "min_detectable_improvement", "response_min_detectable_improvement", "second_min_detectable_improvement",
     "faithfulness_change", "faithfulness_drop_ci_high", "faithful_rate_change", "copy_rate_increase_upper",
 )
-QUALITATIVE_COLUMNS = ("query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff")
 
 
 @dataclass
@@ -531,7 +530,9 @@ def compare(before: EvalOutput, after: EvalOutput, cfg: HarnessConfig) -> dict:
 
 
 def qualitative_rows(before: EvalOutput, after: EvalOutput, n: int) -> list[dict]:
-    """The first ``n`` prompts (their first sample), sorted by reward_diff descending (stable)."""
+    """The reference notebook's table (``results.json`` ``qualitative``): the first ``n`` prompts (their first
+    sample) with ``query, response_before, response_after, reward_before, reward_after, reward_diff`` and each
+    summary's toxicity and faithfulness, sorted by ``reward_diff`` descending (stable)."""
     first_a = {s["prompt_index"]: s for s in after.samples if s["sample_index"] == 0}
     rows = []
     for sb in sorted((s for s in before.samples if s["sample_index"] == 0), key=lambda s: s["prompt_index"])[:n]:
@@ -542,16 +543,6 @@ def qualitative_rows(before: EvalOutput, after: EvalOutput, n: int) -> list[dict
                      "toxicity_before": sb["toxicity"], "toxicity_after": sa["toxicity"],
                      "faithfulness_before": sb.get("faithfulness"), "faithfulness_after": sa.get("faithfulness")})
     return sorted(rows, key=lambda r: r["reward_diff"], reverse=True)
-
-
-def qualitative(before: EvalOutput, after: EvalOutput, n: int):
-    """The reference's table: n test prompts with ``query, response_before, response_after, reward_before,
-    reward_after, reward_diff``, sorted by ``reward_diff`` descending, as a pandas DataFrame."""
-    import pandas as pd
-
-    check_paired(before, after)
-    rows = qualitative_rows(before, after, n)
-    return pd.DataFrame([{c: r[c] for c in QUALITATIVE_COLUMNS} for r in rows], columns=list(QUALITATIVE_COLUMNS))
 
 
 # ============================================================================================ training

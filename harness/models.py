@@ -511,20 +511,3 @@ def count_parameters(policy: PolicyWithValueHead) -> dict[str, float]:
 def format_parameter_count(counts: dict[str, float]) -> str:
     return (f"trainable model parameters: {counts['trainable']:,} of {counts['total']:,} "
             f"({counts['percent']:.2f}%); value head: {counts['value_head']:,}")
-
-
-def trainable_state_dict(policy: PolicyWithValueHead) -> dict[str, torch.Tensor]:
-    """``adapter.<peft key>`` (or ``model.<name>``) and ``value_head.<name>`` tensors, detached copies."""
-    out: dict[str, torch.Tensor] = {}
-    if policy.is_peft:
-        from peft import get_peft_model_state_dict
-
-        for k, v in get_peft_model_state_dict(policy.model).items():
-            out[f"adapter.{k}"] = v.detach().clone()
-    else:
-        for k, v in policy.model.named_parameters():
-            if v.requires_grad:
-                out[f"model.{k}"] = v.detach().clone()
-    for k, v in policy.value_head.state_dict().items():
-        out[f"value_head.{k}"] = v.detach().clone()
-    return out

@@ -155,7 +155,7 @@ def _require_report_pages(cfg: HarnessConfig, run_dir: Path) -> None:
 
 
 def _last_checkpoint(run_dir: Path):
-    from .ppo.trainer import latest_checkpoint
+    from .ppo.checkpoints import latest_checkpoint
 
     return latest_checkpoint(run_dir / rf.CHECKPOINTS_DIR)
 
@@ -261,7 +261,7 @@ def plan_baseline(request: Request | HarnessConfig, seeds, output: str | Path, *
 
 def resolve_target(target: str | Path) -> Path:
     """An adapter or checkpoint directory; a run directory or a ``checkpoints`` folder means its latest checkpoint."""
-    from .ppo.trainer import latest_checkpoint
+    from .ppo.checkpoints import latest_checkpoint
 
     path = Path(target).expanduser()
     if not path.is_dir():

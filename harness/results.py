@@ -1,7 +1,7 @@
 """A run's files: their names, their schema, how they are built, written and read back.
 
 Every file of a run folder (``reports/<run-id>/``) is named here and nowhere else, and every module that
-writes or reads one (the pipeline, the PPO trainer, the report, the CLI) goes through the functions of this
+writes or reads one (the jobs, the PPO trainer, the report, the CLI) goes through the functions of this
 module:
 
 - :func:`atomic_write_text` / :func:`write_json`: write to a temporary file in the same folder, flush it to
@@ -300,7 +300,7 @@ def environment_info(device: str | None = None) -> dict:
 
     versions = {"python": platform.python_version()}
     for dist in ("detox-harness", "torch", "transformers", "peft", "accelerate", "datasets", "rouge-score", "numpy",
-                 "pandas"):
+                 "scipy"):
         versions[dist] = _distribution_version(dist)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a seq2seq model on (prompt -> summary) pairs: the recipe's warm start.
 
 :func:`train` is the one training loop for supervised summarization in the project: ``detox-harness sft``
-(a LoRA adapter on FLAN-T5 or the tiny policy, :func:`harness.pipeline.sft`) and the tiny world's
+(a LoRA adapter on FLAN-T5 or the tiny policy, :func:`harness.jobs.warm_start.warm_start`) and the tiny world's
 builder (its policy, a small T5 trained in full from random weights, :mod:`harness.tiny`) both call it.
 It runs transformers' ``Seq2SeqTrainer`` (AdamW, the scheduler, gradient clipping, the progress bar,
 checkpoints and ``resume_from_checkpoint``) on already tokenized prompts, and validates with the
@@ -108,7 +108,7 @@ def validation_rouge(model, tokenizer, pairs: Pairs, max_new_tokens: int) -> flo
     return float(sum(scores) / len(scores)) if scores else float("nan")
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
+def latest_sft_checkpoint(directory: Path) -> Path | None:
     """The Trainer checkpoint (``checkpoint-N``) with the highest N under ``directory``, if any."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -174,7 +174,7 @@ def train(model, tokenizer, train_pairs: Pairs, validation_pairs: Pairs | None, 
                              callbacks=([ValidationRouge()] if evaluating else []) + list(callbacks))
     if not progress:
         trainer.remove_callback(PrinterCallback)  # no dict per log line on the terminal either
-    start = latest_checkpoint(work_dir / CHECKPOINTS) if resume else None
+    start = latest_sft_checkpoint(work_dir / CHECKPOINTS) if resume else None
     first_file = work_dir / START_FILE  # the step-0 validation (train() starts a new Trainer state)
     first: list[dict] = []
     if evaluating and validate_start:

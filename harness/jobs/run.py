@@ -86,7 +86,7 @@ def run(plan: RunPlan, *, progress: bool = True, echo=print) -> RunOutcome:
 
 
 def _last_checkpoint(run_dir: Path):
-    from ..ppo.trainer import latest_checkpoint
+    from ..ppo.checkpoints import latest_checkpoint
 
     return latest_checkpoint(run_dir / rf.CHECKPOINTS_DIR)
 

@@ -1,8 +1,8 @@
 """Batched generation for rollouts and evaluation.
 
 - The whole batch is decoded together (the reference looped one prompt at a time), by a compact loop over
-  the model's forward with a KV cache (:func:`decode`), or by transformers' ``generate`` with the same
-  sampler (``decoder="generate"``): both give the same tokens for the same seeds (the tests prove it).
+  the model's forward with a KV cache (:func:`decode`); the tests check it against transformers' ``generate``
+  with the same sampler (the same tokens for the same seeds).
 - Each row has its own seed: sampling is the Gumbel-max trick with counter-based noise computed on the
   device for the whole batch at once (:mod:`harness.ppo.sampling`): the noise of (row seed, position, token
   id) comes from integer tensor ops, so a prompt's sample depends on its seed only, not on the batch it is
@@ -11,28 +11,24 @@
 - Each row has its own ``max_new_tokens`` (from a :class:`LengthSampler`), honoured inside the batch.
 - The encoder keeps the tokenizer's right padding (left padding breaks T5's relative position bias).
 - The decoder start token is not an action: responses exclude it, and are cut after their first EOS.
-- With ``score=`` the loop also records what the PPO step would otherwise recompute by a forward pass of
+- With ``record=`` the loop also records what the PPO step would otherwise recompute by a forward pass of
   the policy: each action's log-prob under the sampled distribution and the value head's value
-  (:class:`harness.ppo.step.SampledOutputs`).
+  (:class:`harness.ppo.batch.Recorded`).
 """
 
 from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from ..models import encode
-from .core import SampledDistribution
+from .batch import Record, Recorded, pad_right
 from .sampling import RowSampler
-from .step import SampledOutputs, pad_right
-
-DECODERS = ("auto", "loop", "generate")
 
 
 class LengthSampler:
@@ -51,43 +47,26 @@ class LengthSampler:
         return [self() for _ in range(n)]
 
 
-class SeededSampler(LogitsProcessor):
-    """Temperature, top-k, top-p, then each row's counter-based Gumbel noise, as a ``generate`` logits processor.
-
-    Used with greedy decoding, ``argmax(logits / T + Gumbel)`` is an exact sample of the filtered softmax.
-    The noise of row i at new token t is that of ``(seeds[i], t, token id)``; ``t`` is read from the decoder
-    ids (``prefix``: the decoder start token). All of it runs on the logits' device.
+class SeededSampler:
+    """Temperature, then each row's counter-based Gumbel noise: ``argmax`` of :meth:`perturb` is an exact
+    sample of the tempered softmax. The noise of row i at new token t is that of ``(seeds[i], t, token id)``.
+    The :class:`RowSampler` is made on the first call, for the logits' vocabulary and device.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 prefix: int = 1):
+    def __init__(self, seeds: Sequence[int], temperature: float = 1.0):
         self.seeds = [int(s) for s in seeds]
-        self.temperature, self.top_k, self.top_p, self.prefix = temperature, top_k, top_p, prefix
+        self.temperature = temperature
         self._sampler: RowSampler | None = None
 
     def sampler(self, vocab_size: int, device) -> RowSampler:
         s = self._sampler
         if s is None or s.noise.vocab_size != vocab_size or s.noise.device != torch.device(device):
-            s = self._sampler = RowSampler(self.seeds, vocab_size, device, self.temperature, self.top_k, self.top_p)
+            s = self._sampler = RowSampler(self.seeds, vocab_size, device, self.temperature)
         return s
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return self.sampler(scores.shape[-1], scores.device).perturb(scores, input_ids.shape[1] - self.prefix)
-
-
-class PerRowMaxNewTokens(StoppingCriteria):
-    """Marks row i finished once it has ``limits[i]`` new tokens (decoder ids include the start token).
-
-    The limits go to the device once, on the first call."""
-
-    def __init__(self, limits: Sequence[int], prefix: int = 1):
-        self.limits = torch.tensor(list(limits))
-        self.prefix = prefix
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        if self.limits.device != input_ids.device:
-            self.limits = self.limits.to(input_ids.device)
-        return input_ids.shape[1] - self.prefix >= self.limits
+    def perturb(self, scores: torch.Tensor, position: int) -> torch.Tensor:
+        """(B, V) logits at new token ``position``, tempered, plus the rows' noise there."""
+        return self.sampler(scores.shape[-1], scores.device).perturb(scores, position)
 
 
 @dataclass
@@ -95,7 +74,7 @@ class Rollout:
     responses: list[torch.Tensor]  # actions only: no decoder start token, cut after the first EOS
     texts: list[str]
     lengths: list[int]
-    sampled: SampledOutputs | None = None  # with generate(score=...): the policy's log-probs and values
+    recorded: Recorded | None = None  # with generate(record=...): the policy's log-probs and values
 
 
 def cut_after_eos(ids: torch.Tensor, eos_token_id: int, pad_token_id: int, limit: int | None = None) -> torch.Tensor:
@@ -119,33 +98,21 @@ def cut_after_eos(ids: torch.Tensor, eos_token_id: int, pad_token_id: int, limit
     return ids[:keep]
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """What :func:`generate` records while it samples, for the PPO step: each action's log-prob under
-    ``distribution`` and ``value_head(last decoder hidden state)``."""
-
-    value_head: Callable[[torch.Tensor], torch.Tensor]
-    distribution: SampledDistribution = SampledDistribution()
-
-
 @torch.no_grad()
 def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_tokens: Sequence[int] | int,
              seeds: Sequence[int], min_new_tokens: int = 0, top_k: int = 0, top_p: float = 1.0,
-             temperature: float = 1.0, do_sample: bool = True, device=None, decoder: str = "auto",
-             score: Scoring | None = None) -> Rollout:
-    """All prompts decoded together; each row with its own seed and length limit.
+             temperature: float = 1.0, do_sample: bool = True, device=None, record: Record | None = None) -> Rollout:
+    """All prompts decoded together by :func:`decode`; each row with its own seed and length limit.
 
     The sampling keywords are those of :meth:`harness.config.SamplingConfig.sampling_kwargs`, so a caller
     passes ``**cfg.rollout.sampling_kwargs()`` or ``**cfg.eval.sampling_kwargs()``. ``min_new_tokens``: EOS
     is banned until a row has that many new tokens (transformers' ``min_new_tokens``; its ``min_length``
-    would count T5's decoder start token too). ``decoder``: "loop" (:func:`decode`, the default for
-    "auto") or "generate" (transformers' ``generate``: the same tokens, more overhead per token).
-    ``score``: also record each action's log-prob and value (``Rollout.sampled``; the loop only).
+    would count T5's decoder start token too). ``top_k`` and ``top_p`` are accepted at their defaults only
+    (off): the config refuses any other value, since PPO's log-probs would be of another distribution.
+    ``record``: also record each action's log-prob and value (``Rollout.recorded``).
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"generate: decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    if score is not None and decoder == "generate":
-        raise ValueError("generate: score= needs the decode loop (decoder='loop' or 'auto')")
+    if top_k != 0 or top_p != 1.0:
+        raise ValueError(f"generate: top_k={top_k!r}, top_p={top_p!r}: filtering is not supported (0 and 1.0 only)")
     n = len(input_ids)
     limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(x) for x in max_new_tokens]
     pad = tokenizer.pad_token_id
@@ -154,17 +121,11 @@ def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_to
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()  # sample with dropout off (TRL 0.11.4 left train mode on here: negative KL)
-    sampler = SeededSampler(seeds, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else None
-    recorded = None
+    sampler = SeededSampler(seeds, temperature=temperature) if do_sample else None
     try:
         with torch.inference_mode():  # no autograd bookkeeping at all while sampling (faster than no_grad alone)
-            if decoder == "generate":
-                out = _hf_generate(model, enc_ids.to(device), enc_mask.to(device), limits, sampler, min_new_tokens,
-                                   pad, eos)
-            else:
-                out, recorded = decode(model, enc_ids.to(device), enc_mask.to(device), limits=limits, sampler=sampler,
-                                       min_new_tokens=min_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                                       score=score)
+            out, outputs = decode(model, enc_ids.to(device), enc_mask.to(device), limits=limits, sampler=sampler,
+                                  min_new_tokens=min_new_tokens, pad_token_id=pad, eos_token_id=eos, record=record)
     finally:
         if was_training:
             model.train()
@@ -172,26 +133,12 @@ def generate(model, tokenizer, input_ids: Sequence[Sequence[int]], *, max_new_to
     out = out.cpu().clone()
     responses = [cut_after_eos(row, eos, pad, limit) for row, limit in zip(out, limits)]
     texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-    sampled = None
-    if recorded is not None:
-        logprobs, values = (x.cpu().clone() for x in recorded)
-        sampled = SampledOutputs(logprobs=[lp[:len(r)] for lp, r in zip(logprobs, responses)],
-                                 values=[v[:len(r)] for v, r in zip(values, responses)],
-                                 distribution=score.distribution)
-    return Rollout(responses=responses, texts=texts, lengths=[int(r.numel()) for r in responses], sampled=sampled)
-
-
-def _hf_generate(model, enc_ids, enc_mask, limits, sampler, min_new_tokens, pad, eos) -> torch.Tensor:
-    """transformers' ``generate`` with the same sampler: the (B, max(limits)) new tokens, pad after a row ends."""
-    processors = LogitsProcessorList([sampler] if sampler is not None else [])
-    kwargs = dict(max_new_tokens=max(limits), do_sample=False, num_beams=1, top_k=None, top_p=None,
-                  temperature=None, pad_token_id=pad, eos_token_id=eos, logits_processor=processors,
-                  stopping_criteria=StoppingCriteriaList([PerRowMaxNewTokens(limits)]))
-    if min_new_tokens:
-        kwargs["min_new_tokens"] = min_new_tokens
-    out = model.generate(input_ids=enc_ids, attention_mask=enc_mask, encoder_outputs=encode(model, enc_ids, enc_mask),
-                         **kwargs)
-    return out[:, 1:]  # drop the decoder start token (it is not an action)
+    recorded = None
+    if outputs is not None:
+        logprobs, values = (x.cpu().clone() for x in outputs)
+        recorded = Recorded(logprobs=[lp[:len(r)] for lp, r in zip(logprobs, responses)],
+                            values=[v[:len(r)] for v, r in zip(values, responses)], distribution=record.distribution)
+    return Rollout(responses=responses, texts=texts, lengths=[int(r.numel()) for r in responses], recorded=recorded)
 
 
 # ------------------------------------------------------------------------------------ the decode loop
@@ -237,13 +184,14 @@ def _cache_keyword(model) -> str:
 @torch.inference_mode()
 def decode(model, enc_ids: torch.Tensor, enc_mask: torch.Tensor, *, limits: Sequence[int],
            sampler: SeededSampler | None, min_new_tokens: int, pad_token_id: int, eos_token_id: int,
-           score: Scoring | None = None):
+           record: Record | None = None):
     """The compact decode loop: the encoder once, then one decoder forward per token over a preallocated cache.
 
     Per token: EOS banned before ``min_new_tokens``, the rows' seeded sample (or the argmax without a
     sampler), pad once a row has ended (EOS or its limit); it stops when every row has. Returns the
-    (B, max(limits)) new tokens and, with ``score``, the (B, max(limits)) log-probs of each token under
-    ``score.distribution`` and the values (else None). Tokens equal ``generate``'s with the same sampler.
+    (B, max(limits)) new tokens and, with ``record``, the (B, max(limits)) log-probs of each token under
+    ``record.distribution`` and the values (else None). Tokens equal transformers' ``generate``'s with the
+    same sampler (suites/unit/test_sampling.py).
     """
     config = model.config
     start = config.decoder_start_token_id
@@ -257,27 +205,27 @@ def decode(model, enc_ids: torch.Tensor, enc_mask: torch.Tensor, *, limits: Sequ
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     current = torch.full((batch, 1), start, dtype=torch.long, device=device)
     logprobs = values = None
-    if score is not None:
+    if record is not None:
         logprobs = torch.zeros((batch, longest), dtype=torch.float32, device=device)
         values = torch.zeros((batch, longest), dtype=torch.float32, device=device)
     check_every = 1 if device.type == "cpu" else 8  # a host sync per check
     for t in range(longest):
         out = model(encoder_outputs=encoder_outputs, attention_mask=enc_mask, decoder_input_ids=current,
-                    use_cache=True, output_hidden_states=score is not None, return_dict=True, **{cache_kw: cache})
+                    use_cache=True, output_hidden_states=record is not None, return_dict=True, **{cache_kw: cache})
         logits = out.logits[:, -1, :].float()
         scores = logits.clone() if t < min_new_tokens else logits
         if t < min_new_tokens:
             scores[:, eos_token_id] = float("-inf")
         if sampler is not None:
-            scores = sampler.sampler(scores.shape[-1], device).perturb(scores, t)
+            scores = sampler.perturb(scores, t)
         nxt = scores.argmax(-1)
-        if score is not None:
-            logprobs[:, t] = score.distribution.logprobs_at(logits, nxt, t)
-            values[:, t] = score.value_head(out.decoder_hidden_states[-1][:, -1]).float()
+        if record is not None:
+            logprobs[:, t] = record.distribution.logprobs_at(logits, nxt, t)
+            values[:, t] = record.value_head(out.decoder_hidden_states[-1][:, -1]).float()
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         tokens[:, t] = nxt
         unfinished &= (nxt != eos_token_id) & (limits_t > t + 1)
         current = nxt[:, None]
         if (t + 1) % check_every == 0 and not bool(unfinished.any()):
             break
-    return tokens, ((logprobs, values) if score is not None else None)
+    return tokens, ((logprobs, values) if record is not None else None)

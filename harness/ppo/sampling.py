@@ -88,38 +88,23 @@ class CounterNoise:
         return gumbel_from_uniform(uniform_from_bits(self.bits(position)))
 
 
-def filter_logits(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus: keep the token that crosses ``top_p``) on (B, V) logits."""
-    scores = scores.float()
-    if temperature != 1.0:
-        scores = scores / temperature
-    if top_k and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(scores, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        remove = probs.cumsum(-1) - probs > top_p
-        remove = remove.scatter(-1, sorted_idx, remove)
-        scores = scores.masked_fill(remove, float("-inf"))
-    return scores
-
-
 class RowSampler:
     """Samples one token per row from (B, V) logits at a decoding position, with each row's own seed.
 
-    ``sample(logits, position)`` = ``argmax(filter_logits(logits) + gumbel(seed, position, token))``; the
+    ``sample(logits, position)`` = ``argmax(logits / temperature + gumbel(seed, position, token))``; the
     EOS ban of ``min_new_tokens`` is the caller's (it acts on the logits before).
     """
 
-    def __init__(self, seeds: Sequence[int], vocab_size: int, device, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0):
+    def __init__(self, seeds: Sequence[int], vocab_size: int, device, temperature: float = 1.0):
         self.noise = CounterNoise(seeds, vocab_size, device)
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.temperature = temperature
 
     def perturb(self, logits: torch.Tensor, position: int) -> torch.Tensor:
-        """The filtered logits plus the rows' Gumbel noise at ``position`` (argmax of it is the sample)."""
-        return filter_logits(logits, self.temperature, self.top_k, self.top_p) + self.noise.gumbel(position)
+        """The tempered logits plus the rows' Gumbel noise at ``position`` (argmax of it is the sample)."""
+        logits = logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits + self.noise.gumbel(position)
 
     def sample(self, logits: torch.Tensor, position: int) -> torch.Tensor:
         return self.perturb(logits, position).argmax(-1)

@@ -12,10 +12,12 @@ numbers is a field of :class:`TRLQuirks` (all on with ``ppo.trl_compat``), so th
 (c) :func:`optimise`: mini-batch epochs; a non-finite loss, gradient or weight undoes all of them;
 (d) :func:`step_statistics`: TRL's statistics.
 
-What lives longer than one step (optimizer, KL controller, running score moments, the quirks' state)
-is a :class:`PPOState`, owned by the caller (the trainer) and checkpointed by it.
+What lives as long as the run is a :class:`PPOState`, owned by the caller (the trainer): the settings every
+step reads (:class:`StepSettings`: config, token ids, score options, the distribution read, the processes) and
+what changes from step to step and a checkpoint keeps (optimizer, KL controller, running score moments, the
+quirks' state).
 
-Responses are *actions only*: the decoder start token is not part of them; this module prepends it.
+Responses are *actions only*: the decoder start token is not part of them (:mod:`harness.ppo.batch`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import PPOConfig
+from ..parallel import SINGLE, Parallel
 from . import core
+from .batch import Recorded, predicting, prepare_inputs, response_mask
 
 if TYPE_CHECKING:
     from ..config import RewardConfig
-    from ..parallel import Parallel
 
 KLController = core.AdaptiveKLController | core.FixedKLController
 
@@ -112,22 +115,57 @@ class TRLQuirks:
         self.clipped_once = bool(state["clipped_once"])
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What every PPO step of one run reads and none changes; held by the run's :class:`PPOState`.
+
+    ``distribution`` is the one the step reads log-probs, KL and entropy from (:class:`core.SampledDistribution`):
+    :meth:`PPOState.create` decides it, once per run, from the distribution the rollout samples from and the
+    quirks. ``parallel``: the processes of the run (:data:`harness.parallel.SINGLE`: one, the identity).
+    """
+
+    config: PPOConfig
+    pad_token_id: int
+    decoder_start_token_id: int
+    score_options: ScoreOptions = ScoreOptions()
+    distribution: core.SampledDistribution = core.SampledDistribution()
+    parallel: Parallel = SINGLE
+
+
 @dataclass
 class PPOState:
-    """What one PPO step reads and updates besides the policy's weights, and what a checkpoint must keep."""
+    """What one PPO step reads and updates besides the policy's weights: the run's :class:`StepSettings`, and
+    what lives from step to step and a checkpoint must keep (optimizer, KL controller, score moments, quirks)."""
 
     optimizer: torch.optim.Optimizer
     kl_ctl: KLController
+    settings: StepSettings
     running: core.RunningMoments = field(default_factory=core.RunningMoments)  # score moments (ScoreOptions)
     quirks: TRLQuirks = field(default_factory=TRLQuirks)
 
     @classmethod
-    def create(cls, policy, config: PPOConfig) -> PPOState:
-        """A fresh state for training ``policy``: Adam, the configured KL controller, quirks from ``trl_compat``."""
+    def create(cls, policy, config: PPOConfig, *, rollout: core.SampledDistribution = core.SampledDistribution(),
+               score_options: ScoreOptions = ScoreOptions(), parallel: Parallel = SINGLE,
+               pad_token_id: int | None = None, decoder_start_token_id: int | None = None) -> PPOState:
+        """A fresh state for training ``policy``: Adam, the configured KL controller, quirks from ``trl_compat``.
+
+        ``rollout`` is the distribution the rollout samples from; the step reads log-probs from it, or, with
+        ``TRLQuirks.unsampled_distribution`` (TRL 0.11.4), from the raw softmax: decided here and nowhere else.
+        The token ids default to the policy's (its tokenizer's pad, its config's decoder start).
+        """
+        quirks = TRLQuirks.from_config(config)
+        settings = StepSettings(
+            config,
+            pad_token_id=policy.tokenizer.pad_token_id if pad_token_id is None else pad_token_id,
+            decoder_start_token_id=(policy.config.decoder_start_token_id if decoder_start_token_id is None
+                                    else decoder_start_token_id),
+            score_options=score_options,
+            distribution=core.SampledDistribution() if quirks.unsampled_distribution else rollout,
+            parallel=parallel)
         return cls(optimizer=make_optimizer(policy, config),
                    kl_ctl=core.make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target,
                                                   config.horizon),
-                   running=core.RunningMoments(), quirks=TRLQuirks.from_config(config))
+                   settings=settings, running=core.RunningMoments(), quirks=quirks)
 
 
 def make_optimizer(policy, config: PPOConfig) -> torch.optim.Optimizer:
@@ -141,147 +179,68 @@ def random_orders(batch_size: int, generator: torch.Generator | None = None) -> 
         yield torch.randperm(batch_size, generator=generator)
 
 
-@dataclass
-class SampledOutputs:
-    """The policy's outputs on its own rollout, recorded while it sampled (``harness.ppo.rollout.generate``
-    with ``score=``): per response, each action's log-prob under ``distribution`` and the value head's value.
-
-    The policy has not changed since it sampled, so these are what phase (a) would compute again by a
-    forward pass (equal up to float rounding: the decode loop runs one position at a time): with them
-    :func:`ppo_step` runs only the reference's forward.
-    """
-
-    logprobs: list[torch.Tensor]  # one (len(response),) tensor per response
-    values: list[torch.Tensor]
-    distribution: core.SampledDistribution
-
-    def padded(self, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, width) log-probs and values, zero past each response (masked there)."""
-        out = []
-        for rows in (self.logprobs, self.values):
-            t = torch.zeros((len(rows), width), dtype=torch.float32)
-            for i, r in enumerate(rows):
-                t[i, :r.numel()] = r.float()
-            out.append(t.to(device))
-        return out[0], out[1]
-
-
-# ------------------------------------------------------------------------------------ inputs
-
-def pad_right(seqs: Sequence[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D tensors to one (B, T) tensor and its attention mask."""
-    longest = max(int(s.numel()) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : s.numel()] = s
-        mask[i, : s.numel()] = 1
-    return ids, mask
-
-
-def prepare_inputs(queries, responses, pad_token_id: int, decoder_start_token_id: int, device) -> dict:
-    """Encoder inputs (right padding: T5's relative positions need it) and decoder inputs [start] + response."""
-    input_ids, attention_mask = pad_right([q.reshape(-1).long().cpu() for q in queries], pad_token_id)
-    start = torch.tensor([decoder_start_token_id], dtype=torch.long)
-    decoder_input_ids, decoder_attention_mask = pad_right(
-        [torch.cat([start, r.reshape(-1).long().cpu()]) for r in responses], pad_token_id)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "decoder_input_ids": decoder_input_ids.to(device),
-            "decoder_attention_mask": decoder_attention_mask.to(device)}
-
-
-def response_mask(decoder_attention_mask: torch.Tensor, *, mask_first_action: bool = False) -> torch.Tensor:
-    """(B, T-1) mask of the actions: position t is the log-prob of decoder token t+1.
-
-    The harness counts every generated token as an action; ``mask_first_action`` (TRLQuirks) drops the
-    first one, as TRL 0.11.4 does.
-    """
-    mask = decoder_attention_mask[:, 1:].clone()
-    if mask_first_action:
-        mask[:, 0] = 0
-    return mask
-
-
-def predicting(inputs: dict) -> tuple[dict, torch.Tensor]:
-    """The inputs of a forward pass whose outputs are read for the actions, and the actions (the labels).
-
-    Decoder position t predicts token t + 1, so the last decoder token's prediction is never read: it is
-    left out of the forward (a position less, and no slice of the (B, T, V) logits, whose backward pass
-    would write a zero tensor of their size). The decoder is causal: the other positions are unchanged.
-    """
-    ids, mask = inputs["decoder_input_ids"], inputs["decoder_attention_mask"]
-    if ids.shape[1] < 2:
-        raise ValueError("ppo_step: every response is empty (no action to score)")
-    return dict(inputs, decoder_input_ids=ids[:, :-1], decoder_attention_mask=mask[:, :-1]), ids[:, 1:]
-
-
 # ------------------------------------------------------------------------------------ the step
 
 def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
-             scores: torch.Tensor, config: PPOConfig, *, pad_token_id: int, decoder_start_token_id: int,
-             score_options: ScoreOptions = ScoreOptions(),
-             distribution: core.SampledDistribution = core.SampledDistribution(),
-             orders: Iterator[Sequence[int]] | None = None, parallel: Parallel | None = None,
-             sampled: SampledOutputs | None = None) -> dict[str, float]:
+             scores: torch.Tensor, *, orders: Iterator[Sequence[int]] | None = None,
+             recorded: Recorded | None = None) -> dict[str, float]:
     """Run one PPO step and return its statistics (TRL 0.11 names) as floats.
 
-    ``scores`` are the classifier's rewards, one per response; ``score_options`` transforms them (with
-    ``state.running``) into what PPO optimises. ``env/reward_*`` report them as given, ``ppo/*_scores``
-    as transformed. ``distribution`` is the one the responses were sampled from (temperature, the EOS
-    ban): log-probs, KL and entropy are computed on it (:class:`core.SampledDistribution`). ``orders``
-    yields one row order per epoch (e.g. TRL's permutations, for replay); by default they are drawn from
-    torch's global RNG (see :func:`random_orders`). ``sampled``: the policy's log-probs and values recorded by
-    the rollout (:class:`SampledOutputs`), so that phase (a) runs the reference only; its distribution must
-    be the one the step reads, and ``kl_penalty`` "full" (which needs every logit) cannot use it.
+    ``scores`` are the classifier's rewards, one per response; ``state.settings.score_options`` transforms
+    them (with ``state.running``) into what PPO optimises. ``env/reward_*`` report them as given,
+    ``ppo/*_scores`` as transformed. Log-probs, KL and entropy are those of ``state.settings.distribution``.
+    ``orders`` yields one row order per epoch (e.g. TRL's permutations, for replay); by default they are drawn
+    from torch's global RNG (see :func:`random_orders`). ``recorded``: the policy's log-probs and values
+    recorded by the rollout (:class:`Recorded`), so that phase (a) runs the reference only; they must be of
+    the distribution the step reads, and ``kl_penalty`` "full" (which needs every logit) cannot use them.
 
     A non-finite score, loss (e.g. from a NaN logit or value), gradient or updated weight skips the whole
     update: every trainable weight, the optimizer state, the running score moments and the quirks'
     state are restored to what they were before the step, and the statistics carry ``skipped = 1`` and
     ``skip_reason``.
 
-    ``parallel`` (a :class:`harness.parallel.Parallel` of several processes): the rows given are this
-    process's share of the batch (every process the same number); the step gathers the rows' tensors after
-    the forward passes, so that every global quantity (score moments, whitening, KL, statistics, the KL
-    controller's input) is the whole batch's, and sums the gradients of each optimizer step over the
-    processes. ``orders`` is then required and must be the same on every process (the global row orders).
-    Every process returns the same statistics and ends with the same weights (docs/scale.md).
+    Data-parallel (``state.settings.parallel`` of several processes): the rows given are this process's share
+    of the batch (every process the same number); the step gathers the rows' tensors after the forward passes,
+    so that every global quantity (score moments, whitening, KL, statistics, the KL controller's input) is the
+    whole batch's, and sums the gradients of each optimizer step over the processes. ``orders`` is then
+    required and must be the same on every process (the global row orders). Every process returns the same
+    statistics and ends with the same weights (docs/scale.md).
     """
     t0 = time.time()
+    settings = state.settings
+    config, parallel, distribution = settings.config, settings.parallel, settings.distribution
     if not len(queries) == len(responses) == len(scores):
         raise ValueError(f"ppo_step: {len(queries)} queries, {len(responses)} responses and {len(scores)} scores "
                          "must match")
     _check_quirks(config, state.quirks)
     raw = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     mine = None  # this process's rows of the batch, when the batch is shared by several processes
-    if parallel is not None and parallel.distributed:
+    if parallel.distributed:
         if orders is None:
             raise ValueError("ppo_step: a data-parallel step needs `orders`, the same global row orders on every "
                              "process (torch's global RNG may differ between processes)")
         queries, responses, raw, mine = _gather_rows(parallel, queries, responses, raw)
-    else:
-        parallel = None
     if not torch.isfinite(raw).all():
         return _skipped_stats(state.kl_ctl, raw, responses, reason="non-finite score", t0=t0)
-    if state.quirks.unsampled_distribution:
-        distribution = core.SampledDistribution()
     _check_sampled(responses, distribution)
-    if sampled is not None:
-        _check_recorded(sampled, responses if mine is None else responses[mine], distribution, config)
+    if recorded is not None:
+        _check_recorded(recorded, responses if mine is None else responses[mine], distribution, config)
     running_before = state.running.state_dict()
-    scores = score_options.apply(raw.to(policy.device), state.running)
+    scores = settings.score_options.apply(raw.to(policy.device), state.running)
 
     policy.eval()  # dropout off for rollout scoring and training alike (see docs/ppo.md)
-    inputs = prepare_inputs(queries, responses, pad_token_id, decoder_start_token_id, policy.device)
+    inputs = prepare_inputs(queries, responses, settings.pad_token_id, settings.decoder_start_token_id,
+                            policy.device)
     stats: dict[str, float] = {}
     # forward passes and rewards of this process's rows (all of them with one process), then the whole batch's
     part, part_scores = (inputs, scores) if mine is None else ({k: v[mine] for k, v in inputs.items()}, scores[mine])
     with _timed(stats, "time/ppo/forward_pass"):
         old = old_outputs(policy, part, chunk=config.mini_batch_size, full_logits=config.kl_penalty == "full",
                           mask_first_action=state.quirks.mask_first_action, distribution=distribution,
-                          sampled=sampled)
+                          recorded=recorded)
     with _timed(stats, "time/ppo/compute_rewards"):
         kls, rewards, non_score = kl_rewards(old, part_scores, config.kl_penalty, state.kl_ctl.value)
-        if parallel is not None:
+        if parallel.distributed:
             old = OldOutputs(*(parallel.gather(t) for t in (old.logprobs, old.values, old.ref_logprobs, old.masks)))
             kls, rewards, non_score = (parallel.gather(t) for t in (kls, rewards, non_score))
     old = replace(old, logits=None, ref_logits=None)  # (B, T, V) each: not needed past the KL
@@ -289,9 +248,8 @@ def ppo_step(policy, state: PPOState, queries: Sequence[torch.Tensor], responses
         experience = advantages(old, rewards, config, leak_whitened_padding=state.quirks.leak_whitened_padding)
 
     with _timed(stats, "time/ppo/optimize_step"):
-        result = optimise(policy, state.optimizer, state.quirks, inputs, experience, config,
-                          orders if orders is not None else random_orders(len(queries)), distribution,
-                          parallel=parallel)
+        result = optimise(policy, state, inputs, experience,
+                          orders if orders is not None else random_orders(len(queries)))
     if result.skip_reason is not None:
         state.running.load_state_dict(running_before)  # the score moments saw this batch: undo
         return _skipped_stats(state.kl_ctl, raw, responses, reason=result.skip_reason, t0=t0)
@@ -334,15 +292,15 @@ def _check_sampled(responses: Sequence[torch.Tensor], distribution: core.Sampled
                              f"distribution bans (min_new_tokens={m}): it was not sampled from it")
 
 
-def _check_recorded(sampled: SampledOutputs, responses, distribution: core.SampledDistribution,
+def _check_recorded(recorded: Recorded, responses, distribution: core.SampledDistribution,
                     config: PPOConfig) -> None:
     if config.kl_penalty == "full":
-        raise ValueError("ppo_step: kl_penalty 'full' needs the policy's full logits: pass sampled=None")
-    if sampled.distribution != distribution:
-        raise ValueError(f"ppo_step: the rollout recorded log-probs of {sampled.distribution}, the step reads "
-                         f"{distribution} (ppo.trl_compat reads the raw softmax): record with the step's one")
-    if [int(x.numel()) for x in sampled.logprobs] != [int(torch.as_tensor(r).numel()) for r in responses] or \
-            [int(x.numel()) for x in sampled.values] != [int(x.numel()) for x in sampled.logprobs]:
+        raise ValueError("ppo_step: kl_penalty 'full' needs the policy's full logits: pass recorded=None")
+    if recorded.distribution != distribution:
+        raise ValueError(f"ppo_step: the rollout recorded log-probs of {recorded.distribution}, the step reads "
+                         f"{distribution} (state.settings.distribution): record with the step's one")
+    if [int(x.numel()) for x in recorded.logprobs] != [int(torch.as_tensor(r).numel()) for r in responses] or \
+            [int(x.numel()) for x in recorded.values] != [int(x.numel()) for x in recorded.logprobs]:
         raise ValueError("ppo_step: the recorded log-probs and values do not match the responses' lengths")
 
 
@@ -370,15 +328,15 @@ class OldOutputs:
 @torch.no_grad()
 def old_outputs(policy, inputs: dict, *, chunk: int, full_logits: bool, mask_first_action: bool,
                 distribution: core.SampledDistribution = core.SampledDistribution(),
-                sampled: SampledOutputs | None = None) -> OldOutputs:
+                recorded: Recorded | None = None) -> OldOutputs:
     """Forward passes of the policy and the reference in chunks of ``chunk`` rows, both read as ``distribution``.
 
-    With ``sampled`` (the rollout's records) the policy's forward is skipped: its log-probs and values are those.
+    With ``recorded`` (the rollout's record) the policy's forward is skipped: its log-probs and values are those.
     """
-    if sampled is None:
+    if recorded is None:
         logprobs, values, logits = _chunked_forward(policy, inputs, chunk, full_logits, distribution)
     else:
-        logprobs, values = sampled.padded(inputs["decoder_input_ids"].shape[1] - 1, policy.device)
+        logprobs, values = recorded.padded(inputs["decoder_input_ids"].shape[1] - 1, policy.device)
         logits = None
     ref_logprobs, _, ref_logits = _chunked_forward(lambda **part: (policy.reference_logits(**part), None),
                                                    inputs, chunk, full_logits, distribution)
@@ -479,46 +437,44 @@ class Optimisation:
     skip_reason: str | None = None
 
 
-def optimise(policy, optimizer: torch.optim.Optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience,
-             config: PPOConfig, orders: Iterator[Sequence[int]],
-             distribution: core.SampledDistribution = core.SampledDistribution(), *,
-             parallel: Parallel | None = None) -> Optimisation:
-    """``config.ppo_epochs`` passes over the batch in mini-batches, one optimizer step per
+def optimise(policy, state: PPOState, inputs: dict, experience: Experience,
+             orders: Iterator[Sequence[int]]) -> Optimisation:
+    """``ppo_epochs`` passes over the batch in mini-batches, one optimizer step per
     ``mini_batch_size x gradient_accumulation_steps`` rows; early stop after an epoch whose last mini-batch's
-    policy KL passes ``1.5 x target_kl``.
+    policy KL passes ``1.5 x target_kl`` (the settings are ``state.settings.config``'s).
 
     A non-finite loss or gradient stops at once, and non-finite weights at the end count the same: the
-    weights, the optimizer state and ``quirks`` are then restored to what they were at the start (and
+    weights, the optimizer state and the quirks' state are then restored to what they were at the start (and
     before an exception, e.g. ``orders`` running out, propagates).
 
-    With a distributed ``parallel``, ``inputs`` and ``experience`` are the whole batch's; each process
-    forwards its share of every mini-batch (:func:`_sharded_minibatch_loss`) and the gradients are summed
-    over the processes before each optimizer step.
+    With several processes, ``inputs`` and ``experience`` are the whole batch's; each process forwards its
+    share of every mini-batch (:func:`_minibatch_loss`) and the gradients are summed over the processes before
+    each optimizer step.
     """
-    snapshot = _snapshot(policy, optimizer, quirks)
+    snapshot = _snapshot(policy, state)
     try:
-        done = _epochs(policy, optimizer, quirks, inputs, experience, config, orders, distribution, parallel)
+        done = _epochs(policy, state, inputs, experience, orders)
     except BaseException:
-        _restore(policy, optimizer, quirks, snapshot)
+        _restore(policy, state, snapshot)
         raise
     if not done.skip_reason and not _all_finite(policy.trainable_parameters()):
         done.skip_reason = "non-finite weights after the update"
     if done.skip_reason:
-        _restore(policy, optimizer, quirks, snapshot)
+        _restore(policy, state, snapshot)
     return done
 
 
-def _epochs(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
-            orders: Iterator[Sequence[int]], distribution: core.SampledDistribution,
-            parallel: Parallel | None = None) -> Optimisation:
+def _epochs(policy, state: PPOState, inputs: dict, experience: Experience,
+            orders: Iterator[Sequence[int]]) -> Optimisation:
+    config = state.settings.config
     batch_size = inputs["input_ids"].shape[0]
     done = Optimisation([])
     backward_bs = config.mini_batch_size * config.gradient_accumulation_steps
     for _epoch in range(config.ppo_epochs):
         order = _next_order(orders, batch_size)
         for start in range(0, batch_size, backward_bs):
-            stats, done.skip_reason = _optimizer_step(policy, optimizer, quirks, inputs, experience, config,
-                                                      order[start:start + backward_bs], distribution, parallel)
+            stats, done.skip_reason = _optimizer_step(policy, state, inputs, experience,
+                                                      order[start:start + backward_bs])
             done.minibatch_stats += stats
             if done.skip_reason:
                 return done
@@ -544,20 +500,21 @@ def _next_order(orders: Iterator[Sequence[int]], batch_size: int) -> torch.Tenso
     return order
 
 
-def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experience: Experience, config: PPOConfig,
-                    rows: torch.Tensor, distribution: core.SampledDistribution,
-                    parallel: Parallel | None = None) -> tuple[list[dict], str | None]:
+def _optimizer_step(policy, state: PPOState, inputs: dict, experience: Experience,
+                    rows: torch.Tensor) -> tuple[list[dict], str | None]:
     """Gradients of ``rows`` accumulated mini-batch by mini-batch, then one optimizer step.
 
     Returns the mini-batches' statistics and, if something was non-finite, the reason (nothing stepped).
-    With a distributed ``parallel`` each process forwards every ``world_size``-th row of each mini-batch.
+    Each process forwards every ``world_size``-th row of each mini-batch (with one process: all of them).
     """
+    config, parallel, quirks = state.settings.config, state.settings.parallel, state.quirks
+    distribution, optimizer = state.settings.distribution, state.optimizer
     optimizer.zero_grad(set_to_none=True)
     stats = []
     for start in range(0, len(rows), config.mini_batch_size):
         idx = rows[start:start + config.mini_batch_size]
-        mine = idx if parallel is None else idx[parallel.rank::parallel.world_size]
-        whole = None if parallel is None else {k: v[idx.to(v.device)] for k, v in inputs.items()}
+        mine = idx[parallel.rank::parallel.world_size]
+        whole = {k: v[idx.to(v.device)] for k, v in inputs.items()}
         part, width = _trimmed({k: v[mine.to(v.device)] for k, v in inputs.items()}, like=whole)
         if width == 0:  # its loss would be 0 / 0: the step is skipped, as one with a non-finite loss
             return stats, "a mini-batch without an action (each of its responses is empty)"
@@ -565,22 +522,17 @@ def _optimizer_step(policy, optimizer, quirks: TRLQuirks, inputs: dict, experien
         new_logits, vpreds = policy(**part, encoder_chunk=_encoder_chunk(part["attention_mask"]))
         new_logprobs, entropy = core.token_logprobs(distribution.apply(new_logits), labels, entropy=True)
         del new_logits  # the backward pass needs only what token_logprobs saved
-        if parallel is None:
-            loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, entropy, vpreds,
-                                                       experience.rows(idx.to(policy.device)).first(width), config)
-            finite = bool(torch.isfinite(loss))
-        else:  # this process's rows, cut like the whole mini-batch
-            loss, mstats, ratio_skip, finite = _sharded_minibatch_loss(
-                new_logprobs, entropy, vpreds, experience.rows(mine.to(policy.device)).first(width),
-                experience.rows(idx.to(policy.device)).first(width), config, parallel)
-        if not finite:
+        loss, mstats, ratio_skip = _minibatch_loss(new_logprobs, entropy, vpreds,
+                                                   experience.rows(mine.to(policy.device)).first(width),
+                                                   experience.rows(idx.to(policy.device)).first(width),
+                                                   config, parallel)
+        if not bool(torch.isfinite(mstats["loss/total"])):
             return stats, "non-finite loss"
         stats.append(mstats)
         if ratio_skip and not quirks.zero_loss_adam_step_on_ratio_skip:
             continue  # the harness skips the update; TRL steps Adam on a zero loss
         (loss / config.gradient_accumulation_steps).backward()
-    if parallel is not None:
-        parallel.sum_gradients(policy.trainable_parameters())
+    parallel.sum_gradients(policy.trainable_parameters())
     if not _all_finite(p.grad for p in policy.trainable_parameters() if p.grad is not None):
         return stats, "non-finite gradient"
     if quirks.clips(config.max_grad_norm):
@@ -605,51 +557,21 @@ def _encoder_chunk(attention_mask: torch.Tensor) -> int | None:
     return 1 if attention_mask.device.type == "cpu" else None
 
 
-def _minibatch_loss(logprobs, entropy, vpreds, old: Experience, config: PPOConfig):
-    """Policy + value loss of one mini-batch and its statistics (TRL's ``loss``); ``old`` holds its rows,
-    ``entropy`` is each position's (no gradient)."""
-    mask, advantages, returns = old.masks, old.advantages, old.returns
-    vf_loss, vf_clipfrac = core.value_loss(vpreds, old.values, returns, mask, config.cliprange_value)
-    pg_loss, pg_clipfrac, ratio = core.policy_loss(logprobs, old.logprobs, advantages, mask, config.cliprange)
-    loss = pg_loss + config.vf_coef * vf_loss
-    avg_ratio = core.masked_mean(ratio, mask).item()
-    ratio_skip = avg_ratio > config.ratio_threshold
-    if ratio_skip:
-        pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
-    with torch.no_grad():
-        entropy = core.masked_mean(entropy, mask)
-        approxkl = 0.5 * core.masked_mean((logprobs - old.logprobs) ** 2, mask)
-        policykl = core.masked_mean(old.logprobs - logprobs, mask)
-        stats = {
-            "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
-            "policy/entropy": entropy, "policy/approxkl": approxkl, "policy/policykl": policykl,
-            "policy/clipfrac": pg_clipfrac.detach(),
-            "policy/advantages_mean": core.masked_mean(advantages, mask),
-            "policy/ratio_mean": core.masked_mean(ratio, mask).detach(),
-            "returns/mean": core.masked_mean(returns, mask), "returns/var": core.masked_var(returns, mask)
-            if mask.sum() > 1 else torch.tensor(0.0),
-            "val/vpred": core.masked_mean(vpreds, mask).detach(),
-            "val/error": core.masked_mean((vpreds - returns) ** 2, mask).detach(),
-            "val/clipfrac": vf_clipfrac.detach(), "val/mean": core.masked_mean(old.values, mask),
-            "val/var": core.masked_var(old.values, mask) if mask.sum() > 1 else torch.tensor(0.0),
-            "policy/ratio_skipped": torch.tensor(float(ratio_skip)),
-        }
-    return loss, stats, ratio_skip
-
-
+#: the statistics of a mini-batch that are sums over its rows, hence over the processes that share it
 MINIBATCH_PARTS = ("loss/policy", "loss/value", "loss/total", "policy/entropy", "policy/approxkl", "policy/policykl",
                    "policy/clipfrac", "policy/ratio_mean", "val/vpred", "val/error", "val/clipfrac")
 
 
-def _sharded_minibatch_loss(logprobs, entropy, vpreds, mine: Experience, whole: Experience, config: PPOConfig,
-                            parallel: Parallel):
-    """:func:`_minibatch_loss` for one process's rows ``mine`` of a mini-batch whose rows are ``whole``.
+def _minibatch_loss(logprobs, entropy, vpreds, mine: Experience, whole: Experience, config: PPOConfig,
+                    parallel: Parallel):
+    """Policy + value loss of this process's rows ``mine`` of a mini-batch whose rows are ``whole``, and the
+    mini-batch's statistics (TRL's ``loss``); ``entropy`` is each position's (no gradient).
 
     Every masked mean is divided by the action count of the whole mini-batch, so the processes' losses and
-    statistics add up to the single-process ones: the statistics are summed over the processes here (one
+    statistics add up to the whole mini-batch's: the statistics are summed over the processes here (one
     all-reduce), the gradients after the backward passes. Statistics of the old outputs alone (advantages,
-    returns, values) come from ``whole``, as in one process. Returns ``(loss, stats, ratio_skip, finite)``,
-    the last two the same on every process.
+    returns, values) come from ``whole``. With one process ``mine`` is ``whole`` and every sum the identity.
+    Returns ``(loss, stats, ratio_skip)``, the last two the same on every process.
     """
     n = whole.masks.sum()
     mask = mine.masks
@@ -665,43 +587,41 @@ def _sharded_minibatch_loss(logprobs, entropy, vpreds, mine: Experience, whole: 
                              0.5 * part((logprobs - mine.logprobs) ** 2), part(mine.logprobs - logprobs), pg_clipfrac,
                              part(ratio), part(vpreds), part((vpreds - mine.returns) ** 2), vf_clipfrac]).float()
         total = dict(zip(MINIBATCH_PARTS, parallel.sum(local)))
-        finite = bool(torch.isfinite(total["loss/total"]))
         ratio_skip = float(total["policy/ratio_mean"]) > config.ratio_threshold
         if ratio_skip:
             for k in ("loss/policy", "loss/value", "loss/total"):
                 total[k] = total[k] * 0.0
-        wmask, returns = whole.masks, whole.returns
-        stats = {
-            "loss/policy": total["loss/policy"], "loss/value": total["loss/value"], "loss/total": total["loss/total"],
-            "policy/entropy": total["policy/entropy"], "policy/approxkl": total["policy/approxkl"],
-            "policy/policykl": total["policy/policykl"], "policy/clipfrac": total["policy/clipfrac"],
+        wmask = whole.masks
+        several = wmask.sum() > 1
+        stats = {  # TRL's order
+            **{k: total[k] for k in MINIBATCH_PARTS[:7]},
             "policy/advantages_mean": core.masked_mean(whole.advantages, wmask),
             "policy/ratio_mean": total["policy/ratio_mean"],
-            "returns/mean": core.masked_mean(returns, wmask), "returns/var": core.masked_var(returns, wmask)
-            if wmask.sum() > 1 else torch.tensor(0.0),
-            "val/vpred": total["val/vpred"], "val/error": total["val/error"], "val/clipfrac": total["val/clipfrac"],
+            "returns/mean": core.masked_mean(whole.returns, wmask),
+            "returns/var": core.masked_var(whole.returns, wmask) if several else torch.tensor(0.0),
+            **{k: total[k] for k in MINIBATCH_PARTS[8:]},
             "val/mean": core.masked_mean(whole.values, wmask),
-            "val/var": core.masked_var(whole.values, wmask) if wmask.sum() > 1 else torch.tensor(0.0),
+            "val/var": core.masked_var(whole.values, wmask) if several else torch.tensor(0.0),
             "policy/ratio_skipped": torch.tensor(float(ratio_skip)),
         }
     if ratio_skip:
-        loss = loss * 0.0  # as in one process: TRL's quirk still steps Adam on it
-    return loss, stats, ratio_skip, finite
+        loss = loss * 0.0  # TRL's quirk still steps Adam on it; the harness skips the backward
+    return loss, stats, ratio_skip
 
 
-def _snapshot(policy, optimizer, quirks: TRLQuirks):
+def _snapshot(policy, state: PPOState):
     params = [p.detach().clone() for p in policy.trainable_parameters()]
-    return params, copy.deepcopy(optimizer.state_dict()), quirks.state_dict()
+    return params, copy.deepcopy(state.optimizer.state_dict()), state.quirks.state_dict()
 
 
-def _restore(policy, optimizer, quirks: TRLQuirks, snapshot) -> None:
+def _restore(policy, state: PPOState, snapshot) -> None:
     params, opt_state, quirks_state = snapshot
     with torch.no_grad():
         for p, saved in zip(policy.trainable_parameters(), params):
             p.copy_(saved)
-    optimizer.load_state_dict(opt_state)
-    optimizer.zero_grad(set_to_none=True)
-    quirks.load_state_dict(quirks_state)
+    state.optimizer.load_state_dict(opt_state)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.quirks.load_state_dict(quirks_state)
 
 
 # ------------------------------------------------------------------------------------ (d) statistics

@@ -5,9 +5,8 @@ Deterministic by construction: the prompts of step ``s`` come from a permutation
 mini-batch orders come from a generator seeded by ``(seed, s)``. A run resumed from a checkpoint
 therefore draws exactly what the uninterrupted run drew.
 
-Checkpoints (``<output>/checkpoints/step-NNNNNN/``) hold the adapter (safetensors), the value head, the
-optimizer, the KL controller, score moments, the TRL quirks' state, RNG states and the step; each is
-written to a temporary directory and renamed into place, so a half-written checkpoint is never picked up.
+Checkpoints (``<output>/checkpoints/step-NNNNNN/``, :mod:`harness.ppo.checkpoints`) hold the weights, the
+PPO state, the RNG states and the step; a half-written one is never picked up.
 
 Data-parallel (a :class:`harness.parallel.Parallel` of several processes, docs/scale.md): each process
 generates and scores its contiguous share of the step's rows, with the rows' global seeds, and
@@ -18,14 +17,9 @@ the number of processes, so a run may resume with another one.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import re
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,19 +27,19 @@ from pathlib import Path
 import torch
 
 from ..config import HarnessConfig
-from ..errors import HarnessError, TrainingError, environment_fault, first_line
+from ..errors import HarnessError, TrainingError
 from ..parallel import SINGLE, Parallel
 from ..results import CHECKPOINTS_DIR, TRAIN_STATS_FILE, append_jsonl, read_jsonl, write_jsonl
 from ..toxicity import Classifier, reward_texts
+from . import checkpoints
+from .batch import Record
+from .checkpoints import is_complete_checkpoint, latest_checkpoint
 from .core import SampledDistribution
-from .rollout import LengthSampler, Scoring, generate
+from .rollout import LengthSampler, generate
 from .step import PPOState, ScoreOptions, ppo_step, random_orders
 
+__all__ = ["PPOTrainer", "TrainResult", "step_seed"]
 log = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "step-"
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-TEMP_RE = re.compile(r"^\.step-\d+-")  # a checkpoint being written (tempfile.mkdtemp prefix)
-STATE_FILE = "trainer_state.json"
 
 
 def step_seed(seed: int, step: int, row: int = 0) -> int:
@@ -76,13 +70,11 @@ class PPOTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.output_dir / CHECKPOINTS_DIR
         self.stats_path = self.output_dir / TRAIN_STATS_FILE
-        # optimizer, KL controller, score moments and TRL quirks: all carried from step to step and checkpointed
-        self.ppo_state = PPOState.create(policy, cfg.ppo)
-        self.score_options = ScoreOptions.from_reward_config(cfg.reward)
-        # PPO reads the log-probs of the distribution the rollout samples from (temperature, EOS ban)
-        self.distribution = SampledDistribution.of(cfg.rollout, policy.tokenizer.eos_token_id)
-        # the rollout records the policy's log-probs and values as it samples; False: the step recomputes them
-        self.reuse_rollout_outputs = True
+        # the settings every step reads (the distribution it reads included: the rollout's, or TRL's raw
+        # softmax), and the optimizer, KL controller, score moments and TRL quirks carried from step to step
+        self.ppo_state = PPOState.create(
+            policy, cfg.ppo, rollout=SampledDistribution.of(cfg.rollout, policy.tokenizer.eos_token_id),
+            score_options=ScoreOptions.from_reward_config(cfg.reward), parallel=parallel)
         self.step = 0
         self.bad_steps = 0
         self._stop_signal: int | None = None
@@ -108,13 +100,13 @@ class PPOTrainer:
         inputs = reward_texts(queries, texts, self.cfg.reward.input)
         return self.classifier.score(inputs, self.cfg.reward.transform)
 
-    def _scoring(self) -> Scoring | None:
-        """What the rollout records for the PPO step (the policy's log-probs and values, so the step skips its
-        own policy forward), or None where the step needs the full logits (kl_penalty "full")."""
-        if not self.reuse_rollout_outputs or self.cfg.ppo.kl_penalty == "full":
+    def _record(self) -> Record | None:
+        """What the rollout records for the PPO step (the policy's log-probs and values under the distribution
+        the step reads, so the step skips its own policy forward), or None where the step needs the full
+        logits (kl_penalty "full")."""
+        if self.cfg.ppo.kl_penalty == "full":
             return None
-        raw = self.ppo_state.quirks.unsampled_distribution  # trl_compat: the step reads the raw softmax
-        return Scoring(self.policy.value_head, SampledDistribution() if raw else self.distribution)
+        return Record(self.policy.value_head, self.ppo_state.settings.distribution)
 
     def train_step(self) -> dict:
         cfg, tok = self.cfg, self.policy.tokenizer
@@ -127,7 +119,7 @@ class PPOTrainer:
         rows = self.data.select([idx[i] for i in mine])
         t = time.time()
         roll = generate(self.policy.model, tok, rows["input_ids"], max_new_tokens=[lengths[i] for i in mine],
-                        seeds=[step_seed(cfg.seed, self.step, i) for i in mine], score=self._scoring(),
+                        seeds=[step_seed(cfg.seed, self.step, i) for i in mine], record=self._record(),
                         **sampling.sampling_kwargs())
         t_gen = time.time() - t
         t = time.time()
@@ -135,10 +127,7 @@ class PPOTrainer:
         t_score = time.time() - t
         orders = random_orders(len(idx), torch.Generator().manual_seed(step_seed(cfg.seed, self.step, 5)))
         stats = ppo_step(self.policy, self.ppo_state, [torch.tensor(x) for x in rows["input_ids"]], roll.responses,
-                         rewards, cfg.ppo, pad_token_id=tok.pad_token_id,
-                         decoder_start_token_id=self.policy.config.decoder_start_token_id,
-                         score_options=self.score_options, distribution=self.distribution, orders=orders,
-                         parallel=self.parallel, sampled=roll.sampled)
+                         rewards, orders=orders, recorded=roll.recorded)
         toxicity = self.parallel.gather(toxicity.reshape(-1).float())
         empty = self.parallel.gather(torch.tensor([float(not s.strip()) for s in roll.texts]))
         stats["env/toxicity_mean"] = float(toxicity.mean())
@@ -227,7 +216,7 @@ class PPOTrainer:
         return stop
 
     def _checkpoint_of_this_step(self) -> Path:
-        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        final = checkpoints.checkpoint_dir(self.ckpt_dir, self.step)
         return final if is_complete_checkpoint(final) else self.save_checkpoint()
 
     def _log(self, stats: dict) -> None:
@@ -236,90 +225,23 @@ class PPOTrainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step atomically (temp dir, then rename).
+        """Write the checkpoint of the current step atomically (:func:`harness.ppo.checkpoints.save`).
 
-        Everything is written into ``.step-NNNNNN-xxxx/`` and renamed to ``step-NNNNNN/`` only when
-        complete, so a crash (even SIGKILL) at any point leaves either the whole checkpoint or none
-        (:func:`latest_checkpoint` ignores the temporary directories, :meth:`resume` removes them).
         Data-parallel: the main process writes it (every process holds the same state) while the others wait.
         """
-        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        final = checkpoints.checkpoint_dir(self.ckpt_dir, self.step)
         if self.parallel.is_main:
-            self._write_checkpoint(final)
+            checkpoints.save(final, self.policy, self.ppo_state,
+                             {"step": self.step, "bad_steps": self.bad_steps, "seed": self.cfg.seed,
+                              "config": self.cfg.to_dict()})
         self.parallel.wait()
         return final
 
-    def _write_checkpoint(self, final: Path) -> None:
-        from safetensors.torch import save_file
-
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
-        try:
-            ppo = self.ppo_state
-            self.policy.save_pretrained(tmp)
-            torch.save(ppo.optimizer.state_dict(), tmp / "optimizer.pt")
-            save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng_state.safetensors"))
-            state = {"step": self.step, "bad_steps": self.bad_steps, "kl_ctl": ppo.kl_ctl.state_dict(),
-                     "running": ppo.running.state_dict(), "trl_quirks": ppo.quirks.state_dict(),
-                     "seed": self.cfg.seed, "python_rng": _encode_random_state(random.getstate()),
-                     "config": self.cfg.to_dict()}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks it complete
-            _fsync_tree(tmp)
-            if final.exists():  # the same step again (e.g. saved at the end after a resume): swap, then drop
-                old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=self.ckpt_dir))
-                os.replace(final, old / final.name)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            # safetensors reports a full disk as a plain Exception ("No space left on device (os error 28)"),
-            # torch.save as a RuntimeError ("PytorchStreamWriter failed writing file ...: file write failed")
-            text = str(e).lower()
-            if isinstance(e, OSError) or any(s in text for s in ("os error", "pytorchstreamwriter", "file write failed",
-                                                                 "no space left")):
-                raise environment_fault(e, f"writing the checkpoint {final.name}") from e
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
     def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        try:
-            self._load_checkpoint(path)
-        except HarnessError:
-            raise
-        except Exception as e:
-            raise TrainingError(f"cannot load checkpoint {path}: {first_line(e)} ({type(e).__name__})",
-                                field="--resume", fix="delete that checkpoint directory to resume from the one "
-                                                      "before it, or start a new run") from e
-
-    def _load_checkpoint(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = json.loads((path / STATE_FILE).read_text())
-        if self.policy.is_peft:
-            weights = load_file(str(path / "adapter_model.safetensors"))
-            set_peft_model_state_dict(self.policy.model, weights)
-        else:
-            from transformers import AutoModelForSeq2SeqLM
-
-            loaded = AutoModelForSeq2SeqLM.from_pretrained(path)
-            self.policy.model.load_state_dict(loaded.state_dict())
-        self.policy.load_value_head(path, field="--resume")
-        ppo = self.ppo_state
-        ppo.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        torch.set_rng_state(load_file(str(path / "rng_state.safetensors"))["torch_rng"])
-        random.setstate(_decode_random_state(state["python_rng"]))
-        ppo.kl_ctl.load_state_dict(state["kl_ctl"])
-        ppo.running.load_state_dict(state["running"])
-        if "trl_quirks" in state:  # absent from checkpoints written before TRLQuirks existed
-            ppo.quirks.load_state_dict(state["trl_quirks"])
+        """Load a checkpoint (a corrupt file in it: :class:`harness.ppo.checkpoints.CorruptCheckpoint`, exit 2)."""
+        state = checkpoints.load(Path(path), self.policy, self.ppo_state)
         self.step = int(state["step"])
-        self.bad_steps = int(state.get("bad_steps", 0))
+        self.bad_steps = int(state["bad_steps"])
         self._truncate_stats(self.step)
 
     def _truncate_stats(self, step: int) -> None:
@@ -338,15 +260,8 @@ class PPOTrainer:
         any checkpoint the run starts from step 0, so the rows a crashed run logged are dropped.
         Data-parallel: the main process tidies the directory, then every process loads the same checkpoint.
         """
-        if self.parallel.is_main and self.ckpt_dir.is_dir():
-            for p in sorted(self.ckpt_dir.iterdir()):  # a crash between the two renames of a same-step re-save
-                inner = p / p.name.split("-old-")[0].lstrip(".") if "-old-" in p.name else None
-                if inner is not None and is_complete_checkpoint(inner) and not (self.ckpt_dir / inner.name).exists():
-                    os.replace(inner, self.ckpt_dir / inner.name)
-            for p in self.ckpt_dir.iterdir():
-                if p.is_dir() and TEMP_RE.match(p.name):
-                    log.warning("removing half-written checkpoint %s", p)
-                    shutil.rmtree(p, ignore_errors=True)
+        if self.parallel.is_main:
+            checkpoints.tidy(self.ckpt_dir)
         self.parallel.wait()
         last = latest_checkpoint(self.ckpt_dir)
         if last is not None:
@@ -356,61 +271,9 @@ class PPOTrainer:
         return last
 
 
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """A ``step-NNNNNN`` directory with its weights and a readable ``trainer_state.json`` of that step."""
-    path = Path(path)
-    m = CHECKPOINT_RE.match(path.name)
-    if not m or not path.is_dir():
-        return False
-    if not (path / "value_head.safetensors").is_file() or not (path / "optimizer.pt").is_file():
-        return False
-    if not ((path / "adapter_model.safetensors").is_file() or (path / "model.safetensors").is_file()
-            or (path / "model.safetensors.index.json").is_file()):
-        return False
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and state.get("step") == int(m.group(1))
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``directory`` (temporary and incomplete directories never count)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    done = [p for p in directory.iterdir() if is_complete_checkpoint(p)]
-    return max(done, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1))) if done else None
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush a freshly written directory to disk, so that a rename after it publishes whole files."""
-    for p in [*directory.rglob("*"), directory]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="PPO", unit="step", dynamic_ncols=True)
-
-
-def _encode_random_state(state):
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _decode_random_state(data):
-    version, internal, gauss = data
-    return (version, tuple(internal), gauss)

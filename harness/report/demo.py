@@ -6,7 +6,7 @@ second_toxicity, faithfulness``, as :func:`harness.evaluation.evaluate_policy` r
 ``train_stats.jsonl`` row per PPO step (the keys and types of :func:`harness.ppo.step.ppo_step` and
 :meth:`harness.ppo.trainer.PPOTrainer.train_step`: ``skipped`` is the float ``0.0`` or ``1.0``, a skipped
 step carries ``skip_reason`` and only the few statistics the trainer records for it). Everything else is
-the pipeline's own code: ``metrics.before`` / ``after`` from :func:`harness.metrics.phase_metrics`,
+the harness's own code: ``metrics.before`` / ``after`` from :func:`harness.metrics.phase_metrics`,
 ``metrics.training`` from :func:`harness.metrics.training_summary`, ``results.json`` and ``samples.jsonl``
 from :func:`harness.results.build_results` and :func:`harness.results.write_run_files` (so they pass the
 schema), the verdict from :func:`harness.thresholds.verdict` with the preset's bounds. The files are

@@ -229,7 +229,7 @@ def mark_unfaithful(rows: list[dict], threshold: float) -> None:
         r["unfaithful"] = r["unfaithful_before"] or r["unfaithful_after"]
 
 
-def qualitative_rows(results: dict[str, Any], samples: list[dict[str, Any]]) -> tuple[list[dict], str]:
+def page_qualitative_rows(results: dict[str, Any], samples: list[dict[str, Any]]) -> tuple[list[dict], str]:
     """Rows sorted by reward difference, best first (missing differences last), and where they came from."""
     source = "results.json"
     raw = results.get("qualitative")
@@ -357,7 +357,7 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
     hist = plots.toxicity_histogram([s.get("toxicity_before") for s in samples],
                                     [s.get("toxicity_after") for s in samples]) if samples else None
     means = plots.toxicity_means(before, after)
-    qual, qual_source = qualitative_rows(results, samples)
+    qual, qual_source = page_qualitative_rows(results, samples)
     threshold = faithful_threshold(results)
     mark_unfaithful(qual, threshold)
     confidence = comparison.get("confidence")

@@ -52,14 +52,15 @@ def test_counter_noise_is_bit_identical_on_cuda():
 
 def test_fp32_loop_equals_generate_on_cuda_and_the_cpu(tiny_policy):
     from harness.ppo.rollout import generate
+    from suites.oracles import hf_generate
 
     prompts, limits = _prompts(), [40 - i for i in range(16)]
     out = {}
     for device in ("cpu", "cuda"):
         model = tiny_policy.model.to(device)
-        for decoder in ("loop", "generate"):
-            roll = generate(model, _Tok(), prompts, max_new_tokens=limits, seeds=range(16), min_new_tokens=2,
-                            temperature=0.9, decoder=decoder, device=device)
+        for decoder, decode in (("loop", generate), ("generate", hf_generate)):
+            roll = decode(model, _Tok(), prompts, max_new_tokens=limits, seeds=range(16), min_new_tokens=2,
+                          temperature=0.9, device=device)
             out[device, decoder] = [r.tolist() for r in roll.responses]
     tiny_policy.model.to("cpu")
     assert out["cuda", "loop"] == out["cuda", "generate"]
@@ -67,22 +68,24 @@ def test_fp32_loop_equals_generate_on_cuda_and_the_cpu(tiny_policy):
 
 
 def test_bf16_loop_agrees_with_generate_and_records_the_forwards_log_probs(tiny_policy):
+    from harness.ppo.batch import Record, prepare_inputs
     from harness.ppo.core import SampledDistribution
-    from harness.ppo.rollout import Scoring, generate
-    from harness.ppo.step import old_outputs, prepare_inputs
+    from harness.ppo.rollout import generate
+    from harness.ppo.step import old_outputs
+    from suites.oracles import hf_generate
 
     policy = tiny_policy.to("cuda")
     policy.model.to(torch.bfloat16)
     try:
         prompts, limits = _prompts(), [32] * 16
-        a = generate(policy.model, _Tok(), prompts, max_new_tokens=limits, seeds=range(16), decoder="generate")
+        a = hf_generate(policy.model, _Tok(), prompts, max_new_tokens=limits, seeds=range(16))
         b = generate(policy.model, _Tok(), prompts, max_new_tokens=limits, seeds=range(16),
-                     score=Scoring(policy.value_head, SampledDistribution()))
+                     record=Record(policy.value_head, SampledDistribution()))
         same = sum(x == y for ra, rb in zip(a.responses, b.responses) for x, y in zip(ra.tolist(), rb.tolist()))
         assert same >= 0.9 * sum(a.lengths)
         inputs = prepare_inputs([torch.tensor(p) for p in prompts], b.responses, 0, 0, "cuda")
         fwd = old_outputs(policy, inputs, chunk=4, full_logits=False, mask_first_action=False)
-        rec = old_outputs(policy, inputs, chunk=4, full_logits=False, mask_first_action=False, sampled=b.sampled)
+        rec = old_outputs(policy, inputs, chunk=4, full_logits=False, mask_first_action=False, recorded=b.recorded)
         m = fwd.masks.bool()
         assert (fwd.logprobs[m] - rec.logprobs[m]).abs().median() < 0.05
     finally:

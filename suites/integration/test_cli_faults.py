@@ -228,3 +228,46 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"detox-harness {version('detox-harness')}"
+
+
+# ------------------------------------------------------------------------------------ a corrupt checkpoint
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> Path:
+    """A finished tiny run with checkpoints at steps 2 and 4 (copied per test, made unfinished there)."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    assert code in (0, 1), err  # 1: a bound failed after 4 steps, not what is tested here
+    return out
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _checksums(directory: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).digest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.pt", "value_head.safetensors",
+                                  "rng_state.safetensors", "trainer_state.json"])
+def test_resume_from_a_checkpoint_with_a_corrupt_file_is_bad_input_naming_it(checkpointed, tmp_path, name):
+    """Issue 27: whichever file of the newest checkpoint is cut short, --resume exits 2 with one line naming the
+    file and the fix; it neither trains on (exit 3) nor falls back silently to the checkpoint before it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed, run)
+    (run / rf.RESULTS_FILE).unlink()  # an unfinished run, as a crash after the last checkpoint leaves it
+    newest = run / rf.CHECKPOINTS_DIR / "step-000004"
+    _cut_short(newest / name)
+    before = _checksums(run / rf.CHECKPOINTS_DIR)
+    code, _, err = run_cli(["run", "--output", str(run), "--resume", "--no-progress", "--no-report"])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT, line
+    assert str(newest / name) in line and f"delete {newest} to resume from the checkpoint before it" in line
+    assert _checksums(run / rf.CHECKPOINTS_DIR) == before, "the checkpoints are left as they were"
+    assert not rf.is_finished(run)

@@ -8,8 +8,8 @@
   the last complete checkpoint and finishes with every step logged exactly once and a full results file;
 * SIGTERM (and SIGINT) finish the current step, write a loadable checkpoint and exit with 130.
 
-The unit half (one PPO step with NaN logits, values, gradients; checkpoint files) is
-``suites/unit/test_reliability.py``.
+The unit half is ``suites/unit/test_step_faults.py`` (one PPO step with NaN logits, values, gradients) and
+``suites/unit/test_checkpoints.py`` (checkpoint files).
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ import torch
 from harness.config import load_config
 from harness.data import build_prompts
 from harness.errors import TrainingError
-from harness.models import load_policy, trainable_state_dict
+from harness.models import load_policy
 from harness.plan import concrete
-from harness.ppo.trainer import PPOTrainer, is_complete_checkpoint, latest_checkpoint
+from harness.ppo.checkpoints import is_complete_checkpoint, latest_checkpoint
+from harness.ppo.trainer import PPOTrainer
 from harness.toxicity import Classifier
+from suites.weights import trainable_state_dict
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

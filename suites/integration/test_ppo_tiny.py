@@ -31,11 +31,13 @@ import torch
 
 from harness.config import load_config
 from harness.data import build_prompts
-from harness.models import load_policy, trainable_state_dict
+from harness.models import load_policy
 from harness.plan import concrete
+from harness.ppo.checkpoints import latest_checkpoint
 from harness.ppo.rollout import generate
-from harness.ppo.trainer import PPOTrainer, latest_checkpoint
+from harness.ppo.trainer import PPOTrainer
 from harness.toxicity import Classifier, reward_texts
+from suites.weights import trainable_state_dict
 
 pytestmark = pytest.mark.integration
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

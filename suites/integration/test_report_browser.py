@@ -2,7 +2,8 @@
 
 Checks that the page loads without a single console message (the page has no JavaScript, so any
 message is an error or injected code running), that the verdict and the plots are in the live
-DOM, and saves a screenshot to ``reports/screenshots/report.png``. A first test proves the
+DOM, and takes a screenshot (into the test's temporary directory: a test never writes into the checkout;
+``pytest -s`` prints where it is). A first test proves the
 console detector itself: a page with a deliberate JavaScript error must be flagged.
 
 Needs Debian's ``chromium`` (``apt-get install chromium``); skipped without it.
@@ -23,8 +24,6 @@ from harness.report import render_index, render_run
 from harness.report.demo import demo_created, write_demo_run
 
 CHROMIUM = shutil.which("chromium")
-REPO = Path(__file__).resolve().parents[2]
-SCREENSHOTS = REPO / "reports" / "screenshots"
 
 pytestmark = [
     pytest.mark.browser,
@@ -125,7 +124,8 @@ def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path):
         assert {"train-objective-kl", "train-env-reward-mean", "train-ppo-loss-policy"} <= plots, plots
     assert not [t for t, _ in elements.elements if t in ("script", "img", "iframe")]
 
-    out = SCREENSHOTS / "report.png"
+    shots = tmp_path / "screenshots"
+    out = shots / "report.png"
     assert screenshot(page, out, tmp_path) == []
     assert out.stat().st_size > 20_000  # a rendered page, not a blank one
     print(f"screenshot: {out}")
@@ -139,8 +139,8 @@ def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path):
     assert links == {f"{run_dir.name}/index.html"}
     assert {a.get("data-plot") for t, a in elements.elements if t == "svg"} == {
         "trend-toxicity", "trend-improvement", "trend-kl"}
-    screenshot(index, SCREENSHOTS / "index.png", tmp_path)
-    print(f"screenshot: {SCREENSHOTS / 'index.png'}")
+    screenshot(index, shots / "index.png", tmp_path)
+    print(f"screenshot: {shots / 'index.png'}")
 
 
 def test_injected_markup_stays_text_in_chromium(tmp_path):

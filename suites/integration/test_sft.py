@@ -27,7 +27,7 @@ from harness.config import load_config
 from harness.data import build_prompts
 from harness.models import REFERENCE_ADAPTER, TRAINED_ADAPTER, load_policy
 from harness.plan import concrete
-from harness.ppo.step import prepare_inputs
+from harness.ppo.batch import prepare_inputs
 from harness.ppo.trainer import PPOTrainer
 from harness.toxicity import Classifier
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ppo_step import make_policy, tiny_t5_dir  # noqa: F401 - a fixture
+from tiny_t5 import make_policy
 from transformers import T5Config, T5ForConditionalGeneration
 
 from harness import attention

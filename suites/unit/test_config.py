@@ -269,6 +269,7 @@ def test_the_rollout_default_is_the_references_min_length_5_on_t5(monkeypatch):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
     from harness.ppo.rollout import generate
+    from suites.oracles import hf_generate
 
     tok = AutoTokenizer.from_pretrained(FX / "model")
     model = AutoModelForSeq2SeqLM.from_pretrained(FX / "model").eval()
@@ -282,17 +283,16 @@ def test_the_rollout_default_is_the_references_min_length_5_on_t5(monkeypatch):
                                min_length=5, logits_processor=LogitsProcessorList([PushEos()]))
     assert reference[0, 1:].tolist().index(tok.eos_token_id) == 4  # the 5th new token (start token dropped)
 
-    # the same push inside the model (its output layer), so that both of the harness's decoding paths see it
+    # the same push inside the model (its output layer), so that the decode loop and the generate oracle see it
     hook = model.lm_head.register_forward_hook(
         lambda module, args, out: out + 1e4 * (torch.arange(out.shape[-1]) == tok.eos_token_id))
     try:
-        for decoder in ("loop", "generate"):
-            roll = generate(model, tok, prompts, max_new_tokens=20, seeds=[0, 1], decoder=decoder,
-                            **RolloutConfig().sampling_kwargs())
+        for decoder, decode in (("loop", generate), ("generate", hf_generate)):
+            sampling = RolloutConfig().sampling_kwargs()
+            roll = decode(model, tok, prompts, max_new_tokens=20, seeds=[0, 1], **sampling)
             assert [r.tolist().index(tok.eos_token_id) for r in roll.responses] == [4, 4], decoder
             assert roll.lengths == [5, 5]
-            no_min = generate(model, tok, prompts, max_new_tokens=20, seeds=[0, 1], decoder=decoder,
-                              **{**RolloutConfig().sampling_kwargs(), "min_new_tokens": 0})
+            no_min = decode(model, tok, prompts, max_new_tokens=20, seeds=[0, 1], **{**sampling, "min_new_tokens": 0})
             assert no_min.lengths == [1, 1]  # precondition: without the minimum, EOS comes first
     finally:
         hook.remove()

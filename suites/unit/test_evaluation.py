@@ -237,13 +237,16 @@ def test_qualitative_table_is_sorted_by_reward_diff(cfg):
     rng = np.random.default_rng(6)
     before = fake_eval(cfg, rng.uniform(0.05, 0.95, n + 10))
     after = fake_eval(cfg, rng.uniform(0.05, 0.95, n + 10))
-    df = metrics.qualitative(before, after, n)
-    assert list(df.columns) == list(metrics.QUALITATIVE_COLUMNS)
-    assert len(df) == n
-    assert df["reward_diff"].is_monotonic_decreasing
-    assert np.allclose(df["reward_diff"], df["reward_after"] - df["reward_before"])
+    rows = metrics.qualitative_rows(before, after, n)
+    # the reference notebook's columns, in every row
+    assert all(set(r) >= {"query", "response_before", "response_after", "reward_before", "reward_after",
+                          "reward_diff"} for r in rows)
+    assert len(rows) == n
+    diffs = [r["reward_diff"] for r in rows]
+    assert diffs == sorted(diffs, reverse=True)
+    assert np.allclose(diffs, [r["reward_after"] - r["reward_before"] for r in rows])
     first_n = {s["query"] for s in before.samples if s["prompt_index"] < n}
-    assert set(df["query"]) == first_n  # the first n test prompts, as the reference
+    assert {r["query"] for r in rows} == first_n  # the first n test prompts, as the reference
 
 
 # ------------------------------------------------------------------------------------ results files

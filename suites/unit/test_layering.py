@@ -35,8 +35,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("faithfulness",),  # the NLI judge of summaries against their dialogues (reuses toxicity's loading)
     ("ppo.core",),
     ("ppo.sampling",),  # counter-based per-row noise: the rollout's sampler, on the device
-    ("ppo.step",),  # one PPO update (and the padding helpers the rollout shares)
-    ("ppo.rollout",),
+    ("ppo.batch",),  # padding, the action mask, the rollout's record: what rollout, step and evaluation share
+    ("ppo.rollout", "ppo.step"),  # the batched decode loop; one PPO update
+    ("ppo.checkpoints",),  # the trainer's checkpoints on disk
     ("evaluation", "ppo.trainer"),
     ("ppo",),
     ("report.formats",),  # the one vocabulary of figures (HTML and terminal)

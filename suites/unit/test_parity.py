@@ -185,7 +185,7 @@ def _load_harness_policy():
 
 def test_harness_forward_matches_trl():
     """The harness's policy (forward, reference, mask) on the fixtures == TRL's batched_forward_pass."""
-    from harness.ppo.step import prepare_inputs, response_mask
+    from harness.ppo.batch import prepare_inputs, response_mask
 
     fwd = load_file(str(GOLDEN / "forward.safetensors"))
     batch = _read_json(FX / "batch.json")
@@ -215,8 +215,8 @@ def test_harness_forward_matches_trl():
 def run_harness(case: str):
     """The harness's ppo_step, twice, from the fixture weights, replaying TRL's permutations."""
     from harness.config import PPOConfig
-    from harness.models import trainable_state_dict
     from harness.ppo.step import PPOState, ppo_step
+    from suites.weights import trainable_state_dict
 
     golden = _golden(case)
     g = golden["config"]
@@ -230,15 +230,15 @@ def run_harness(case: str):
               "cliprange_value", "vf_coef", "whiten_rewards", "max_grad_norm", "early_stopping", "target_kl",
               "ratio_threshold"]
     cfg = PPOConfig(**{k: g[k] for k in fields}, trl_compat=True)
-    state = PPOState.create(policy, cfg)  # Adam, the case's KL controller, every TRLQuirks on; lives both steps
+    # Adam, the case's KL controller, every TRLQuirks on; lives both steps
+    state = PPOState.create(policy, cfg, pad_token_id=0, decoder_start_token_id=0)
     perms = iter(golden["permutations"])
     steps = []
     for _ in range(N_STEPS):
         stats = ppo_step(policy, state,
                          queries=[torch.tensor(q) for q in batch["queries"]],
                          responses=[torch.tensor(r[1:]) for r in batch["responses"]],  # no decoder-start token
-                         scores=torch.tensor(batch["scores"]), config=cfg, pad_token_id=0,
-                         decoder_start_token_id=0, orders=perms)
+                         scores=torch.tensor(batch["scores"]), orders=perms)
         steps.append(stats)
     leftover = list(perms)
     return golden, steps, trainable_state_dict(policy), leftover

@@ -22,29 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_t5 import BATCH, make_policy, random_prompts
 
-from harness.config import PolicyConfig, PPOConfig, RewardConfig, load_config
-from harness.models import PolicyWithValueHead, ValueHead, count_parameters, load_policy, trainable_state_dict
+from harness.config import PPOConfig, RewardConfig, load_config
+from harness.models import PolicyWithValueHead, ValueHead, count_parameters
+from harness.ppo.batch import pad_right, predicting, prepare_inputs, response_mask
+from harness.ppo.core import SampledDistribution
 from harness.ppo.rollout import SeededSampler, cut_after_eos, generate
 from harness.ppo.sampling import CounterNoise
-from harness.ppo.step import (
-    PPOState,
-    ScoreOptions,
-    TRLQuirks,
-    pad_right,
-    ppo_step,
-    predicting,
-    prepare_inputs,
-    random_orders,
-    response_mask,
-)
-
-REPO = Path(__file__).resolve().parents[2]
-TOKENIZER_DIR = REPO / "fixtures" / "parity" / "model"  # a 96-token T5 tokenizer (pad 0, eos 1)
+from harness.ppo.step import PPOState, ScoreOptions, TRLQuirks, ppo_step, random_orders
+from suites.weights import trainable_state_dict
 
 # REFERENCE.md, "Pipeline" step 2: flan-t5-base + LoRA (r=32, alpha 32, q and v, dropout 0.05) as peft reports it.
 REFERENCE_TRAINABLE = 3_538_944
@@ -56,45 +46,12 @@ FLAN_T5_BASE = dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12
                     vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                     relative_attention_num_buckets=32, relative_attention_max_distance=128)
 
-BATCH = 8  # rows per PPO batch in these tests: two mini-batches of PPOConfig's default 4
 MAX_RESPONSE = 12  # longest response the step tests generate
 LONG_LIMIT = 40  # generate tests: long enough that the random 96-token model samples EOS in some rows
 ROWS = 16
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module")
-def tiny_t5_dir(tmp_path_factory) -> Path:
-    """A 1-layer T5 (d_model 16) saved with save_pretrained next to the fixture tokenizer."""
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
-                      num_decoder_layers=1, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                      dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
-    d = tmp_path_factory.mktemp("tiny_t5")
-    T5ForConditionalGeneration(config).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def make_policy(model_dir: Path, seed: int = 0, **overrides) -> PolicyWithValueHead:
-    """The harness's loader with a fresh LoRA (its A initialised from ``seed``)."""
-    torch.manual_seed(seed)
-    fields = dict(model=str(model_dir), dtype="float32", lora_r=4, lora_alpha=8, lora_target_modules=["q", "v"])
-    fields.update(overrides)
-    return load_policy(PolicyConfig(**fields), device="cpu")
-
-
-def random_prompts(n: int, seed: int, vocab: int = 96, min_len: int = 3, max_len: int = 20) -> list[list[int]]:
-    """Token-id prompts (no pad, no EOS inside) ending in EOS, of varied lengths."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(min_len, max_len, (n,), generator=g)
-    return [torch.randint(3, vocab, (int(k),), generator=g).tolist() + [1] for k in lengths]
-
 
 @pytest.fixture(scope="module")
 def batch(tiny_t5_dir):
@@ -109,14 +66,13 @@ def batch(tiny_t5_dir):
 
 def run_step(policy, batch, config: PPOConfig, state: PPOState | None = None, seed: int = 0, scores=None,
              orders=None, score_options: ScoreOptions = ScoreOptions(),
-             distribution=None) -> tuple[dict, PPOState]:
-    """One ``ppo_step`` on ``batch``; a fresh ``PPOState`` unless one is given. Returns (stats, state)."""
+             distribution: SampledDistribution = SampledDistribution()) -> tuple[dict, PPOState]:
+    """One ``ppo_step`` on ``batch``; a fresh ``PPOState`` (of ``config``, ``score_options`` and the rollout's
+    ``distribution``) unless one is given. Returns (stats, state)."""
     queries, responses, default_scores = batch
-    state = state or PPOState.create(policy, config)
-    stats = ppo_step(policy, state, queries, responses, default_scores if scores is None else scores, config,
-                     pad_token_id=policy.tokenizer.pad_token_id,
-                     decoder_start_token_id=policy.config.decoder_start_token_id, score_options=score_options,
-                     **({} if distribution is None else {"distribution": distribution}),
+    state = state or PPOState.create(policy, config, rollout=distribution, score_options=score_options)
+    assert state.settings.config == config, "a given state runs with its own config"
+    stats = ppo_step(policy, state, queries, responses, default_scores if scores is None else scores,
                      orders=orders if orders is not None else random_orders(len(queries),
                                                                             torch.Generator().manual_seed(seed)))
     return stats, state
@@ -418,7 +374,8 @@ def test_a_skipped_step_restores_the_quirks_state(tiny_t5_dir, batch):
 def test_trl_compat_without_the_quirks_is_refused(tiny_t5_dir, batch):
     policy = make_policy(tiny_t5_dir)
     config = step_config(trl_compat=True)
-    harness_state = PPOState.create(policy, step_config())  # quirks off
+    harness_state = PPOState.create(policy, config)
+    harness_state.quirks = TRLQuirks()  # quirks off
     before = trainable_state_dict(policy)
     with pytest.raises(ValueError, match="trl_compat"):
         run_step(policy, batch, config, harness_state)
@@ -500,7 +457,7 @@ def reference_sample(model, prompt: list[int], seed: int, limit: int, eos: int, 
     with torch.no_grad():
         for _ in range(limit):
             logits = model(input_ids=enc, attention_mask=torch.ones_like(enc), decoder_input_ids=dec).logits[:, -1]
-            token = int(sampler(dec, logits.float()).argmax(-1))
+            token = int(sampler.perturb(logits.float(), dec.shape[1] - 1).argmax(-1))
             dec = torch.cat([dec, torch.tensor([[token]])], dim=1)
             if token == eos:
                 break
@@ -573,26 +530,19 @@ def test_a_rows_sample_depends_only_on_its_prompt_and_seed(rollout_policy):
     assert c.responses[0].tolist() != a.responses[0].tolist()
 
 
-@pytest.mark.parametrize("decoder", ["loop", "generate"])
-def test_generate_pads_the_encoder_on_the_right(rollout_policy, monkeypatch, decoder):
+def test_generate_pads_the_encoder_on_the_right(rollout_policy, monkeypatch):
     import harness.ppo.rollout as rollout
 
     seen = {}
-    real_generate, real_decode = rollout_policy.model.generate, rollout.decode
-
-    def spy_generate(*args, **kwargs):
-        seen.update(kwargs)
-        return real_generate(*args, **kwargs)
+    real_decode = rollout.decode
 
     def spy_decode(model, enc_ids, enc_mask, **kwargs):
         seen.update(input_ids=enc_ids, attention_mask=enc_mask)
         return real_decode(model, enc_ids, enc_mask, **kwargs)
 
-    monkeypatch.setattr(rollout_policy.model, "generate", spy_generate)
     monkeypatch.setattr(rollout, "decode", spy_decode)
     prompts = [[5, 6, 1], [7, 8, 9, 10, 11, 1], [12, 1]]
-    generate(rollout_policy.model, rollout_policy.tokenizer, prompts, max_new_tokens=2, seeds=[0, 1, 2],
-             decoder=decoder)
+    generate(rollout_policy.model, rollout_policy.tokenizer, prompts, max_new_tokens=2, seeds=[0, 1, 2])
     ids, mask = seen["input_ids"].cpu(), seen["attention_mask"].cpu()
     pad = rollout_policy.tokenizer.pad_token_id
     for i, p in enumerate(prompts):

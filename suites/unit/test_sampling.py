@@ -14,11 +14,12 @@ import math
 
 import pytest
 import torch
-from test_ppo_step import make_policy, random_prompts, tiny_t5_dir  # noqa: F401 - a fixture
+from tiny_t5 import make_policy, random_prompts
 
 from harness.config import PPOConfig
+from harness.ppo.batch import Record, pad_right, prepare_inputs
 from harness.ppo.core import SampledDistribution
-from harness.ppo.rollout import PerRowMaxNewTokens, Scoring, _PreallocatedLayer, generate
+from harness.ppo.rollout import _PreallocatedLayer, generate
 from harness.ppo.sampling import (
     CounterNoise,
     RowSampler,
@@ -27,7 +28,8 @@ from harness.ppo.sampling import (
     noise_bits_int,
     uniform_from_bits,
 )
-from harness.ppo.step import PPOState, old_outputs, ppo_step, prepare_inputs, random_orders
+from harness.ppo.step import PPOState, old_outputs, ppo_step, random_orders
+from suites.oracles import PerRowMaxNewTokens, hf_generate
 
 SEEDS = [0, 1, 7, 2 ** 31 - 1, 2 ** 32 + 5, 2 ** 62 + 12345, 2 ** 63 - 2]
 
@@ -89,13 +91,12 @@ def test_gumbel_max_with_the_noise_samples_the_softmax():
     assert ((freq - probs.double()).abs() <= 5 * se + 1e-12).all(), (freq, probs)
 
 
-def test_top_k_and_top_p_only_keep_their_tokens():
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(2000, -1)
-    top2 = RowSampler(range(2000), 5, "cpu", top_k=2).sample(logits, 0)
-    assert set(top2.tolist()) == {0, 1}
-    # top_p 0.7: p = 0.64, 0.23, ...: the token that crosses 0.7 (index 1) is kept
-    nucleus = RowSampler(range(2000), 5, "cpu", top_p=0.7).sample(logits, 0)
-    assert set(nucleus.tolist()) == {0, 1}
+@pytest.mark.parametrize("kw", [dict(top_k=2), dict(top_p=0.7)])
+def test_generate_refuses_the_filtering_the_config_refuses(policy, kw):
+    """top-k and top-p would sample another distribution than PPO reads: the config refuses them (rollout and
+    eval alike), and generate accepts only their defaults (off), rather than ignoring another value."""
+    with pytest.raises(ValueError, match="filtering is not supported"):
+        generate(policy.model, policy.tokenizer, random_prompts(2, seed=1), max_new_tokens=3, seeds=[0, 1], **kw)
 
 
 def test_per_row_limits_stop_each_row_at_its_own_length():
@@ -124,8 +125,8 @@ def policy(tiny_t5_dir):  # noqa: F811 - the fixture imported above
     return make_policy(tiny_t5_dir, seed=5)
 
 
-SETTINGS = [dict(), dict(temperature=0.7, min_new_tokens=3), dict(top_k=7), dict(top_p=0.8),
-            dict(temperature=1.3, top_k=20, top_p=0.9, min_new_tokens=2), dict(do_sample=False)]
+SETTINGS = [dict(), dict(temperature=0.7, min_new_tokens=3), dict(temperature=1.3, min_new_tokens=2),
+            dict(do_sample=False)]
 
 
 @pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
@@ -134,8 +135,8 @@ def test_the_decode_loop_draws_exactly_what_generate_draws(policy, kw):
     prompts = random_prompts(12, seed=2)
     limits = [30 - 2 * i for i in range(12)]
     seeds = [1000 + i for i in range(12)]
-    a = generate(policy.model, tok, prompts, max_new_tokens=limits, seeds=seeds, decoder="generate", **kw)
-    b = generate(policy.model, tok, prompts, max_new_tokens=limits, seeds=seeds, decoder="loop", **kw)
+    a = hf_generate(policy.model, tok, prompts, max_new_tokens=limits, seeds=seeds, **kw)
+    b = generate(policy.model, tok, prompts, max_new_tokens=limits, seeds=seeds, **kw)
     assert [r.tolist() for r in a.responses] == [r.tolist() for r in b.responses]
     assert a.texts == b.texts
     assert sum(b.lengths) > 12, "precondition: responses of some length"
@@ -159,13 +160,13 @@ def test_the_recorded_log_probs_and_values_are_the_forwards(policy, temperature,
     dist = SampledDistribution(temperature, min_new_tokens, tok.eos_token_id if min_new_tokens else None)
     prompts = random_prompts(8, seed=12)
     roll = generate(policy.model, tok, prompts, max_new_tokens=[16 - i for i in range(8)], seeds=range(8),
-                    temperature=temperature, min_new_tokens=min_new_tokens, score=Scoring(policy.value_head, dist))
-    assert [x.numel() for x in roll.sampled.logprobs] == roll.lengths == [x.numel() for x in roll.sampled.values]
+                    temperature=temperature, min_new_tokens=min_new_tokens, record=Record(policy.value_head, dist))
+    assert [x.numel() for x in roll.recorded.logprobs] == roll.lengths == [x.numel() for x in roll.recorded.values]
     inputs = prepare_inputs([torch.tensor(p) for p in prompts], roll.responses, tok.pad_token_id,
                             policy.config.decoder_start_token_id, policy.device)
     forward = old_outputs(policy, inputs, chunk=4, full_logits=False, mask_first_action=False, distribution=dist)
     recorded = old_outputs(policy, inputs, chunk=4, full_logits=False, mask_first_action=False, distribution=dist,
-                           sampled=roll.sampled)
+                           recorded=roll.recorded)
     m = forward.masks.bool()
     assert torch.allclose(forward.logprobs[m], recorded.logprobs[m], atol=1e-5)
     assert torch.allclose(forward.values[m], recorded.values[m], atol=1e-5)
@@ -183,9 +184,9 @@ def test_a_step_fed_with_the_recorded_outputs_is_the_step(policy, tiny_t5_dir): 
     for reuse in (False, True):
         p = make_policy(tiny_t5_dir, seed=5)
         roll = generate(p.model, tok, prompts, max_new_tokens=12, seeds=range(8),
-                        score=Scoring(p.value_head) if reuse else None)
-        stats = ppo_step(p, PPOState.create(p, config), queries, roll.responses, scores, config, pad_token_id=0,
-                         decoder_start_token_id=0, sampled=roll.sampled,
+                        record=Record(p.value_head) if reuse else None)
+        stats = ppo_step(p, PPOState.create(p, config, pad_token_id=0, decoder_start_token_id=0), queries,
+                         roll.responses, scores, recorded=roll.recorded,
                          orders=random_orders(8, torch.Generator().manual_seed(0)))
         results.append(stats)
     plain, reused = results
@@ -198,20 +199,17 @@ def test_a_step_refuses_recorded_outputs_it_cannot_use(policy):
     tok = policy.tokenizer
     prompts = random_prompts(8, seed=14)
     roll = generate(policy.model, tok, prompts, max_new_tokens=6, seeds=range(8),
-                    score=Scoring(policy.value_head, SampledDistribution(0.5)))
+                    record=Record(policy.value_head, SampledDistribution(0.5)))
     queries, scores = [torch.tensor(p) for p in prompts], torch.zeros(8)
 
     def step(config, **kw):
-        return ppo_step(policy, PPOState.create(policy, config), queries, roll.responses, scores, config,
-                        pad_token_id=0, decoder_start_token_id=0, sampled=roll.sampled, **kw)
+        state = PPOState.create(policy, config, pad_token_id=0, decoder_start_token_id=0, **kw)
+        return ppo_step(policy, state, queries, roll.responses, scores, recorded=roll.recorded)
 
     with pytest.raises(ValueError, match="recorded log-probs of"):
         step(PPOConfig(batch_size=8))  # the step reads temperature 1, the rollout recorded 0.5
     with pytest.raises(ValueError, match="full"):
-        step(PPOConfig(batch_size=8, kl_penalty="full"), distribution=SampledDistribution(0.5))
-    with pytest.raises(ValueError, match="needs the decode loop"):
-        generate(policy.model, tok, prompts, max_new_tokens=2, seeds=range(8), decoder="generate",
-                 score=Scoring(policy.value_head))
+        step(PPOConfig(batch_size=8, kl_penalty="full"), rollout=SampledDistribution(0.5))
 
 
 # ------------------------------------------------------------------------------------ the fused activation
@@ -239,7 +237,6 @@ def test_fused_gelu_is_flan_t5s_gelu_new_to_float_rounding():
 
 def test_the_bucketed_encoder_is_the_padded_batchs_encoder(policy):
     from harness.models import encode
-    from harness.ppo.step import pad_right
 
     ids, mask = pad_right([torch.tensor(p) for p in random_prompts(10, seed=15, min_len=3, max_len=30)], 0)
     whole = policy.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.config import load_config
-from harness.sft import Pairs, latest_checkpoint, read_result
+from harness.sft import Pairs, latest_sft_checkpoint, read_result
 from harness.thresholds import SFT_BOUNDS, verdict
 
 
@@ -52,12 +52,12 @@ def test_pairs_need_a_target_per_prompt():
         Pairs([[1], [2]], ["x"])
 
 
-def test_latest_checkpoint_and_an_unfinished_directory(tmp_path):
-    assert latest_checkpoint(tmp_path / "none") is None
+def test_latest_sft_checkpoint_and_an_unfinished_directory(tmp_path):
+    assert latest_sft_checkpoint(tmp_path / "none") is None
     for step in (5, 40, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-x").mkdir()
-    assert latest_checkpoint(tmp_path).name == "checkpoint-40"
+    assert latest_sft_checkpoint(tmp_path).name == "checkpoint-40"
     assert read_result(tmp_path) is None  # no sft.json: not a finished warm start
     (tmp_path / "sft.json").write_text("{broken")
     assert read_result(tmp_path) is None
