@@ -15,7 +15,6 @@ import copy
 import json
 import math
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,9 @@ import pytest
 import harness.ppo
 from harness.errors import HarnessError
 from harness.report import load_results, render_index, render_run
-from harness.report.demo import demo_config, demo_created, train_stats_rows, write_demo_run
+from harness.report.demo import demo_config, train_stats_rows, write_demo_run
 from harness.report.render import (
     REWARD_NOISE,
-    config_hash,
     flatten_config,
     fmt_diff,
     fmt_duration,
@@ -37,95 +35,11 @@ from harness.report.render import (
 )
 from harness.results import TRAIN_STATS_FILE, read_jsonl
 from harness.thresholds import SFT_BOUNDS, load_bounds
+from suites.report_dom import Node, cells, parse, rewrite_results, ws
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = "<img src=x onerror=alert(1)>"
 PAYLOAD = SCRIPT + IMG
-
-
-# --------------------------------------------------------------------------------------------
-# a minimal DOM
-
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-
-
-class Node:
-    def __init__(self, tag: str, attrs: dict[str, str | None], parent: "Node | None"):
-        self.tag, self.attrs, self.parent = tag, attrs, parent
-        self.children: list[Node | str] = []
-
-    def iter(self):
-        yield self
-        for c in self.children:
-            if isinstance(c, Node):
-                yield from c.iter()
-
-    def find_all(self, tag: str | None = None, **attrs) -> list["Node"]:
-        out = []
-        for n in self.iter():
-            if tag is not None and n.tag != tag:
-                continue
-            if all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items()):
-                out.append(n)
-        return out
-
-    def find(self, tag: str | None = None, **attrs) -> "Node":
-        found = self.find_all(tag, **attrs)
-        assert found, f"no <{tag}> with {attrs}"
-        return found[0]
-
-    def text(self) -> str:
-        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
-
-    def ancestors(self):
-        n = self.parent
-        while n is not None:
-            yield n
-            n = n.parent
-
-    def classes(self) -> set[str]:
-        return set((self.attrs.get("class") or "").split())
-
-
-class _TreeBuilder(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.root = Node("#document", {}, None)
-        self.cur = self.root
-
-    def handle_starttag(self, tag, attrs):
-        node = Node(tag, dict(attrs), self.cur)
-        self.cur.children.append(node)
-        if tag not in VOID:
-            self.cur = node
-
-    def handle_startendtag(self, tag, attrs):
-        self.cur.children.append(Node(tag, dict(attrs), self.cur))
-
-    def handle_endtag(self, tag):
-        n = self.cur
-        while n is not None and n.tag != tag:
-            n = n.parent
-        if n is not None and n.parent is not None:
-            self.cur = n.parent
-
-    def handle_data(self, data):
-        self.cur.children.append(data)
-
-
-def parse(html: str) -> Node:
-    b = _TreeBuilder()
-    b.feed(html)
-    b.close()
-    return b.root
-
-
-def ws(s: str) -> str:
-    return " ".join(s.split())
-
-
-def cells(tr: Node) -> list[str]:
-    return [ws(td.text()) for td in tr.find_all("td")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,14 +54,6 @@ def demo(tmp_path_factory):
     html = page.read_text()
     results = json.loads((run_dir / "results.json").read_text())
     return {"dir": run_dir, "page": page, "html": html, "dom": parse(html), "results": results}
-
-
-def _rewrite(run_dir: Path, fn) -> dict:
-    path = run_dir / "results.json"
-    results = json.loads(path.read_text())
-    fn(results)
-    path.write_text(json.dumps(results))
-    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +114,7 @@ def test_failed_bound_and_missing_value_make_the_page_fail(tmp_path):
         b = r["verdict"]["bounds"][2]
         b.update(value=None, passed=False)
 
-    results = _rewrite(run_dir, fail_one)
+    results = rewrite_results(run_dir, fail_one)
     dom = parse(render_run(run_dir).read_text())
     assert ws(dom.find(id="overall").text()) == "FAIL"
     assert "FAIL" in dom.find("title").text()
@@ -231,14 +137,14 @@ def test_overall_result_comes_from_the_file_not_only_the_bounds(tmp_path):
             b["passed"] = True
         r["verdict"]["passed"] = False
 
-    _rewrite(run_dir, fail_overall)
+    rewrite_results(run_dir, fail_overall)
     dom = parse(render_run(run_dir).read_text())
     assert ws(dom.find(id="overall").text()) == "FAIL"
-    _rewrite(run_dir, lambda r: r["verdict"].update(passed=True))  # the same bounds: the file decides
+    rewrite_results(run_dir, lambda r: r["verdict"].update(passed=True))  # the same bounds: the file decides
     dom = parse(render_run(run_dir).read_text())
     assert ws(dom.find(id="overall").text()) == "PASS"
     # a verdict without "passed" is refused (the schema requires it), not judged from the bounds
-    _rewrite(run_dir, lambda r: r["verdict"].pop("passed"))
+    rewrite_results(run_dir, lambda r: r["verdict"].pop("passed"))
     with pytest.raises(HarnessError, match=r"results\.json: verdict\.passed: is missing"):
         render_run(run_dir)
 
@@ -401,7 +307,7 @@ def test_worst_rows_are_real_losses_and_noise_is_no_change(tmp_path):
             q["reward_after"] = q["reward_before"] + d
             q["reward_diff"] = d
 
-    results = _rewrite(run_dir, add_noise)
+    results = rewrite_results(run_dir, add_noise)
     diffs = [q["reward_diff"] for q in results["qualitative"]]
     assert sum(abs(d) < REWARD_NOISE for d in diffs) == len(noise)
     gains, losses, rest = _expected_split(diffs)
@@ -450,7 +356,7 @@ def test_unfaithful_summaries_are_marked_in_the_samples_table(tmp_path):
         q[1].update(faithfulness_before=threshold / 3, faithfulness_after=min(1.0, threshold + 0.2))
         q[2].update(faithfulness_before=threshold, faithfulness_after=threshold)
 
-    results = _rewrite(run_dir, plant)
+    results = rewrite_results(run_dir, plant)
     dom = parse(render_run(run_dir).read_text())
     table = dom.find("table", id="best-table")
     heads = [ws(th.text()) for th in table.find_all("th")]
@@ -482,7 +388,7 @@ def test_a_run_without_faithfulness_figures_renders_without_its_columns(tmp_path
         for key in ("faithfulness_change", "faithfulness_drop_ci_high", "faithful_rate_change"):
             del r["metrics"]["comparison"][key]
 
-    _rewrite(run_dir, older)
+    rewrite_results(run_dir, older)
     dom = parse(render_run(run_dir).read_text())
     assert "faithfulness before" not in ws(dom.find("table", id="best-table").text())
     assert dom.find_all("tr", **{"class": "unfaithful"}) == []
@@ -493,7 +399,7 @@ def test_a_run_without_faithfulness_figures_renders_without_its_columns(tmp_path
 def test_qualitative_rows_out_of_order_are_refused(tmp_path):
     # the file's order is the ranking: a results.json whose rows are not sorted is refused, not re-sorted
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
-    _rewrite(run_dir, lambda r: r["qualitative"].reverse())
+    rewrite_results(run_dir, lambda r: r["qualitative"].reverse())
     (run_dir / "index.html").write_text("old page")
     with pytest.raises(HarnessError) as info:
         render_run(run_dir)
@@ -582,7 +488,7 @@ def test_run_id_preset_and_bound_names_are_escaped_on_both_pages(tmp_path):
         r["verdict"]["bounds"][0]["description"] = PAYLOAD
         r["timings"][PAYLOAD] = 1.0
 
-    _rewrite(run_dir, poison)
+    rewrite_results(run_dir, poison)
     for page in (render_run(run_dir), render_index(reports)):
         html = page.read_text()
         dom = parse(html)
@@ -610,7 +516,7 @@ def test_missing_optional_parts_render_as_not_measured(tmp_path):
                                           mean_improvement_ci_high=None, rouge_l_drop=None)
         r["environment"]["git_commit"] = None
 
-    _rewrite(run_dir, strip)
+    rewrite_results(run_dir, strip)
     (run_dir / "samples.jsonl").unlink()
     dom = parse(render_run(run_dir).read_text())
     assert ws(dom.find(id="overall").text()) == "NOT JUDGED"
@@ -654,7 +560,7 @@ def test_qualitative_falls_back_to_samples(tmp_path):
 
 def test_eval_only_run_with_train_stats_still_plots_them(tmp_path):
     run_dir = write_demo_run(tmp_path / "run", steps=12)
-    _rewrite(run_dir, lambda r: r["metrics"].pop("training"))
+    rewrite_results(run_dir, lambda r: r["metrics"].pop("training"))
     dom = parse(render_run(run_dir).read_text())
     section = dom.find("section", id="training")
     assert "Training not measured" in ws(section.text())
@@ -744,42 +650,6 @@ def test_load_results_accepts_a_valid_file(demo):
 # --------------------------------------------------------------------------------------------
 # the index of runs
 
-def test_index_lists_runs_newest_first_with_links_and_trends(tmp_path):
-    reports = tmp_path / "reports"
-    # folder names sort the other way round from the creation times; one time has a +02:00 offset
-    write_demo_run(reports / "a-oldest", created=demo_created(3), steps=4, num_samples=16, seed=1)
-    write_demo_run(reports / "b-newest", created="2026-11-25T07:00:00+00:00", steps=4, num_samples=16, seed=2)
-    write_demo_run(reports / "c-middle", created="2026-11-25T08:00:00+02:00", steps=4, num_samples=16, seed=3)
-    (reports / "screenshots").mkdir()  # no results.json: not a run
-    (reports / "d-broken").mkdir()
-    (reports / "d-broken" / "results.json").write_text("{oops")
-    page = render_index(reports)
-    assert page == reports / "index.html"
-    html = page.read_text()
-    dom = parse(html)
-    rows = dom.find("section", id="runs").find_all("tr", **{"class": "run"})
-    assert [r.attrs["data-run-id"] for r in rows] == ["b-newest", "c-middle", "a-oldest"]
-    links = [r.find("a").attrs["href"] for r in rows]
-    assert [r.attrs["data-group"] for r in rows] == [config_hash(load_results(reports / "a-oldest")["config"])] * 3
-    assert links == ["b-newest/index.html", "c-middle/index.html", "a-oldest/index.html"]
-    assert all((reports / link).is_file() for link in links)  # pages rendered where missing
-    plots = {svg.attrs["data-plot"] for svg in dom.find("section", id="trends").find_all("svg")}
-    assert plots == {"trend-toxicity", "trend-improvement", "trend-kl"}
-    assert "screenshots" not in html
-    broken = ws(dom.find("section", id="broken").text())
-    assert "d-broken" in broken and "not valid JSON" in broken
-    # each row shows its own numbers
-    newest = json.loads((reports / "b-newest" / "results.json").read_text())
-    cells = [ws(td.text()) for td in rows[0].find_all("td")]
-    assert fmt_num(newest["metrics"]["before"]["toxicity_mean"]) in cells
-    assert fmt_num(newest["metrics"]["after"]["toxicity_mean"]) in cells
-    assert ws(dom.find(id="latest").text()).endswith(
-        "PASS" if newest["verdict"]["passed"] else "FAIL")
-    # the run pages link back to the history once it exists
-    run_page = parse(render_run(reports / "a-oldest").read_text())
-    assert any(a.attrs.get("href") == "../index.html" for a in run_page.find_all("a"))
-
-
 def test_index_of_an_empty_folder_and_a_missing_one(tmp_path):
     dom = parse(render_index(tmp_path).read_text())
     assert "No run folder with a results.json was found" in ws(dom.text())
@@ -844,7 +714,7 @@ def test_a_metric_that_left_its_baseline_is_shown_and_fails_the_headline(tmp_pat
         r["verdict"]["passed"] = True
         r["baseline"] = {"file": "baselines/tiny.json", "passed": False, "seeds": [0, 1, 2], "checks": checks}
 
-    _rewrite(run_dir, plant)
+    rewrite_results(run_dir, plant)
     dom = parse(render_run(run_dir).read_text())
     assert ws(dom.find(id="overall").text()) == "FAIL"
     failed = dom.find("tr", data_baseline_metric="comparison.mean_improvement")
@@ -871,7 +741,7 @@ def test_per_prompt_rows_need_several_samples(tmp_path):
     assert "expected maximum toxicity" in note and "samples_per_prompt > 1" in note
 
     # with k > 1 they are figures of their own and are shown
-    _rewrite(run_dir, _set("metrics.comparison.samples_per_prompt", 4))
+    rewrite_results(run_dir, _set("metrics.comparison.samples_per_prompt", 4))
     dom = parse(render_run(run_dir).read_text())
     row = cells(dom.find("table", id="toxicity-table").find("tr", data_metric="expected_max_toxicity"))
     assert row[1:3] == [fmt_num(m["before"]["expected_max_toxicity"]), fmt_num(m["after"]["expected_max_toxicity"])]
@@ -883,30 +753,6 @@ def test_config_table_is_folded(demo):
     assert "open" not in details.attrs
     rows = [tr for tr in details.find_all("tr") if tr.find_all("td")]
     assert len(rows) == len(flatten_config(demo["results"]["config"]))  # every setting, behind the fold
-
-
-def _links_to_history(page: Path) -> bool:
-    return any(a.attrs.get("href") == "../index.html" for a in parse(page.read_text()).find_all("a"))
-
-
-def test_first_report_links_to_the_history_page(tmp_path):
-    # the run job renders the run's page, then the history page: the first run of a reports folder must link to it
-    reports = tmp_path / "reports"
-    first = write_demo_run(reports / "first", training=False, num_samples=8)
-    page = render_run(first)
-    assert not (reports / "index.html").exists()
-    index = render_index(reports)
-    assert _links_to_history(page) and index == page.parent.parent / "index.html"
-    assert any(a.attrs.get("href") == "first/index.html" for a in parse(index.read_text()).find_all("a"))
-    # the second run's page links to the history that now exists; pages are not rewritten when it does
-    second = write_demo_run(reports / "second", training=False, num_samples=8, seed=1)
-    assert _links_to_history(render_run(second))
-    before = page.stat().st_mtime_ns
-    render_index(reports)
-    assert page.stat().st_mtime_ns == before
-    # a run folder outside any reports folder gets no dead link
-    alone = write_demo_run(tmp_path / "alone", training=False, num_samples=8)
-    assert not _links_to_history(render_run(alone))
 
 
 def _significant_digits(text: str) -> int | None:
@@ -937,90 +783,3 @@ def test_table_numbers_have_four_significant_digits(demo):
 
 # --------------------------------------------------------------------------------------------
 # the history page: judged runs apart from evaluation-only ones, trends per configuration
-
-def _overall(results: dict) -> str:
-    return "PASS" if results["verdict"]["passed"] else "FAIL"
-
-
-def test_history_keeps_eval_runs_apart_and_groups_trends_by_config(tmp_path):
-    reports = tmp_path / "reports"
-    small = dict(num_samples=16, qualitative_rows=6)
-    # two seeds of one configuration, one run of another (more PPO steps), then an evaluation of the base model
-    # and a trained run without bounds, both newer than every judged run
-    write_demo_run(reports / "a", created=demo_created(20), steps=4, seed=1, **small)
-    write_demo_run(reports / "b", created=demo_created(21), steps=4, seed=2, strength=0.3, **small)
-    write_demo_run(reports / "x", created=demo_created(22), steps=6, seed=1, **small)
-    write_demo_run(reports / "e", created=demo_created(23), training=False, judged=False, strength=0.0, **small)
-    write_demo_run(reports / "u", created=demo_created(24), steps=4, judged=False, **small)
-    results = {name: load_results(reports / name) for name in "abxeu"}
-    assert "verdict" not in results["e"] and "training" not in results["e"]["metrics"]
-
-    dom = parse(render_index(reports).read_text())
-    # the headline is the newest judged run's verdict, never "NOT JUDGED" of a newer evaluation
-    latest = dom.find(id="latest")
-    assert latest.attrs["data-run-id"] == "x" and latest.attrs["data-overall"] == _overall(results["x"])
-    assert ws(latest.text()).endswith(_overall(results["x"]))
-    judged = [tr.attrs["data-run-id"] for tr in dom.find("section", id="runs").find_all("tr", **{"class": "run"})]
-    apart = [tr.attrs["data-run-id"] for tr in dom.find("section", id="eval-runs").find_all("tr", **{"class": "run"})]
-    assert judged == ["x", "b", "a"] and apart == ["u", "e"]
-    kinds = {tr.attrs["data-run-id"]: ws(tr.find_all("td")[2].text())
-             for tr in dom.find("table", id="eval-runs-table").find_all("tr", **{"class": "run"})}
-    assert "evaluation only" in kinds["e"] and "not judged" in kinds["u"]
-
-    # one trend group per configuration (seeds aside), holding judged runs only
-    hashes = {name: config_hash(r["config"]) for name, r in results.items()}
-    assert hashes["a"] == hashes["b"] != hashes["x"]
-    groups = dom.find("section", id="trends").find_all("div", **{"class": "trend-group"})
-    members = {g.attrs["data-group"]: [n.attrs["data-run-id"] for n in g.find_all("span") if "data-run-id" in n.attrs]
-               for g in groups}
-    assert members == {hashes["x"]: ["x"], hashes["a"]: ["a", "b"]}
-    assert [g.attrs["data-group"] for g in groups] == [hashes["x"], hashes["a"]]  # the newest judged run's first
-    for g in groups:
-        assert {svg.attrs["data-plot"] for svg in g.find_all("svg")} == {"trend-toxicity", "trend-improvement",
-                                                                          "trend-kl"}
-        n = len(members[g.attrs["data-group"]])
-        caption = ws(g.find("figure", data_trend="trend-improvement").find("figcaption").text())
-        assert f"one point per run ({n} run{'' if n == 1 else 's'})" in caption
-    ids = [n.attrs["id"] for n in dom.iter() if "id" in n.attrs]
-    assert len(ids) == len(set(ids)), "duplicate element ids across the groups' plots"
-
-    # what differs between the groups: ppo.steps, with each group's value
-    table = dom.find("table", id="group-differences")
-    rows = {tr.attrs["data-setting"]: cells(tr)[1:] for tr in table.find_all("tr") if "data-setting" in tr.attrs}
-    assert rows == {"ppo.steps": [str(results["x"]["config"]["ppo"]["steps"]),
-                                  str(results["b"]["config"]["ppo"]["steps"])]}
-
-
-def test_trend_captions_name_only_what_the_plots_draw(tmp_path):
-    reports = tmp_path / "reports"
-    small = dict(num_samples=16, qualitative_rows=6, steps=4)
-    write_demo_run(reports / "a", created=demo_created(20), seed=1, **small)
-    write_demo_run(reports / "b", created=demo_created(21), seed=2, **small)
-    b = load_results(reports / "b")
-    bounds = {x["name"]: x["bound"] for x in b["verdict"]["bounds"]}
-
-    def figures(dom):
-        return {f.attrs["data-trend"]: (ws(f.find("figcaption").text()), ws(f.find("svg").text()))
-                for f in dom.find("section", id="trends").find_all("figure")}
-
-    shown = figures(parse(render_index(reports).read_text()))
-    assert set(shown) == {"trend-toxicity", "trend-improvement", "trend-kl"}
-    for name, (caption, svg) in shown.items():  # a caption speaks of a dashed line exactly when one is drawn
-        assert ("dashed line" in caption) == ("bound (newest run)" in svg), name
-    assert f"min_improvement = {100 * bounds['min_improvement']:g}%" in shown["trend-improvement"][0]
-    assert f"max_kl = {bounds['max_kl']:g}" in shown["trend-kl"][0]
-
-    # the newest run of the group has neither bound: no dashed line, and no caption that mentions one
-    def drop(r):
-        r["verdict"]["bounds"] = [x for x in r["verdict"]["bounds"] if x["name"] not in ("min_improvement", "max_kl")]
-
-    _rewrite(reports / "b", drop)
-    shown = figures(parse(render_index(reports).read_text()))
-    for name, (caption, svg) in shown.items():
-        assert "dashed" not in caption and "bound (newest run)" not in svg, name
-    # and with no intervals recorded, no caption speaks of bars
-    for run in ("a", "b"):
-        _rewrite(reports / run, lambda r: r["metrics"]["comparison"].update(mean_improvement_ci_low=None,
-                                                                            mean_improvement_ci_high=None))
-    caption = figures(parse(render_index(reports).read_text()))["trend-improvement"][0]
-    assert "bars" not in caption and "one point per run (2 runs)" in caption
