@@ -268,14 +268,15 @@ def cmd_eval(args) -> int:
 
 def _seeds(text: str) -> list[int]:
     from .baselines import MIN_SEEDS
+    from .config import SEED_MAX
 
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         seeds = []
-    if len(seeds) < MIN_SEEDS or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise HarnessError(f"got {text!r}, accepted: {MIN_SEEDS} or more distinct integers >= 0, comma-separated",
-                           field="--seeds", fix="e.g. --seeds 0,1,2,3,4")
+    if len(seeds) < MIN_SEEDS or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > SEED_MAX:
+        raise HarnessError(f"got {brief(text)}, accepted: {MIN_SEEDS} or more distinct integers in [0, {SEED_MAX}], "
+                           "comma-separated", field="--seeds", fix="e.g. --seeds 0,1,2,3,4")
     return seeds
 
 
@@ -370,8 +371,11 @@ def cmd_report(args) -> int:
 
 def cmd_build_tiny(args) -> int:
     from . import tiny
+    from .config import SEED_MAX
     from .results import read_json
 
+    if not 0 <= args.seed <= SEED_MAX:
+        raise HarnessError(f"got {brief(args.seed)}, accepted: an integer in [0, {SEED_MAX}]", field="--seed")
     path = tiny.build(seed=args.seed, force=args.force, verbose=True)
     manifest = read_json(path / tiny.MANIFEST)
     print(f"tiny world: {path} (built in {manifest['build_seconds']:.1f}s, classifier held-out accuracy "
