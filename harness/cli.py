@@ -22,6 +22,7 @@ from .errors import (
     HarnessError,
     TrainingError,
     brief,
+    disk_full_error,
     environment_fault,
     first_line,
 )
@@ -469,17 +470,27 @@ def _main(args) -> int:
         print("detox-harness: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # the machine refused: a path, a permission, a full disk (not the model's quality)
-        fault = environment_fault(e, f"detox-harness {args.command}")
+        fault = environment_fault(e, f"detox-harness {args.command}", _written_path(args))
         print(f"detox-harness: error: {fault}", file=sys.stderr)
         return fault.exit_code
     except Exception as e:  # a bug: one line here, the traceback in a log file
         notes = getattr(e, "__notes__", [])
+        if disk_full_error(e) is not None:  # a library's own error about a write the disk refused: not a bug
+            hint = next((n.removeprefix("resume: ") for n in notes if n.startswith("resume: ")), None)
+            fault = environment_fault(e, f"detox-harness {args.command}", _written_path(args))
+            print(f"detox-harness: error: {fault}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return fault.exit_code
         trace = next((n.removeprefix("traceback: ") for n in notes if n.startswith("traceback: ")), None)
         trace = trace or _write_traceback(e)
         hint = next((n.removeprefix("resume: ") for n in notes if n.startswith("resume: ")), None)
         print(f"detox-harness: internal error ({type(e).__name__}: {first_line(e)}); this is a bug, please report "
               f"it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _written_path(args) -> str | None:
+    """Where the command writes (its --output, or report's run directory), for an error that knows no file."""
+    return getattr(args, "output", None) or getattr(args, "run_dir", None)
 
 
 def _one_process_unless_run(command: str) -> None:

@@ -178,6 +178,91 @@ def test_a_full_disk_at_a_checkpoint_names_the_last_one_and_resuming_finishes(ou
     assert [r["step"] for r in rf.read_jsonl(out / rf.TRAIN_STATS_FILE)] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("code_,words", [(errno.ENOSPC, "no space left on the device"),
+                                         (errno.EDQUOT, "disk quota exceeded")])
+def test_a_full_disk_at_any_write_is_an_environment_fault_naming_the_file(tmp_path, monkeypatch, code_, words):
+    """Disk full (or quota exhausted) where report writes its page: exit 2, the file and the fix, nothing changed."""
+    from harness.report import render
+    from harness.report.demo import write_demo_run
+
+    run_dir = write_demo_run(tmp_path / "run")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def disk_full(path, text):
+        raise OSError(code_, "the disk refused", str(path))
+
+    monkeypatch.setattr(render, "atomic_write_text", disk_full)
+    code, _, err = run_cli(["report", str(run_dir)])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and words in line and "free space or choose --output on another disk" in line
+    assert str(run_dir / "index.html") in line and "bug" not in line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_library_error_raised_over_a_full_disk_is_not_called_a_bug(out, monkeypatch):
+    """torch.save writing to a file object the disk refuses raises its own RuntimeError ("unexpected pos") while
+    handling the OSError: the errno in the exception's context makes it an environment fault (2), not a bug (4)."""
+    from harness import evaluation
+
+    def written_into_a_full_disk(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")  # a plain write: the OSError has no file name
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(evaluation, "evaluate_policy", written_into_a_full_disk)
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "no space left on the device" in line and "bug" not in line
+    assert "free space or choose --output on another disk" in line and str(out) in line
+    assert f"--output {out} --resume" in line
+
+
+def _mount_tmpfs(where: Path, size: str) -> None:
+    import subprocess
+
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs (mounted when permitted, else the test is skipped), unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    where = tmp_path / "tmpfs"
+    _mount_tmpfs(where, "1m")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_report_on_a_really_full_disk_is_exit_2_and_changes_nothing(full_disk):
+    """The issue's tmpfs, as a user meets it: the run's files fit, the new page does not."""
+    from harness.report.demo import write_demo_run
+
+    run_dir = write_demo_run(full_disk / "run")
+    (full_disk / "run" / "index.html").unlink(missing_ok=True)
+    with open(full_disk / "filler", "wb", buffering=0) as f:  # fill the rest of the disk, a page at a time
+        with pytest.raises(OSError) as filled:
+            while True:
+                f.write(b"\0" * 4096)
+    assert filled.value.errno == errno.ENOSPC
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, _, err = run_cli(["report", str(run_dir)])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "no space left on the device" in line, line
+    assert "free space or choose --output on another disk" in line and "bug" not in line
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 # ------------------------------------------------------------------------------------ resume and --output
 
 @pytest.fixture
