@@ -178,6 +178,24 @@ def test_a_full_disk_at_a_checkpoint_names_the_last_one_and_resuming_finishes(ou
     assert [r["step"] for r in rf.read_jsonl(out / rf.TRAIN_STATS_FILE)] == [1, 2, 3, 4]
 
 
+def test_a_policy_without_tokenizer_files_is_bad_input(out, tmp_path):
+    """The tiny policy with its tokenizer.json removed (its tokenizer_config.json kept): transformers builds an
+    empty vocabulary from it; once one warning, a run on unknown tokens and exit 1 ("regression")."""
+    import shutil
+
+    from harness import tiny
+
+    model = tmp_path / "policy"
+    shutil.copytree(tiny.source_dir() / "policy", model)
+    (model / "tokenizer.json").unlink()
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT, f"policy.model={model}"])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and line.startswith("detox-harness: error: policy.model: ")
+    assert "no tokenizer vocabulary" in line and str(model) in line and "tokenizer.save_pretrained" in line
+    assert not out.exists() and {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
 @pytest.mark.parametrize("code_,words", [(errno.ENOSPC, "no space left on the device"),
                                          (errno.EDQUOT, "disk quota exceeded")])
 def test_a_full_disk_at_any_write_is_an_environment_fault_naming_the_file(tmp_path, monkeypatch, code_, words):

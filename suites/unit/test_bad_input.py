@@ -747,3 +747,38 @@ def test_cli_seed_lists_and_world_seeds_have_the_same_range(capsys, args, field)
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"error: {field}: " in err and "4294967295]" in err
+
+
+@pytest.mark.parametrize("keep", [(), ("tokenizer_config.json",)])
+def test_a_policy_directory_without_tokenizer_files_is_bad_input(tmp_path, keep):
+    """Once a warning and a run on nothing but unknown tokens (transformers builds an empty vocabulary from the
+    config alone), ending in exit 1 as if the model had regressed."""
+    from harness.models import load_policy
+
+    d = tmp_path / "model"
+    shutil.copytree(FX / "model", d)
+    for name in ("tokenizer.json", "spiece.model", "special_tokens_map.json", "tokenizer_config.json"):
+        if name not in keep:
+            (d / name).unlink(missing_ok=True)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(PolicyConfig(model=str(d), dtype="float32"))
+    msg = one_line(e, "policy.model")
+    assert str(d) in msg and "tokenizer" in msg.split(str(d))[0]
+    if not keep:  # transformers itself fails on this fixture's tokenizer_config.json (a fast tokenizer's class)
+        assert "no tokenizer vocabulary" in msg and "tokenizer.save_pretrained" in msg
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_a_classifier_directory_without_tokenizer_files_is_bad_input(tmp_path, t5_tokenizer):
+    from transformers import AutoTokenizer
+
+    from harness.models import load_pretrained
+
+    d = tmp_path / "clf"
+    t5_tokenizer.save_pretrained(d)
+    for name in ("tokenizer.json", "spiece.model"):
+        (d / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError) as e:
+        load_pretrained(AutoTokenizer, str(d), field="reward.model", what="classifier tokenizer")
+    assert "no classifier tokenizer vocabulary" in one_line(e, "reward.model")
