@@ -166,6 +166,14 @@ def launch_argv(argv: list[str], num_processes: int, port: int) -> list[str]:
             "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "harness.cli", *rest]
 
 
+def _check_shares(cfg, num_processes: int) -> None:
+    """The batch sizes every process must get an equal share of (what each process checks after loading)."""
+    from .parallel import check_divides
+
+    for name in ("batch_size", "mini_batch_size"):
+        check_divides(getattr(cfg.ppo, name), f"ppo.{name}", num_processes)
+
+
 def _free_port() -> int:
     import socket
 
@@ -180,14 +188,32 @@ def launch(argv: list[str], num_processes: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(launch_argv(argv, num_processes, _free_port()))
-    # torchrun logs a failed process at ERROR, also for exit 1 (a bound failed): the processes speak for themselves
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    _quiet_elastic()
     try:
         launch_command(args)
     except ChildFailedError as e:  # a process exited non-zero: pass on its exit code (1 a bound, 2 bad input...)
         _rank, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else EXIT_INTERNAL
+    except SystemExit as e:
+        # the launcher itself was stopped (SIGTERM, SIGINT): torch's agent passed the signal on to the processes
+        # (the main one finishes its step, saves a checkpoint and says so) and accelerate exits 128 + signal;
+        # the harness's code for an interruption is 130, whichever the signal
+        import signal
+
+        code = e.code if isinstance(e.code, int) else EXIT_INTERNAL
+        return EXIT_INTERRUPTED if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) else code
     return EXIT_PASS
+
+
+def _quiet_elastic() -> None:
+    """torchrun logs a failed process at ERROR, also for exit 1 (a bound failed), and a stop signal at WARNING
+    ("Received 15 death signal"): the processes speak for themselves. Its loggers carry their own levels, so each
+    is set, once torch.distributed.run has made them."""
+    import torch.distributed.run  # noqa: F401  (imports the agent and launcher modules, whose loggers these are)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def cmd_run(args) -> int:
@@ -203,6 +229,8 @@ def cmd_run(args) -> int:
                            fix="make it first (detox-harness sft --preset P --output DIR), then run the processes "
                                "with policy.adapter=DIR")
     if args.num_processes > 1 and launched_world_size() == 1:
+        if not args.resume:  # settings the processes cannot share are refused here, once, not by each after loading
+            _check_shares(_load(args), args.num_processes)
         return launch(args.argv, args.num_processes)
 
     if args.resume and args.config:
@@ -467,7 +495,10 @@ def _main(args) -> int:
         print(f"detox-harness: {what}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("detox-harness: interrupted", file=sys.stderr)
+        from .parallel import launched_as_main
+
+        if launched_as_main():  # every process of a data-parallel run is stopped: the main one says so, once
+            print("detox-harness: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # the machine refused: a path, a permission, a full disk (not the model's quality)
         fault = environment_fault(e, f"detox-harness {args.command}", _written_path(args))

@@ -5,6 +5,10 @@ traceback) and loses nothing already written. The exit-code table is the README'
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -279,6 +283,67 @@ def test_report_on_a_really_full_disk_is_exit_2_and_changes_nothing(full_disk):
     assert code == EXIT_BAD_INPUT and "no space left on the device" in line, line
     assert "free space or choose --output on another disk" in line and "bug" not in line
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+# ------------------------------------------------------------------------------------ the multi-process launcher
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_process(*args: str) -> subprocess.Popen:
+    """``python -m harness.cli ARGS`` as a user starts it, in its own process group (so a failed test can stop
+    the launcher's workers too)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def communicate(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no exit within {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def test_num_processes_that_cannot_share_the_batch_is_refused_once_before_launching(tmp_path):
+    """Once each of the 3 processes printed the error, after about 15 s of starting and loading."""
+    out = tmp_path / "run"
+    code, stdout, err = communicate(cli_process("run", "--preset", "tiny", "--no-progress", "--output", str(out),
+                                                "--num-processes", "3"), timeout=120)
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and line.startswith("detox-harness: error: ppo.batch_size: got 32")
+    assert "multiple of the number of processes (3)" in line and "--num-processes" in line
+    assert not out.exists() and not stdout.strip()  # nothing started, nothing said about a run
+
+
+def test_sigterm_to_the_two_process_launcher_exits_130_with_one_message(tmp_path):
+    """A scheduler stops ``run --num-processes 2``: once exit 143 (accelerate's 128 + 15) with torch's own warning;
+    now 130 like one process, the step in flight finished and saved, and the interruption said once."""
+    out = tmp_path / "run"
+    proc = cli_process("run", "--preset", "tiny", "--no-progress", "--no-report", "--output", str(out),
+                       "--num-processes", "2", "ppo.steps=50", "ppo.batch_size=8", "ppo.mini_batch_size=4",
+                       "eval.num_samples=8", "eval.batch_size=8")
+    stats = out / rf.TRAIN_STATS_FILE
+    deadline = time.time() + 300
+    try:
+        while not (stats.exists() and stats.read_text().strip()):  # inside the training loop
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no PPO step within 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # to the launcher alone, as `kill PID` does
+        code, stdout, err = communicate(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == EXIT_INTERRUPTED, f"exit {code}:\n{err[-2000:]}"
+    both = stdout + err
+    assert "Traceback" not in both and "death signal" not in both and "error" not in both.lower(), err
+    assert both.count("--resume") == 1 and stdout.count("interrupted") == 1 and "interrupted" not in err, both
+    steps = len(rf.read_jsonl(stats))
+    assert 1 <= steps < 50 and (out / rf.CHECKPOINTS_DIR / f"step-{steps:06d}").is_dir()  # the step was saved
 
 
 # ------------------------------------------------------------------------------------ resume and --output
