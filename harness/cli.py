@@ -438,19 +438,23 @@ COMMANDS = {"run": cmd_run, "sft": cmd_sft, "baseline": cmd_baseline, "eval": cm
 
 def _quiet_libraries(verbose: bool, progress: bool) -> None:
     """Keep the terminal for the harness's own output: no library deprecation notices users cannot act on
-    (peft asks transformers a deprecated question on every LoRA load), and no per-file weight-loading bars
-    when progress bars are off."""
+    (peft asks transformers a deprecated question on every LoRA load), and no weight-loading bar per model
+    loaded (seven on a tiny run) unless -v. Hub downloads keep their bars unless progress bars are off: a
+    first run fetches gigabytes."""
     import warnings
 
     if not verbose:
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if not progress:
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            pass
+    if verbose and progress:
+        return
+    try:
+        from huggingface_hub.utils import enable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        return
+    hf_logging.disable_progress_bar()  # transformers' own bars ("Loading weights"), and the hub's with them
+    if progress:
+        enable_progress_bars()  # the hub's download bars back; transformers' stay off
 
 
 def _interrupt_on_sigterm():
