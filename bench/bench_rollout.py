@@ -62,6 +62,7 @@ from harness.models import (  # noqa: E402
     resolve_device,
     resolve_dtype,
 )
+from harness.plan import concrete  # noqa: E402
 from harness.ppo.rollout import LengthSampler, generate  # noqa: E402
 from harness.ppo.step import PPOState, ppo_step, random_orders  # noqa: E402
 from harness.toxicity import Classifier, reward_texts  # noqa: E402
@@ -174,7 +175,7 @@ def tiny_world(device: torch.device):
     """The tiny preset's policy, tokenizer, classifier and a PPO batch of prompts with per-row limits."""
     from harness.tiny import resolve
 
-    cfg = load_config("tiny")
+    cfg = concrete(load_config("tiny"))
     torch.manual_seed(cfg.seed)
     policy = load_policy(cfg.policy, device=device)
     tok = policy.tokenizer
@@ -272,7 +273,7 @@ def compare(name: str, policy, tok, prompts, limits, reps: int, device, log) -> 
 def ppo_step_child(reference: str, device: torch.device) -> dict:
     """One PPO step on the flan-t5-base architecture at batch 16; timings and peak memory of this process."""
     rss_start = rss_mb()
-    tiny_cfg = load_config("tiny")
+    tiny_cfg = concrete(load_config("tiny"))
     classifier = Classifier.load(tiny_cfg.reward.model, batch_size=BATCH, device=device)
     from transformers import AutoTokenizer
 

@@ -21,6 +21,7 @@ from .errors import (
     EXIT_PASS,
     HarnessError,
     TrainingError,
+    UnexpectedError,
     brief,
     disk_full_error,
     environment_fault,
@@ -125,29 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    from .config import load_config
+def _request(args):
+    """The command line's settings, once: the preset, the YAML file, ``key=value`` overrides, ``--seed`` and
+    ``--no-report`` (as overrides, so that a resumed run gets them the same way)."""
+    from .plan import Request
 
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     if getattr(args, "no_report", False):
         overrides.append("output.report=false")
-    cfg = load_config(args.preset, args.config, overrides)
-    _build_tiny_world_if_needed(cfg)
-    return cfg
-
-
-def _build_tiny_world_if_needed(cfg) -> None:
-    """A run on a tiny world that is neither committed nor cached builds it (about 10 minutes on 2 cores): say so,
-    and show its steps."""
-    from . import tiny
-
-    for seed in tiny.seeds_of(cfg.locations()):
-        if not tiny.is_built(tiny.source_dir(seed)):
-            print(f"tiny world: not in the cache yet, building it into {tiny.world_dir(seed)} "
-                  "(about 10 minutes on 2 cores, once; set DETOX_HARNESS_CACHE to move it)", flush=True)
-            tiny.build(seed=seed, verbose=True)
+    return Request(args.preset, args.config, tuple(overrides))
 
 
 def launch_argv(argv: list[str], num_processes: int, port: int) -> list[str]:
@@ -217,9 +206,10 @@ def _quiet_elastic() -> None:
 
 
 def cmd_run(args) -> int:
-    from . import results as rf
+    from .jobs.run import run
     from .parallel import launched_as_main, launched_world_size
-    from .pipeline import run, summary_table
+    from .plan import plan_run
+    from .report.text import summary_table
     from .thresholds import format_table
 
     if args.num_processes < 1:
@@ -230,17 +220,15 @@ def cmd_run(args) -> int:
                                "with policy.adapter=DIR")
     if args.num_processes > 1 and launched_world_size() == 1:
         if not args.resume:  # settings the processes cannot share are refused here, once, not by each after loading
-            _check_shares(_load(args), args.num_processes)
+            _check_shares(_request(args).config(), args.num_processes)
         return launch(args.argv, args.num_processes)
 
     if args.resume and args.config:
         raise HarnessError("--resume continues a run with its saved config", field="--config",
                            fix="drop --config (settings that may change on resume can be given as key=value)")
-    cfg = _load(args)
-    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []) \
-        + (["output.report=false"] if args.no_report else [])
-    outcome = run(cfg, output=args.output, resume=args.resume, progress=not args.no_progress, baseline=args.baseline,
-                  overrides=overrides, sft=args.sft, accept_loosened=args.accept_loosened_bounds)
+    plan = plan_run(_request(args), output=args.output, resume=args.resume, sft=args.sft, baseline=args.baseline,
+                    accept_loosened=args.accept_loosened_bounds)
+    outcome = run(plan, progress=not args.no_progress)
     if outcome.interrupted or not launched_as_main():  # the main process prints
         return outcome.exit_code
     print()
@@ -255,43 +243,49 @@ def cmd_run(args) -> int:
 
         print()
         print(format_checks(outcome.baseline_checks, args.baseline))
-    print(f"\nresults: {outcome.run_dir / rf.RESULTS_FILE}")
-    print(f"samples: {outcome.run_dir / rf.SAMPLES_FILE}")
-    if outcome.report:
-        print(f"report:  {outcome.report}")
+    _print_files(outcome.run_dir, outcome.report)
     return outcome.exit_code
 
 
+def _print_files(run_dir: Path, report: Path | None) -> None:
+    """Where a run's files went (the README's promise): results, samples, PPO statistics, the pages."""
+    from . import results as rf
+
+    print()
+    for label, name in (("results", rf.RESULTS_FILE), ("samples", rf.SAMPLES_FILE), ("stats", rf.TRAIN_STATS_FILE)):
+        if (run_dir / name).is_file():
+            print(f"{label + ':':9}{run_dir / name}")
+    if report:
+        print(f"{'report:':9}{report}")
+        print(f"{'history:':9}{report.parent.parent / report.name}")
+
+
 def cmd_sft(args) -> int:
-    from .pipeline import sft_metrics, warm_start
+    from .jobs.warm_start import sft_metrics, warm_start
+    from .plan import plan_sft
     from .thresholds import SFT_BOUNDS, all_passed, format_table, verdict
 
-    cfg = _load(args)
-    adapter, saved = warm_start(cfg, args.output, progress=not args.no_progress)
+    plan = plan_sft(_request(args), args.output)
+    adapter, saved = warm_start(plan, progress=not args.no_progress)
     bounds = verdict({"metrics": {"sft": sft_metrics(saved)}},
-                     {k: v for k, v in cfg.thresholds.items() if k in SFT_BOUNDS})
+                     {k: v for k, v in plan.cfg.thresholds.items() if k in SFT_BOUNDS})
     if bounds:
         print()
         print(format_table(bounds))
-    print(f"\nadapter: {adapter}\nuse it:  detox-harness run --preset {cfg.preset} policy.adapter={adapter}")
+    print(f"\nadapter: {adapter}\nuse it:  detox-harness run --preset {plan.cfg.preset} policy.adapter={adapter}")
     return EXIT_PASS if all_passed(bounds) else EXIT_BOUND_FAILED
 
 
 def cmd_eval(args) -> int:
     from . import results as rf
-    from .pipeline import default_run_id, evaluate_only, summary_table
+    from .jobs.evaluate import evaluate
+    from .plan import plan_eval
+    from .report.text import summary_table
 
-    cfg = _load(args)
-    out = Path(args.output) if args.output else Path(cfg.output.dir) / f"{default_run_id(cfg)}-eval"
-    run_dir = evaluate_only(cfg, args.target, out, progress=not args.no_progress)
+    run_dir, page = evaluate(plan_eval(_request(args), args.target, args.output), progress=not args.no_progress)
     print()
     print(summary_table(rf.load_results(run_dir)))
-    print(f"\nresults: {run_dir / rf.RESULTS_FILE}")
-    if cfg.output.report:
-        from .report import render_index, render_run
-
-        print(f"report:  {render_run(run_dir)}")
-        render_index(run_dir.parent)
+    _print_files(run_dir, page)
     return EXIT_PASS
 
 
@@ -335,7 +329,6 @@ def baseline_output(given: str | None, preset: str) -> Path:
 
 
 def cmd_baseline(args) -> int:
-    from .pipeline import make_baseline
     from .thresholds import text_table
 
     output = baseline_output(args.output, args.preset)
@@ -344,13 +337,18 @@ def cmd_baseline(args) -> int:
         from .results import load_results
 
         baselines.refuse_existing(output, args.force_regen)
+        if args.force_regen and output.exists():
+            print(f"baseline: --force-regen: rewriting {output} from {len(args.from_runs)} runs")
         data = baselines.build_baseline([load_results(Path(d)) for d in args.from_runs])
         path = baselines.write_baseline(output, data, force_regen=args.force_regen)
         seeds = data["seeds"]
     else:
+        from .jobs.baseline import make_baseline
+        from .plan import plan_baseline
+
         seeds = _seeds(args.seeds)
-        cfg = _load(args)
-        path, data = make_baseline(cfg, seeds, output, force_regen=args.force_regen, progress=not args.no_progress)
+        plan = plan_baseline(_request(args), seeds, output, force_regen=args.force_regen)
+        path, data = make_baseline(plan, progress=not args.no_progress)
     print(f"\nbaseline of seeds {', '.join(map(str, seeds))}: {path}")
     print(text_table(("metric", "mean", "spread", "tolerance"),
                      [(name, f"{m['mean']:.4g}", f"{m['spread']:.3g}", f"{m['tolerance']:.3g}")
@@ -389,11 +387,18 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .files import DirectoryLock
     from .report import render_index, render_run
+    from .report.render import PAGE, require_own_page
+    from .rundir import require_directory
 
     run_dir = Path(args.run_dir)
-    page = render_run(run_dir)
-    index = render_index(run_dir.parent)
+    require_directory(run_dir, "run_dir")
+    for path in (run_dir / PAGE, run_dir.parent / PAGE):  # both checked before either is written
+        require_own_page(path)
+    with DirectoryLock(run_dir, "report", field="run_dir"):  # not while a run writes it
+        page = render_run(run_dir)
+        index = render_index(run_dir.parent)
     print(f"report: {page}\nindex:  {index}")
     return EXIT_PASS
 
@@ -509,17 +514,16 @@ def _main(args) -> int:
         print(f"detox-harness: error: {fault}", file=sys.stderr)
         return fault.exit_code
     except Exception as e:  # a bug: one line here, the traceback in a log file
-        notes = getattr(e, "__notes__", [])
-        if disk_full_error(e) is not None:  # a library's own error about a write the disk refused: not a bug
-            hint = next((n.removeprefix("resume: ") for n in notes if n.startswith("resume: ")), None)
-            fault = environment_fault(e, f"detox-harness {args.command}", _written_path(args))
+        cause, trace, hint = e, None, None
+        if isinstance(e, UnexpectedError):  # a run's: its traceback is in run.log, and it may be resumed
+            cause, trace, hint = e.cause, e.traceback_file, e.resume_hint
+        if disk_full_error(cause) is not None:  # a library's own error about a write the disk refused: not a bug
+            fault = environment_fault(cause, f"detox-harness {args.command}", _written_path(args))
             print(f"detox-harness: error: {fault}" + (f"; {hint}" if hint else ""), file=sys.stderr)
             return fault.exit_code
-        trace = next((n.removeprefix("traceback: ") for n in notes if n.startswith("traceback: ")), None)
-        trace = trace or _write_traceback(e)
-        hint = next((n.removeprefix("resume: ") for n in notes if n.startswith("resume: ")), None)
-        print(f"detox-harness: internal error ({type(e).__name__}: {first_line(e)}); this is a bug, please report "
-              f"it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        trace = trace or _write_traceback(cause)
+        print(f"detox-harness: internal error ({type(cause).__name__}: {first_line(cause)}); this is a bug, please "
+              f"report it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERNAL
 
 

@@ -231,20 +231,11 @@ class HarnessConfig:
                 self.eval.faithfulness_model]
 
     def save(self, path: str | Path) -> None:
-        """Write the config as YAML atomically (a temporary file, then a rename): a full disk never leaves a
+        """Write the config as YAML atomically (:func:`harness.files.atomic_write_text`): a full disk never leaves a
         truncated config.yaml that a later --resume would have to read."""
-        import os
-        import tempfile
+        from .files import atomic_write_text
 
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,41 +364,31 @@ def parse_settings(text: str, source: str, field: str) -> Any:
 # --------------------------------------------------------------------------------------------
 # presets
 
-_REAL_EVAL = {"num_samples": None, "samples_per_prompt": 4, "batch_size": 64, "faithfulness_batch_size": 64}
-# The warm start of the real presets (`run --sft`): LoRA on DialogSum train (its first 80%), about one epoch
-# of 8,017 pairs, validated on 200 rows of the validation split every 250 steps, checkpointed as often.
-_REAL_SFT = {"steps": 1000, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 250, "checkpoint_every": 250}
+#: one YAML file per preset (``<name>.yaml``): a new preset is a file, not a code change. A preset names only what
+#: it changes from the defaults above; ``base: <preset>`` starts from another preset's settings.
+PRESETS_DIR = Path(__file__).with_name("presets")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The reference notebook's run: flan-t5-base + LoRA, the dynabench classifier, DialogSum.
-    # Evaluation has the power its bounds need: the whole filtered test split (2,005 prompts), 4 samples each
-    # (expected maximum toxicity), judged by the reward model and by unitary/toxic-bert; faithfulness to the dialogue
-    # by FacebookAI/roberta-large-mnli (eval.faithfulness_model's default).
-    "flan-t5-base": {"eval": _REAL_EVAL, "sft": _REAL_SFT},
-    "flan-t5-small": {"policy": {"model": "google/flan-t5-small"}, "eval": _REAL_EVAL, "sft": _REAL_SFT},
-    "flan-t5-large": {"policy": {"model": "google/flan-t5-large"}, "ppo": {"mini_batch_size": 2,
-                                                                          "gradient_accumulation_steps": 2},
-                      "eval": _REAL_EVAL, "sft": {**_REAL_SFT, "batch_size": 4, "steps": 2000}},
-    # The offline tiny world: a full run in a few minutes on a CPU.
-    "tiny": {
-        "device": "cpu",
-        "data": {"path": "tiny://dialogues", "max_prompt_tokens": 160},  # = tiny.PROMPT_TOKENS: nothing truncated
-        "policy": {"model": "tiny://policy", "lora_r": 16, "lora_alpha": 32,
-                   "lora_target_modules": ["q", "k", "v", "o", "wi", "wo"]},
-        "reward": {"model": "tiny://classifier", "batch_size": 64},
-        "rollout": {"length_min": 32, "length_max": 48},
-        "ppo": {"steps": 30, "learning_rate": 2e-4, "batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 2,
-                "init_kl_coef": 0.2, "max_grad_norm": 1.0, "checkpoint_every": 10},
-        "eval": {"num_samples": 128, "batch_size": 64, "max_new_tokens": 48, "second_classifier": "tiny://judge",
-                 "second_toxic_label": "toxic", "faithfulness_model": "tiny://nli", "faithfulness_batch_size": 64},
-        "sft": {"steps": 60, "batch_size": 16, "learning_rate": 2e-3, "max_target_tokens": 48, "validation_rows": 100,
-                "generation_max_new_tokens": 48},
-    },
-}
+
+def _read_preset(name: str, seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The settings layers of preset ``name``, its base's first."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    data = read_settings(path, f"preset {name}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections", field="preset", value=name)
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if base in seen or not (PRESETS_DIR / f"{base}.yaml").is_file():
+        raise ConfigError(f"{path}: base {brief(base)} is unknown or circular", field="preset", value=name)
+    return [*_read_preset(base, (*seen, name)), data]
 
 
 def preset_names() -> list[str]:
-    return sorted(PRESETS)
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+#: every preset's settings layers (read once, at import: four small files)
+PRESETS: dict[str, list[dict[str, Any]]] = {name: _read_preset(name) for name in preset_names()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +569,8 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
         raise ConfigError("unknown preset", field="preset", value=preset,
                           fix=f"choose one of {', '.join(preset_names())}")
     cfg = HarnessConfig(preset=preset)
-    _apply(cfg, copy.deepcopy(PRESETS[preset]), f"preset {preset}")
+    for layer in PRESETS[preset]:
+        _apply(cfg, copy.deepcopy(layer), f"preset {preset}")
     if with_thresholds:
         cfg.thresholds.update(load_bounds(preset))
     if config_file is not None:
@@ -643,7 +625,8 @@ def config_from_dict(data: dict[str, Any]) -> HarnessConfig:
     config lacks (one added after it was written, e.g. ``eval.faithfulness_model``) takes its preset's value."""
     data = copy.deepcopy(data)
     cfg = HarnessConfig(preset=data.pop("preset", "tiny"))
-    _apply(cfg, copy.deepcopy(PRESETS.get(cfg.preset, {})), f"preset {cfg.preset}")
+    for layer in PRESETS.get(cfg.preset, []):
+        _apply(cfg, copy.deepcopy(layer), f"preset {cfg.preset}")
     _apply(cfg, data, "saved config")
     validate(cfg)
     return cfg

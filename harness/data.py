@@ -160,10 +160,10 @@ def _read_json_records(path: Path, fix: str) -> list:
 
 
 def resolve_data_path(location: str) -> str:
+    """A data location as the loader reads it (``~`` expanded); a ``tiny://`` id is the plan's to resolve."""
     if str(location).startswith("tiny://"):
-        from .tiny import resolve
-
-        return str(resolve(location))
+        raise DataError("a tiny:// id reached the data loader unresolved", field="data.path", value=str(location),
+                        fix="load through a plan (harness.plan.concrete(cfg) gives the directories)")
     return os.path.expanduser(str(location))
 
 

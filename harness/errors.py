@@ -150,3 +150,15 @@ class TrainingError(HarnessError):
     """Training cannot go on (for example too many consecutive non-finite steps): exit status 3, not 2."""
 
     exit_code = EXIT_TRAINING_FAILED
+
+
+class UnexpectedError(Exception):
+    """An unexpected exception while a run ran (a bug, exit 4): ``cause`` is the exception itself,
+    ``traceback_file`` where its traceback was written (None: not written yet), ``resume_hint`` how to continue
+    the run (None: nothing to continue). The CLI prints one line of them."""
+
+    def __init__(self, cause: BaseException, traceback_file: str | None = None, resume_hint: str | None = None):
+        super().__init__(f"{type(cause).__name__}: {first_line(cause)}")
+        self.cause = cause
+        self.traceback_file = traceback_file
+        self.resume_hint = resume_hint

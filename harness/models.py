@@ -1,8 +1,8 @@
 """Loading the policy (seq2seq base + LoRA adapter + value head), its reference, and classifiers.
 
-Every location is a Hugging Face Hub id, a local directory, or a ``tiny://...`` id of the offline tiny
-world; all of them go through the same ``from_pretrained`` calls, so the tests on tiny models saved
-to disk exercise the code that loads the real ones.
+Every location is a Hugging Face Hub id or a local directory (the plan turns a ``tiny://...`` id of the tiny
+world into its directory first); all of them go through the same ``from_pretrained`` calls, so the tests on tiny
+models saved to disk exercise the code that loads the real ones.
 
 The reference model is the starting policy, frozen, without a second copy of the base weights: with a fresh
 LoRA it is the base with the adapter disabled (``disable_adapter()``); with a starting adapter
@@ -41,14 +41,14 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------ locations
 
 def resolve_location(location: str, field: str = "model") -> str:
-    """A ``tiny://`` id becomes its cached directory (built on first use); anything else is returned."""
+    """A model location as the loaders read it: a hub id, or a local directory (``~`` expanded). A ``tiny://`` id
+    is the plan's to replace by its directory (:func:`harness.plan.concrete`); here it is refused."""
     if location is None:
         raise ModelLoadError("no model location given", field=field, fix="set it to a hub id or a local directory")
     location = str(location)
     if location.startswith("tiny://"):
-        from .tiny import resolve
-
-        return str(resolve(location))
+        raise ModelLoadError("a tiny:// id reached the model loader unresolved", field=field, value=location,
+                             fix="load through a plan (harness.plan.concrete(cfg) gives the directories)")
     return os.path.expanduser(location)
 
 

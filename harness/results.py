@@ -31,6 +31,7 @@ from typing import Any
 
 from .config import HarnessConfig
 from .errors import HarnessError
+from .files import atomic_write_text
 from .metrics import COMPARISON_KEYS, PHASE_KEYS, EvalOutput, check_paired, compare, qualitative_rows
 
 # ---------------------------------------------------------------------------------------------- file names
@@ -157,26 +158,6 @@ def jsonable(value):
 def dumps(value, indent: int | None = None) -> str:
     """Strict JSON of ``jsonable(value)`` (no NaN, UTF-8 text kept as is)."""
     return json.dumps(jsonable(value), indent=indent, ensure_ascii=False, allow_nan=False)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then ``os.replace`` it into place.
-
-    The temporary file is opened like any file (the umask's permissions, not ``mkstemp``'s 0600), and its
-    name carries the process id so that two writers never share one. A failure leaves the old file as it was.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: str | Path, value, indent: int | None = 2) -> None:

@@ -25,6 +25,9 @@ from .metrics import rouge_best
 RESULT_FILE = "sft.json"
 CHECKPOINTS = "checkpoints"
 START_FILE = "validation_start.json"
+PENDING_FILE = "settings.json"  # the settings of a warm start not finished yet (its checkpoints are resumable)
+#: what a warm start's directory holds besides the adapter and tokenizer files save_pretrained writes
+OWN_FILES = frozenset({RESULT_FILE, CHECKPOINTS, START_FILE, PENDING_FILE})
 
 
 @dataclass

@@ -32,6 +32,18 @@ from ..results import (
     run_file,
 )
 from . import plots
+from .formats import (  # noqa: F401 - the templates' filters, and names tests read from here
+    NOT_MEASURED,
+    REWARD_NOISE,
+    SCIENTIFIC_BELOW,
+    fmt_diff,
+    fmt_duration,
+    fmt_num,
+    fmt_pct,
+    fmt_signed,
+    fmt_value,
+    is_number,
+)
 
 PAGE = "index.html"
 
@@ -39,15 +51,6 @@ PAGE = "index.html"
 QUALITATIVE_VISIBLE = 5
 #: when ``qualitative`` is missing, at most this many rows are derived from samples.jsonl (half best, half worst)
 QUALITATIVE_FALLBACK_ROWS = 40
-
-NOT_MEASURED = "not measured"
-
-#: a reward difference smaller than this (in absolute value) is no change: float noise of two scorings of
-#: (nearly) the same summary, never a gain or a loss
-REWARD_NOISE = 1e-4
-#: below this, :func:`fmt_num` writes scientific notation (four significant digits either way)
-SCIENTIFIC_BELOW = 1e-4
-
 
 # --------------------------------------------------------------------------------------------
 # reading: the run files' names, schema and readers live in harness.results
@@ -59,84 +62,7 @@ def _err(path: Path, message: str, fix: str | None = None) -> HarnessError:
 # --------------------------------------------------------------------------------------------
 # formatting (Jinja filters)
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def fmt_num(v: Any, digits: int = 4) -> str:
-    """A number for a table cell: ``None`` -> "not measured", NaN -> "NaN", otherwise ``digits`` significant.
-
-    Every float gets the same number of significant digits, trailing zeros included (``0.9580``, ``12.30``),
-    so that a column reads consistently; integers stay integers, zero is ``0``, values from
-    ``10**digits`` on are whole numbers with thousands separators, and only magnitudes below
-    :data:`SCIENTIFIC_BELOW` use scientific notation (``1.230e-05``).
-    """
-    if v is None:
-        return NOT_MEASURED
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "NaN"
-        if math.isinf(v):
-            return "∞" if v > 0 else "−∞"
-        if v == 0:
-            return "0"
-        if abs(v) >= 10 ** digits:
-            return f"{v:,.0f}"
-        if abs(v) < SCIENTIFIC_BELOW:
-            return f"{v:.{digits - 1}e}"
-        text = f"{v:#.{digits}g}"
-        if "e" in text:  # rounded up to 10**digits (9999.7)
-            return f"{v:,.0f}"
-        return text.rstrip(".")
-    return str(v)
-
-
-def fmt_signed(v: Any, digits: int = 4) -> str:
-    text = fmt_num(v, digits)
-    if _number(v) and math.isfinite(v) and v > 0:
-        return "+" + text
-    return text
-
-
-def fmt_diff(v: Any, digits: int = 4) -> str:
-    """A reward difference: below :data:`REWARD_NOISE` in absolute value it is no change ("0"), never noise
-    such as ``+2.384e-07``; otherwise signed, like :func:`fmt_signed`."""
-    if _number(v) and math.isfinite(v) and abs(v) < REWARD_NOISE:
-        return "0"
-    return fmt_signed(v, digits)
-
-
-def fmt_pct(v: Any, digits: int = 1) -> str:
-    if not _number(v):
-        return fmt_num(v)
-    if not math.isfinite(v):
-        return fmt_num(float(v))
-    return f"{100 * v:.{digits}f}%"
-
-
-def fmt_duration(v: Any) -> str:
-    if not _number(v) or not math.isfinite(v):
-        return fmt_num(v)
-    if v < 60:
-        return f"{v:.1f} s"
-    minutes, seconds = divmod(int(round(v)), 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def fmt_value(v: Any) -> str:
-    """A config value: strings as they are, everything else as JSON."""
-    if isinstance(v, str):
-        return v
-    if v is None:
-        return "null"
-    return json.dumps(v, ensure_ascii=False)
+# (the vocabulary itself is harness.report.formats, shared with the terminal's text)
 
 
 def is_missing(v: Any) -> bool:
@@ -266,7 +192,7 @@ def _metric_rows(before: dict, after: dict, spec: Iterable[tuple], bounds: dict[
         b, a = before.get(key), after.get(key)
         b = None if is_missing(b) else b
         a = None if is_missing(a) else a
-        change = a - b if _number(a) and _number(b) else None
+        change = a - b if is_number(a) and is_number(b) else None
         guard = bounds.get(rest[0]) if rest and rest[0] else None
         rows.append({"key": key, "label": label, "format": form, "before": b, "after": a, "change": change,
                      "guard": guard})
@@ -275,22 +201,22 @@ def _metric_rows(before: dict, after: dict, spec: Iterable[tuple], bounds: dict[
 
 def _reward_diff(row: dict[str, Any]) -> float | None:
     d = row.get("reward_diff")
-    if _number(d) and not math.isnan(d):
+    if is_number(d) and not math.isnan(d):
         return float(d)
     b, a = row.get("reward_before"), row.get("reward_after")
-    if _number(a) and _number(b) and not (math.isnan(a) or math.isnan(b)):
+    if is_number(a) and is_number(b) and not (math.isnan(a) or math.isnan(b)):
         return float(a) - float(b)
     return None
 
 
 def _measured_number(v: Any) -> float | None:
-    return float(v) if _number(v) and not math.isnan(v) else None
+    return float(v) if is_number(v) and not math.isnan(v) else None
 
 
 def faithful_threshold(results: dict[str, Any]) -> float:
     """``eval.faithful_threshold`` of the run's config (the default when the config does not hold it)."""
     value = ((results.get("config") or {}).get("eval") or {}).get("faithful_threshold")
-    return float(value) if _number(value) else EvalConfig.faithful_threshold
+    return float(value) if is_number(value) else EvalConfig.faithful_threshold
 
 
 def mark_unfaithful(rows: list[dict], threshold: float) -> None:
@@ -438,7 +364,7 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
     env = _lenient(results.get("environment"))
     created = results.get("created")
     per_prompt = comparison.get("samples_per_prompt")
-    single_sample = _number(per_prompt) and per_prompt <= 1
+    single_sample = is_number(per_prompt) and per_prompt <= 1
     toxicity_rows = _metric_rows(before, after, TOXICITY_ROWS, bounds_by_name)
     hidden_rows = []
     if single_sample:  # k = 1: the expected maximum is the mean, the probability of >= 1 toxic is the toxic rate
@@ -457,7 +383,7 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
         "before": before,
         "after": after,
         "comparison": comparison,
-        "confidence_pct": f"{100 * confidence:g}%" if _number(confidence) else "95%",
+        "confidence_pct": f"{100 * confidence:g}%" if is_number(confidence) else "95%",
         "toxicity_rows": toxicity_rows,
         "hidden_toxicity_rows": hidden_rows,
         "quality_rows": _metric_rows(before, after, QUALITY_ROWS, bounds_by_name),
@@ -489,8 +415,29 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
 # --------------------------------------------------------------------------------------------
 # writing
 
+#: every page this package writes says so in its head; a page without it is someone else's and is never replaced
+GENERATOR = '<meta name="generator" content="detox-harness">'
+
+
+def require_own_page(path: str | Path) -> None:
+    """Refuse (exit 2, nothing written) when ``path`` exists and is not a page this package wrote."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        head = ""
+    if not path.is_file() or path.is_symlink() or GENERATOR not in head:
+        raise HarnessError("is not a report page of detox-harness, and would be replaced by one", field="report",
+                           value=str(path), fix="move that file away, or keep the run elsewhere (--output)")
+
+
 def write_atomic(path: Path, text: str) -> Path:
-    """Write a page atomically (:func:`harness.results.atomic_write_text`); returns its path."""
+    """Write a page atomically (:func:`harness.files.atomic_write_text`), never over a page this package did not
+    write (:func:`require_own_page`); returns its path."""
+    require_own_page(path)
     atomic_write_text(path, text)
     return Path(path)
 
@@ -606,7 +553,7 @@ def _group_trends(group: dict[str, Any]) -> list[dict[str, Any]]:
     uid = group["key"]
     trends = [
         plots.trend_toxicity(chronological, uid=uid,
-                             confidence=f"{100 * confidence:g}%" if _number(confidence) else "95%"),
+                             confidence=f"{100 * confidence:g}%" if is_number(confidence) else "95%"),
         plots.trend_improvement(chronological, _bound(bounds.get("min_improvement")), uid=uid),
         plots.trend_kl(chronological, _bound(bounds.get("max_kl")), uid=uid),
     ]
@@ -614,7 +561,7 @@ def _group_trends(group: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _bound(v: Any) -> float | None:
-    return float(v) if _number(v) and math.isfinite(v) else None
+    return float(v) if is_number(v) and math.isfinite(v) else None
 
 
 _UNSET = object()

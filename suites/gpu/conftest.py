@@ -94,7 +94,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def gpu_run(pytestconfig):
     from harness.config import load_config
-    from harness.pipeline import run
+    from harness.jobs.run import run
+    from harness.plan import plan_run
 
     cache = {}
     # the nightly's reports, kept in their own folder (with their own history page), apart from users' runs
@@ -105,8 +106,9 @@ def gpu_run(pytestconfig):
         if key not in cache:
             cfg = load_config(preset, overrides=gpu_overrides(pytestconfig) + [f"seed={seed}"])
             stamp = time.strftime("%Y%m%dT%H%M%S")
-            cache[key] = run(cfg, output=report_dir / f"{stamp}-pytest-gpu-{preset}-s{seed}", progress=False,
-                             sft=pytestconfig.getoption("--gpu-sft"))
+            plan = plan_run(cfg, output=report_dir / f"{stamp}-pytest-gpu-{preset}-s{seed}",
+                            sft=pytestconfig.getoption("--gpu-sft"))
+            cache[key] = run(plan, progress=False)
         return cache[key]
 
     return get

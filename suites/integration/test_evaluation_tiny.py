@@ -19,14 +19,15 @@ from harness import metrics, tiny
 from harness import results as rf
 from harness.config import load_config
 from harness.errors import HarnessError
-from harness.pipeline import evaluate_only
+from harness.jobs.evaluate import evaluate
+from harness.plan import concrete, plan_eval
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("tiny")
+    return concrete(load_config("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +273,7 @@ def test_the_independent_judge_agrees_with_the_reward_model_on_honest_text(cfg, 
 # ------------------------------------------------------------------------------------ run files / CLI
 
 def test_cli_eval_of_the_base_model_writes_valid_files(cfg, tmp_path):
-    run_dir = evaluate_only(cfg, None, tmp_path / "base", progress=False)
+    run_dir = evaluate(plan_eval(cfg, None, tmp_path / "base"), progress=False)[0]
     results = json.loads((run_dir / "results.json").read_text())
     rf.validate_results(results)
     assert "training" not in results["metrics"] and "verdict" not in results
@@ -282,7 +283,7 @@ def test_cli_eval_of_the_base_model_writes_valid_files(cfg, tmp_path):
     assert len(rows) == cfg.eval.num_samples * cfg.eval.samples_per_prompt
     assert (run_dir / "config.yaml").is_file()
     with pytest.raises(HarnessError) as err:
-        evaluate_only(cfg, None, run_dir, progress=False)
+        evaluate(plan_eval(cfg, None, run_dir), progress=False)[0]
     assert err.value.field == "--output"
 
 
@@ -291,7 +292,7 @@ def test_cli_eval_of_an_adapter_compares_it_with_the_reference(cfg, perturbed, t
 
     adapter = tmp_path / "adapter"
     perturbed.save_pretrained(adapter)
-    run_dir = evaluate_only(cfg, str(adapter), tmp_path / "run", progress=False)
+    run_dir = evaluate(plan_eval(cfg, str(adapter), tmp_path / "run"), progress=False)[0]
     results = json.loads((run_dir / "results.json").read_text())
     rf.validate_results(results)
     assert results["target"] == str(adapter) and results["config"]["policy"]["adapter"] == str(adapter)
@@ -302,5 +303,5 @@ def test_cli_eval_of_an_adapter_compares_it_with_the_reference(cfg, perturbed, t
     assert any(r["response_before"] != r["response_after"] for r in rows)
     assert render_run(run_dir).is_file()
     with pytest.raises(HarnessError) as err:
-        evaluate_only(cfg, str(tmp_path / "missing"), tmp_path / "run2", progress=False)
+        evaluate(plan_eval(cfg, str(tmp_path / "missing"), tmp_path / "run2"), progress=False)[0]
     assert err.value.field == "--target"

@@ -30,6 +30,7 @@ from harness.config import load_config
 from harness.data import build_prompts
 from harness.errors import TrainingError
 from harness.models import load_policy, trainable_state_dict
+from harness.plan import concrete
 from harness.ppo.trainer import PPOTrainer, is_complete_checkpoint, latest_checkpoint
 from harness.toxicity import Classifier
 
@@ -45,7 +46,7 @@ WAIT_S = 300  # a subprocess that has not reached the awaited step by then has h
 
 
 def config(*overrides: str):
-    return load_config("tiny", overrides=list(overrides))
+    return concrete(load_config("tiny", overrides=list(overrides)))
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def test_a_stop_signal_finishes_the_step_and_writes_a_loadable_checkpoint(tmp_pa
     assert not (out / "results.json").exists()
 
     # the checkpoint loads: a new trainer resumes at its step with its weights
-    cfg = load_config("tiny", overrides=[f"ppo.steps={CLI_STEPS}"])
+    cfg = concrete(load_config("tiny", overrides=[f"ppo.steps={CLI_STEPS}"]))
     trainer = trainer_for(cfg, world, out)
     assert trainer.resume() == ckpt and trainer.step == len(rows)
     from safetensors.torch import load_file

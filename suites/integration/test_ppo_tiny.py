@@ -32,6 +32,7 @@ import torch
 from harness.config import load_config
 from harness.data import build_prompts
 from harness.models import load_policy, trainable_state_dict
+from harness.plan import concrete
 from harness.ppo.rollout import generate
 from harness.ppo.trainer import PPOTrainer, latest_checkpoint
 from harness.toxicity import Classifier, reward_texts
@@ -54,12 +55,12 @@ class World:
 
 
 def fresh_policy(cfg):
-    torch.manual_seed(cfg.seed)  # as harness.pipeline.run: the LoRA init comes from the run seed
+    torch.manual_seed(cfg.seed)  # as harness.jobs.inputs.load_inputs: the LoRA init comes from the run seed
     return load_policy(cfg.policy, device=cfg.device)
 
 
 def config(*overrides: str):
-    return load_config("tiny", overrides=list(overrides))
+    return concrete(load_config("tiny", overrides=list(overrides)))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from tiny_cli import run_cli
 from harness.config import load_config
 from harness.data import build_prompts
 from harness.models import REFERENCE_ADAPTER, TRAINED_ADAPTER, load_policy
+from harness.plan import concrete
 from harness.ppo.step import prepare_inputs
 from harness.ppo.trainer import PPOTrainer
 from harness.toxicity import Classifier
@@ -41,7 +42,7 @@ RESUME_STEPS, RESUME_EVERY, STOP_AT = 12, 4, 6  # checkpoints at 4 and 8; interr
 
 
 def tiny_config(*overrides: str):
-    return load_config("tiny", overrides=list(overrides))
+    return concrete(load_config("tiny", overrides=list(overrides)))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_sft_refuses_an_adapter_made_with_other_settings(adapter):
 def test_an_interrupted_warm_start_resumes_to_the_same_weights(tmp_path):
     from transformers import TrainerCallback
 
-    from harness.pipeline import warm_start
+    from harness.jobs.warm_start import warm_start
+    from harness.plan import plan_sft
     from harness.sft import CHECKPOINTS
 
     cfg = tiny_config(f"sft.steps={RESUME_STEPS}", f"sft.checkpoint_every={RESUME_EVERY}", "sft.validation_rows=8")
@@ -96,7 +98,7 @@ def test_an_interrupted_warm_start_resumes_to_the_same_weights(tmp_path):
 
         return load_file(str(directory / "adapter_model.safetensors"))
 
-    whole, _ = warm_start(cfg, tmp_path / "whole", progress=False, echo=lambda *_: None)
+    whole, _ = warm_start(plan_sft(cfg, tmp_path / "whole"), progress=False, echo=lambda *_: None)
 
     class Stop(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -104,11 +106,11 @@ def test_an_interrupted_warm_start_resumes_to_the_same_weights(tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after step STOP_AT, past the step-4 checkpoint
-        warm_start(cfg, tmp_path / "stopped", progress=False, echo=lambda *_: None, callbacks=[Stop()])
+        warm_start(plan_sft(cfg, tmp_path / "stopped"), progress=False, echo=lambda *_: None, callbacks=[Stop()])
     assert (tmp_path / "stopped" / CHECKPOINTS / f"checkpoint-{RESUME_EVERY}").is_dir()
     assert not (tmp_path / "stopped" / "sft.json").exists()  # unfinished: not mistaken for an adapter
     lines = []
-    resumed, saved = warm_start(cfg, tmp_path / "stopped", progress=False, echo=lines.append)
+    resumed, saved = warm_start(plan_sft(cfg, tmp_path / "stopped"), progress=False, echo=lines.append)
     assert any("resuming" in line for line in lines)
     assert saved["result"]["resumed_from"].endswith(f"checkpoint-{RESUME_EVERY}")
     a, b = adapter_weights(whole), adapter_weights(resumed)

@@ -205,8 +205,9 @@ def test_the_tiny_preset_truncates_no_prompt(world, split):
 
     from harness.config import load_config
     from harness.data import tokenized_prompts
+    from harness.plan import concrete
 
-    cfg = load_config("tiny")
+    cfg = concrete(load_config("tiny"))
     assert cfg.data.max_prompt_tokens == tiny.PROMPT_TOKENS
     _, stats = tokenized_prompts(cfg.data, AutoTokenizer.from_pretrained(world / "policy"), split)
     assert stats["kept"] > 0 and stats["truncated_prompts"] == 0, stats
@@ -229,9 +230,10 @@ def policy_summaries(world):
     from harness.config import load_config
     from harness.data import build_prompts, prompt_dialogues
     from harness.metrics import sample_seed
+    from harness.plan import concrete
     from harness.ppo.rollout import generate
 
-    cfg = load_config("tiny")
+    cfg = concrete(load_config("tiny"))
     tok = AutoTokenizer.from_pretrained(world / "policy")
     model = AutoModelForSeq2SeqLM.from_pretrained(world / "policy").eval()
     test = build_prompts(cfg.data, tok).test.select(range(cfg.eval.num_samples))

@@ -14,6 +14,7 @@ from tiny_cli import run_cli
 
 from harness.config import load_config
 from harness.models import TRAINED_ADAPTER, load_policy
+from harness.plan import concrete
 from harness.thresholds import FAIL, load_bounds, load_evidence
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,7 @@ def moved_adapter(tmp_path_factory):
     """A LoRA adapter of the tiny policy that is not the base: its B matrices drawn at random (a fresh LoRA's are
     zero), standing for an already trained checkpoint."""
     out = tmp_path_factory.mktemp("adapter") / "start"
-    cfg = load_config("tiny")
+    cfg = concrete(load_config("tiny"))
     torch.manual_seed(0)
     policy = load_policy(cfg.policy)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """The command line's contract: one exit code per kind of outcome, one line per error, a summary that never
-crashes on a figure that was not measured. No models: the pipeline is replaced where a test needs a run."""
+crashes on a figure that was not measured. No models: the run job is replaced where a test needs a run."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import copy
 
 import pytest
 
-from harness import cli, errors, pipeline
+from harness import cli, errors
 from harness.config import load_config
 from harness.errors import ConfigError, DataError, HarnessError, TrainingError
+from harness.jobs import run as run_job
 from harness.metrics import EvalOutput, phase_metrics, relative_improvement
+from harness.report.formats import NOT_MEASURED
+from harness.report.text import phase_line, summary_table
 from harness.results import build_results
 
 
@@ -28,8 +31,7 @@ def _raise(exc):
     (DataError("no dialogues left", field="data.path"), errors.EXIT_BAD_INPUT, "error"),
 ])
 def test_each_failure_kind_has_its_exit_code_and_one_line(monkeypatch, capsys, exc, code, word):
-    monkeypatch.setattr(pipeline, "run", _raise(exc))
-    monkeypatch.setattr(cli, "_build_tiny_world_if_needed", lambda cfg: None)
+    monkeypatch.setattr(run_job, "run", _raise(exc))
     assert cli.main(["run", "--preset", "tiny", "--no-progress"]) == code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"detox-harness: {word}: ") and "Traceback" not in err
@@ -61,8 +63,8 @@ def test_summary_table_shows_an_undefined_improvement_instead_of_crashing():
     cfg.eval.bootstrap_resamples = 50
     results = _results(cfg, [0.0, 0.0, 0.0], [0.1, 0.0, 0.2])  # before 0: the relative change is undefined
     assert relative_improvement(0.0, 0.1) is None and results["metrics"]["comparison"]["mean_improvement"] is None
-    table = pipeline.summary_table(results)
-    assert "mean toxicity improvement: n/a" in table
+    table = summary_table(results)
+    assert f"mean toxicity improvement: {NOT_MEASURED}" in table
 
 
 def test_summary_table_without_references_shows_rouge_as_not_measured():
@@ -70,9 +72,9 @@ def test_summary_table_without_references_shows_rouge_as_not_measured():
     cfg.eval.bootstrap_resamples = 50
     results = _results(cfg, [0.5, 0.2, 0.9], [0.1, 0.0, 0.2], references=False)
     assert results["metrics"]["before"]["rougeL"] is None
-    rouge = next(line for line in pipeline.summary_table(results).splitlines() if line.startswith("ROUGE-L"))
-    assert rouge.split()[1:] == ["-", "-"]
-    assert pipeline.phase_line(results["metrics"]["before"]).endswith("ROUGE-L -")  # the line run() prints
+    rouge = next(line for line in summary_table(results).splitlines() if line.startswith("ROUGE-L"))
+    assert rouge.split("  ")[1:] == [NOT_MEASURED] * 2 or rouge.split()[1:] == NOT_MEASURED.split() * 2
+    assert phase_line(results["metrics"]["before"]).endswith(f"ROUGE-L {NOT_MEASURED}")  # the line run() prints
 
 
 def test_library_noise_is_kept_off_the_terminal_while_models_load(caplog):

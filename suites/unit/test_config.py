@@ -349,3 +349,26 @@ def test_effective_config_round_trips(tmp_path):
     cfg.save(tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_a_new_preset_is_a_file(tmp_path, monkeypatch):
+    """Presets are data (harness/presets/<name>.yaml): a file that names its base and what it changes is a preset;
+    a base that is unknown or circular is refused naming the file."""
+    import shutil
+
+    from harness import config
+
+    presets = tmp_path / "presets"
+    shutil.copytree(config.PRESETS_DIR, presets)
+    (presets / "nightly.yaml").write_text("base: tiny\nppo:\n  steps: 3\n")
+    (presets / "loop-a.yaml").write_text("base: loop-b\n")
+    (presets / "loop-b.yaml").write_text("base: loop-a\n")
+    monkeypatch.setattr(config, "PRESETS_DIR", presets)
+    monkeypatch.setattr(config, "PRESETS", {"nightly": config._read_preset("nightly"),
+                                            **{n: config._read_preset(n) for n in ("tiny", "flan-t5-base")}})
+    cfg = config.load_config("nightly")
+    tiny = config.load_config("tiny")
+    assert cfg.ppo.steps == 3 and cfg.policy == tiny.policy and cfg.eval == tiny.eval
+    assert "nightly" in config.preset_names()
+    with pytest.raises(ConfigError, match="circular"):
+        config._read_preset("loop-a")

@@ -553,12 +553,13 @@ def test_evaluate_policy_scores_each_summary_against_its_dialogue(cfg):
 
 
 def test_the_terminal_shows_faithfulness_beside_toxicity(cfg):
-    from harness.pipeline import phase_line, summary_table
+    from harness.report.formats import NOT_MEASURED, fmt_num
+    from harness.report.text import phase_line, summary_table
 
     m = rows(cfg, [0.2, 0.9, 0.8, 0.7]).metrics
     line = phase_line(m)
-    assert f"faithfulness {m['faithfulness_mean']:.4f} (75% faithful)" in line
+    assert f"faithfulness {fmt_num(m['faithfulness_mean'])} (75% faithful)" in line
     assert line.index("toxicity") < line.index("faithfulness") < line.index("reward")
-    assert "faithfulness -" in phase_line(rows(cfg, [None, None]).metrics)
+    assert f"faithfulness {NOT_MEASURED}," in phase_line(rows(cfg, [None, None]).metrics)
     results, _ = build(cfg, [0.2, 0.9, 0.8, 0.7], [0.2, 0.9, 0.8, 0.7])
     assert "faithfulness mean" in summary_table(results) and "distinct summaries" in summary_table(results)

@@ -16,12 +16,14 @@ PACKAGE = Path(__file__).resolve().parents[2] / "harness"
 #: lowest first; a module may import modules of a lower layer only (never its own layer, never a higher one)
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
+    ("files",),  # the one atomic writer, and the directory lock
     ("thresholds",),  # the bounds table: reads TOML, judges a results dict
     ("config",),
     ("parallel",),  # the processes of a data-parallel run (accelerate); the identity with one process
     ("attention",),  # transformers' sdpa with T5's bias-and-mask built once per forward pass
     ("metrics",),  # pure statistics, no torch
     ("results",),  # run files: names, schema, build, write, read
+    ("rundir",),  # what a run directory may hold before a command writes; what --resume may change
     ("baselines",),  # metrics of honest seeds as a data file; a run compared with it
     ("calibration",),  # each bound's limit proposed from the honest seeds, checked against planted runs
     ("sft",),  # the one supervised (prompt -> summary) training loop: the warm start and the tiny policy
@@ -37,11 +39,16 @@ LAYERS: list[tuple[str, ...]] = [
     ("ppo.rollout",),
     ("evaluation", "ppo.trainer"),
     ("ppo",),
+    ("report.formats",),  # the one vocabulary of figures (HTML and terminal)
     ("report.plots",),
     ("report.render",),
-    ("report.demo",),
+    ("report.text", "report.demo"),  # the terminal's text of a run
     ("report",),
-    ("pipeline",),
+    ("plan",),  # everything a command decides, before any model loads; the only place tiny:// becomes a path
+    ("jobs.inputs", "jobs.warm_start"),
+    ("jobs.run", "jobs.evaluate"),
+    ("jobs.baseline",),
+    ("jobs",),
     ("cli",),
     ("__init__",),
 ]
@@ -105,14 +112,30 @@ def test_the_walker_sees_lazy_and_relative_imports(tmp_path):
     probe = PACKAGE / "metrics.py"
     found = harness_imports(probe)
     assert "config" in found and "errors" in found
-    assert "pipeline" not in found
+    assert "plan" not in found
     fake = tmp_path / "harness" / "ppo"
     fake.mkdir(parents=True)
-    code = "def f():\n    from ..pipeline import run\n    from . import core\n"
+    code = "def f():\n    from ..plan import plan_run\n    from . import core\n"
     (fake / "step.py").write_text(code)
     original = globals()["PACKAGE"]
     try:
         globals()["PACKAGE"] = tmp_path / "harness"
-        assert harness_imports(fake / "step.py") == {"pipeline", "ppo.core"}
+        assert harness_imports(fake / "step.py") == {"plan", "ppo.core"}
     finally:
         globals()["PACKAGE"] = original
+
+
+def test_only_the_plan_turns_a_tiny_world_id_into_a_path():
+    """A ``tiny://`` id becomes a directory in harness.plan alone (models and data refuse one that reaches them):
+    no other module calls the tiny world's resolve."""
+    callers = set()
+    for path in MODULES:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            imported = isinstance(node, ast.ImportFrom) and (node.module or "").endswith("tiny") and \
+                any(a.name == "resolve" for a in node.names)
+            called = isinstance(node, ast.Attribute) and node.attr == "resolve" and \
+                isinstance(node.value, ast.Name) and node.value.id == "tiny"
+            if imported or called:
+                callers.add(module_name(path))
+    assert callers == {"plan"}, callers

@@ -1,6 +1,6 @@
 """The HTML report (harness.report): content, ordering, escaping, graceful gaps, errors.
 
-Run folders are synthetic but built by the pipeline's own code: harness.report.demo.write_demo_run
+Run folders are synthetic but built by the harness's own code: harness.report.demo.write_demo_run
 draws evaluation rows from a seeded RNG and writes them through harness.metrics.phase_metrics,
 harness.results.build_results / write_run_files (schema-valid results.json) and harness.thresholds.verdict,
 with train_stats.jsonl rows shaped like the PPO trainer's (``skipped`` is the float 1.0 / 0.0). A test
@@ -890,7 +890,7 @@ def _links_to_history(page: Path) -> bool:
 
 
 def test_first_report_links_to_the_history_page(tmp_path):
-    # the pipeline renders the run's page, then the history page: the first run of a reports folder must link to it
+    # the run job renders the run's page, then the history page: the first run of a reports folder must link to it
     reports = tmp_path / "reports"
     first = write_demo_run(reports / "first", training=False, num_samples=8)
     page = render_run(first)

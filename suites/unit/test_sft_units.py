@@ -33,7 +33,7 @@ def test_every_preset_bounds_its_warm_start():
 
 
 def test_the_cache_key_follows_every_setting_the_adapter_depends_on():
-    from harness.pipeline import sft_cache_dir
+    from harness.plan import sft_cache_dir
 
     base = sft_cache_dir(local_config())
     assert base == sft_cache_dir(local_config())  # the same settings find the same adapter
@@ -65,7 +65,7 @@ def test_latest_checkpoint_and_an_unfinished_directory(tmp_path):
 
 def test_a_warm_start_refuses_a_full_fine_tuning_policy():
     from harness.errors import HarnessError
-    from harness.pipeline import warm_start
+    from harness.plan import plan_sft
 
-    with pytest.raises(HarnessError, match="policy.use_lora"):
-        warm_start(local_config("policy.use_lora=false"), echo=lambda *_: None)
+    with pytest.raises(HarnessError, match="policy.use_lora"):  # refused by the plan, before anything loads
+        plan_sft(local_config("policy.use_lora=false"), echo=lambda *_: None)

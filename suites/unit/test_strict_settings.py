@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import harness.pipeline  # noqa: F401 - imported up front, so that timings below measure reading, not importing
+import harness.jobs.run  # noqa: F401 - imported up front, so that timings below measure reading, not importing
 from harness.cli import main
 from harness.config import HarnessConfig, load_config, parse_override, parse_settings, read_settings
 from harness.errors import EXIT_BAD_INPUT, ConfigError, brief

@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 
-from harness import pipeline
+from harness import rundir
+from harness import tiny as tiny_world
 from harness.config import DataConfig, load_config
 from harness.data import build_prompts, without_training_dialogues
 from harness.errors import EXIT_BAD_INPUT, ConfigError
 from harness.judges import check_judges, is_negation, same_model
-from harness.models import resolve_location
+from harness.plan import check_verdict_settings, concrete
 from harness.report.render import verdict_context
 from harness.thresholds import (
     BOUNDS,
@@ -42,6 +43,11 @@ def tiny(*overrides: str):
     return load_config(PRESET, overrides=list(overrides))
 
 
+def at(location: str) -> str:
+    """A tiny-world id's directory (as a plan gives it to the judges)."""
+    return str(tiny_world.resolve(location))
+
+
 # ------------------------------------------------------------------------------------------ 1. labels and judges
 
 @pytest.mark.parametrize("overrides,fields", [
@@ -56,7 +62,7 @@ def tiny(*overrides: str):
 def test_labels_and_judges_that_measure_nothing_are_refused(overrides, fields):
     cfg = tiny(*overrides)
     with pytest.raises(ConfigError) as err:
-        check_judges(cfg)
+        check_judges(concrete(cfg))
     assert err.value.exit_code == EXIT_BAD_INPUT
     assert str(err.value).startswith(f"{fields}: ") and "\n" not in str(err.value)
 
@@ -66,33 +72,34 @@ def test_the_issues_inverted_run_is_refused_before_loading():
     cfg = tiny("reward.label=hate", "reward.toxic_label=nothate", "eval.second_classifier=tiny://classifier",
                "eval.second_toxic_label=nothate")
     with pytest.raises(ConfigError, match="inverted"):
-        check_judges(cfg)
+        check_judges(concrete(cfg))
 
 
 def test_a_judge_that_is_the_reward_model_under_another_path_is_refused(tmp_path):
-    reward_dir = Path(resolve_location(tiny().reward.model))
+    reward_dir = Path(concrete(tiny()).reward.model)
     (tmp_path / "link").symlink_to(reward_dir)
     copy_dir = shutil.copytree(reward_dir, tmp_path / "renamed-copy")
     for location in (str(reward_dir) + "/", str(tmp_path / "link"), str(copy_dir)):
-        assert same_model(location, "tiny://classifier")
+        assert same_model(location, at("tiny://classifier"))
         with pytest.raises(ConfigError) as err:
-            check_judges(tiny(f"eval.second_classifier={location}"))
+            check_judges(concrete(tiny(f"eval.second_classifier={location}")))
         assert err.value.field == "eval.second_classifier"
-    assert not same_model("tiny://judge", "tiny://classifier")
-    assert not same_model("tiny://flawed-classifier", "tiny://classifier")  # same recipe, other weights
+    assert not same_model(at("tiny://judge"), at("tiny://classifier"))
+    assert not same_model(at("tiny://flawed-classifier"), at("tiny://classifier"))  # same recipe, other weights
 
 
 def test_inverted_labels_of_a_hub_model_are_refused_by_name_without_its_config():
     cfg = load_config("flan-t5-base", overrides=["reward.label=hate", "reward.toxic_label=nothate"])
     with pytest.raises(ConfigError, match="inverted"):
-        check_judges(cfg)
+        check_judges(concrete(cfg))
     assert is_negation("nothate", "hate") and is_negation("NOT_TOXIC", "toxic") and not is_negation("hate", "hat")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "flan-t5-base"])
 def test_the_presets_own_labels_and_judges_pass(preset):
-    check_judges(load_config(preset))
-    check_judges(load_config(preset, overrides=["reward.model=tiny://flawed-classifier"] if preset == "tiny" else []))
+    check_judges(concrete(load_config(preset)))
+    flawed = ["reward.model=tiny://flawed-classifier"] if preset == "tiny" else []
+    check_judges(concrete(load_config(preset, overrides=flawed)))
 
 
 def test_log_p_clean_reads_the_toxic_label_whichever_label_the_reward_reads():
@@ -194,11 +201,11 @@ def test_a_resumed_run_takes_its_bounds_from_the_preset_not_from_an_edited_confi
     data["thresholds"] = {}  # the issue's edit of an interrupted run
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     said = []
-    resumed = pipeline._resumed_config(tmp_path, [], said.append)
+    resumed = rundir.resumed_config(tmp_path, [], said.append)
     assert resumed.thresholds == load_bounds(PRESET)
     assert any("not from config.yaml" in line for line in said)
     tighter = PRESET_BOUNDS["max_kl"] / 2
-    again = pipeline._resumed_config(tmp_path, [f"thresholds.max_kl={tighter}"], said.append)
+    again = rundir.resumed_config(tmp_path, [f"thresholds.max_kl={tighter}"], said.append)
     assert again.thresholds["max_kl"] == tighter
 
 
@@ -235,8 +242,8 @@ def test_the_presets_ask_for_no_less_evidence_than_they_evaluate():
 
 def test_a_short_evaluation_is_warned_about_before_it_runs():
     said = []
-    pipeline._warn_about_the_verdict(tiny("eval.num_samples=3", "eval.bootstrap_resamples=1",
-                                          "thresholds.max_kl=1e9"), False, said.append)
+    cfg = tiny("eval.num_samples=3", "eval.bootstrap_resamples=1", "thresholds.max_kl=1e9")
+    check_verdict_settings(cfg, concrete(cfg), False, said.append)
     text = "\n".join(said)
     assert "eval.num_samples=3" in text and "eval.bootstrap_resamples=1" in text and "max_kl is loosened" in text
 
