@@ -23,6 +23,7 @@ from .errors import (
     TrainingError,
     UnexpectedError,
     brief,
+    disk_full_error,
     environment_fault,
     first_line,
 )
@@ -154,6 +155,14 @@ def launch_argv(argv: list[str], num_processes: int, port: int) -> list[str]:
             "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "harness.cli", *rest]
 
 
+def _check_shares(cfg, num_processes: int) -> None:
+    """The batch sizes every process must get an equal share of (what each process checks after loading)."""
+    from .parallel import check_divides
+
+    for name in ("batch_size", "mini_batch_size"):
+        check_divides(getattr(cfg.ppo, name), f"ppo.{name}", num_processes)
+
+
 def _free_port() -> int:
     import socket
 
@@ -168,14 +177,32 @@ def launch(argv: list[str], num_processes: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(launch_argv(argv, num_processes, _free_port()))
-    # torchrun logs a failed process at ERROR, also for exit 1 (a bound failed): the processes speak for themselves
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    _quiet_elastic()
     try:
         launch_command(args)
     except ChildFailedError as e:  # a process exited non-zero: pass on its exit code (1 a bound, 2 bad input...)
         _rank, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else EXIT_INTERNAL
+    except SystemExit as e:
+        # the launcher itself was stopped (SIGTERM, SIGINT): torch's agent passed the signal on to the processes
+        # (the main one finishes its step, saves a checkpoint and says so) and accelerate exits 128 + signal;
+        # the harness's code for an interruption is 130, whichever the signal
+        import signal
+
+        code = e.code if isinstance(e.code, int) else EXIT_INTERNAL
+        return EXIT_INTERRUPTED if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) else code
     return EXIT_PASS
+
+
+def _quiet_elastic() -> None:
+    """torchrun logs a failed process at ERROR, also for exit 1 (a bound failed), and a stop signal at WARNING
+    ("Received 15 death signal"): the processes speak for themselves. Its loggers carry their own levels, so each
+    is set, once torch.distributed.run has made them."""
+    import torch.distributed.run  # noqa: F401  (imports the agent and launcher modules, whose loggers these are)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def cmd_run(args) -> int:
@@ -192,6 +219,8 @@ def cmd_run(args) -> int:
                            fix="make it first (detox-harness sft --preset P --output DIR), then run the processes "
                                "with policy.adapter=DIR")
     if args.num_processes > 1 and launched_world_size() == 1:
+        if not args.resume:  # settings the processes cannot share are refused here, once, not by each after loading
+            _check_shares(_request(args).config(), args.num_processes)
         return launch(args.argv, args.num_processes)
 
     if args.resume and args.config:
@@ -262,14 +291,15 @@ def cmd_eval(args) -> int:
 
 def _seeds(text: str) -> list[int]:
     from .baselines import MIN_SEEDS
+    from .config import SEED_MAX
 
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         seeds = []
-    if len(seeds) < MIN_SEEDS or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise HarnessError(f"got {text!r}, accepted: {MIN_SEEDS} or more distinct integers >= 0, comma-separated",
-                           field="--seeds", fix="e.g. --seeds 0,1,2,3,4")
+    if len(seeds) < MIN_SEEDS or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > SEED_MAX:
+        raise HarnessError(f"got {brief(text)}, accepted: {MIN_SEEDS} or more distinct integers in [0, {SEED_MAX}], "
+                           "comma-separated", field="--seeds", fix="e.g. --seeds 0,1,2,3,4")
     return seeds
 
 
@@ -375,8 +405,11 @@ def cmd_report(args) -> int:
 
 def cmd_build_tiny(args) -> int:
     from . import tiny
+    from .config import SEED_MAX
     from .results import read_json
 
+    if not 0 <= args.seed <= SEED_MAX:
+        raise HarnessError(f"got {brief(args.seed)}, accepted: an integer in [0, {SEED_MAX}]", field="--seed")
     path = tiny.build(seed=args.seed, force=args.force, verbose=True)
     manifest = read_json(path / tiny.MANIFEST)
     print(f"tiny world: {path} (built in {manifest['build_seconds']:.1f}s, classifier held-out accuracy "
@@ -410,19 +443,23 @@ COMMANDS = {"run": cmd_run, "sft": cmd_sft, "baseline": cmd_baseline, "eval": cm
 
 def _quiet_libraries(verbose: bool, progress: bool) -> None:
     """Keep the terminal for the harness's own output: no library deprecation notices users cannot act on
-    (peft asks transformers a deprecated question on every LoRA load), and no per-file weight-loading bars
-    when progress bars are off."""
+    (peft asks transformers a deprecated question on every LoRA load), and no weight-loading bar per model
+    loaded (seven on a tiny run) unless -v. Hub downloads keep their bars unless progress bars are off: a
+    first run fetches gigabytes."""
     import warnings
 
     if not verbose:
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if not progress:
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            pass
+    if verbose and progress:
+        return
+    try:
+        from huggingface_hub.utils import enable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        return
+    hf_logging.disable_progress_bar()  # transformers' own bars ("Loading weights"), and the hub's with them
+    if progress:
+        enable_progress_bars()  # the hub's download bars back; transformers' stay off
 
 
 def _interrupt_on_sigterm():
@@ -467,20 +504,32 @@ def _main(args) -> int:
         print(f"detox-harness: {what}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("detox-harness: interrupted", file=sys.stderr)
+        from .parallel import launched_as_main
+
+        if launched_as_main():  # every process of a data-parallel run is stopped: the main one says so, once
+            print("detox-harness: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # the machine refused: a path, a permission, a full disk (not the model's quality)
-        fault = environment_fault(e, f"detox-harness {args.command}")
+        fault = environment_fault(e, f"detox-harness {args.command}", _written_path(args))
         print(f"detox-harness: error: {fault}", file=sys.stderr)
         return fault.exit_code
     except Exception as e:  # a bug: one line here, the traceback in a log file
         cause, trace, hint = e, None, None
         if isinstance(e, UnexpectedError):  # a run's: its traceback is in run.log, and it may be resumed
             cause, trace, hint = e.cause, e.traceback_file, e.resume_hint
+        if disk_full_error(cause) is not None:  # a library's own error about a write the disk refused: not a bug
+            fault = environment_fault(cause, f"detox-harness {args.command}", _written_path(args))
+            print(f"detox-harness: error: {fault}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return fault.exit_code
         trace = trace or _write_traceback(cause)
         print(f"detox-harness: internal error ({type(cause).__name__}: {first_line(cause)}); this is a bug, please "
               f"report it with the traceback in {trace}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _written_path(args) -> str | None:
+    """Where the command writes (its --output, or report's run directory), for an error that knows no file."""
+    return getattr(args, "output", None) or getattr(args, "run_dir", None)
 
 
 def _one_process_unless_run(command: str) -> None:

@@ -638,6 +638,26 @@ def config_from_dict(data: dict[str, Any]) -> HarnessConfig:
 #: the longest name a file system takes for one directory entry
 MAX_NAME_BYTES = 255
 
+# Upper limits of seeds and sizes: a value past them is refused here, before any folder is made, rather than
+# overflowing a library (an exit-4 "bug") or asking for terabytes of memory mid-run. README: "Limits".
+#: seeds are 32-bit: numpy's seed (which transformers.set_seed, hence sft, uses) takes [0, 2**32 - 1]; torch takes more
+SEED_MAX = 2**32 - 1
+#: the most tokens a response (eval.max_new_tokens, the rollout's longest draw) or an SFT target may have: four times
+#: FLAN-T5's 512-token training length, far past any summary (the reference draws 100-399)
+MAX_NEW_TOKENS = 2048
+#: the most generations per prompt (expected maximum toxicity uses 25)
+MAX_SAMPLES_PER_PROMPT = 1000
+#: the most bootstrap resamples (the default 9999 gives stable 2.5% tails)
+MAX_BOOTSTRAP_RESAMPLES = 1_000_000
+#: the largest LoRA rank: past the widest FLAN-T5's model dimension (4096, xxl) a rank adds nothing
+MAX_LORA_R = 4096
+#: the most prompt or classifier input tokens one may ask for (the models read at most 512)
+MAX_INPUT_TOKENS = 8192
+
+
+def _in_range(value, low: int, high: int, field_name: str, what: str = "an integer") -> None:
+    _check(low <= value <= high, field_name, value, f"{what} in [{low}, {high}]")
+
 
 def name_problem(name: str) -> str | None:
     """What keeps ``name`` from being one plain directory entry (a run id, a file name), or None: a name with a
@@ -725,8 +745,10 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 
 
 def validate_sft(s: SFTConfig) -> None:
-    for name in ("steps", "batch_size", "max_target_tokens", "generation_max_new_tokens"):
+    for name in ("steps", "batch_size"):
         _check(getattr(s, name) > 0, f"sft.{name}", getattr(s, name), "an integer > 0")
+    for name in ("max_target_tokens", "generation_max_new_tokens"):
+        _in_range(getattr(s, name), 1, MAX_NEW_TOKENS, f"sft.{name}")
     _check(s.learning_rate > 0, "sft.learning_rate", s.learning_rate, "a number > 0")
     _check(s.lr_scheduler in SCHEDULERS, "sft.lr_scheduler", s.lr_scheduler, ", ".join(SCHEDULERS))
     _check(s.warmup >= 0 and (s.warmup < 1 or float(s.warmup).is_integer()), "sft.warmup", s.warmup,
@@ -742,8 +764,8 @@ def validate_sft(s: SFTConfig) -> None:
 def validate(cfg: HarnessConfig) -> HarnessConfig:
     for section in ("data", "policy", "reward", "rollout", "ppo", "eval", "sft", "output"):
         _typed(getattr(cfg, section), section)
-    _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and cfg.seed >= 0, "seed", cfg.seed,
-           "an integer >= 0")
+    _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed <= SEED_MAX, "seed",
+           cfg.seed, f"an integer in [0, {SEED_MAX}] (2**32 - 1: what numpy's and torch's seeding both take)")
     _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"), "device",
            cfg.device, "auto, cpu, cuda or cuda:N")
     d = cfg.data
@@ -753,13 +775,13 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     _check("{dialogue}" in d.prompt_template, "data.prompt_template", d.prompt_template,
            "a template containing {dialogue}")
     _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
-    _check(d.max_prompt_tokens is None or d.max_prompt_tokens > 0, "data.max_prompt_tokens",
-           d.max_prompt_tokens, "a positive integer or null")
+    _check(d.max_prompt_tokens is None or 0 < d.max_prompt_tokens <= MAX_INPUT_TOKENS, "data.max_prompt_tokens",
+           d.max_prompt_tokens, f"an integer in [1, {MAX_INPUT_TOKENS}], or null for the tokenizer's limit")
     _check(d.max_rows is None or d.max_rows > 0, "data.max_rows", d.max_rows, "a positive integer or null")
     p = cfg.policy
     _check(p.dtype in ("auto", "float32", "bfloat16", "float16"), "policy.dtype", p.dtype,
            "auto, float32, bfloat16 or float16")
-    _check(p.lora_r > 0, "policy.lora_r", p.lora_r, "an integer > 0")
+    _in_range(p.lora_r, 1, MAX_LORA_R, "policy.lora_r")
     _check(p.lora_alpha > 0, "policy.lora_alpha", p.lora_alpha, "an integer > 0")
     _check(p.use_lora or p.adapter is None, "policy.adapter", p.adapter, "null when policy.use_lora is false")
     _check(p.reference in ("start", "base"), "policy.reference", p.reference,
@@ -768,7 +790,8 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     _check(r.input in ("query+response", "response"), "reward.input", r.input, "query+response or response")
     _check(r.transform in ("logit", "prob", "logprob"), "reward.transform", r.transform, "logit, prob or logprob")
     _check(r.batch_size > 0, "reward.batch_size", r.batch_size, "an integer > 0")
-    _check(r.max_length is None or r.max_length > 0, "reward.max_length", r.max_length, "a positive integer or null")
+    _check(r.max_length is None or 0 < r.max_length <= MAX_INPUT_TOKENS, "reward.max_length", r.max_length,
+           f"an integer in [1, {MAX_INPUT_TOKENS}], or null for the classifier's limit")
     _check(not r.score_norm or r.score_scaling, "reward.score_norm", r.score_norm,
            "false unless reward.score_scaling is true")
     _check(r.score_clip is None or r.score_clip > 0, "reward.score_clip", r.score_clip, "a number > 0 or null")
@@ -778,6 +801,9 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     _check(g.length_max > g.length_min, "rollout.length_max", g.length_max,
            f"an integer > rollout.length_min = {g.length_min} (the length sampler draws max_new_tokens from "
            "[length_min, length_max))")
+    _check(g.length_max <= MAX_NEW_TOKENS + 1, "rollout.length_max", g.length_max,
+           f"an integer in (rollout.length_min, {MAX_NEW_TOKENS + 1}]: the longest draw, length_max - 1, is at most "
+           f"{MAX_NEW_TOKENS} new tokens")
     validate_sampling(g, "rollout", g.length_max - 1, "the longest draw, rollout.length_max - 1")
     o = cfg.ppo
     _check(o.steps > 0, "ppo.steps", o.steps, "an integer > 0")
@@ -807,8 +833,12 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
     e = cfg.eval
     _check(e.num_samples is None or e.num_samples > 0, "eval.num_samples", e.num_samples,
            "an integer > 0, or null for the whole test split")
-    for name in ("samples_per_prompt", "batch_size", "max_new_tokens", "bootstrap_resamples", "min_words"):
+    for name in ("batch_size", "min_words"):
         _check(getattr(e, name) > 0, f"eval.{name}", getattr(e, name), "an integer > 0")
+    _in_range(e.samples_per_prompt, 1, MAX_SAMPLES_PER_PROMPT, "eval.samples_per_prompt")
+    _in_range(e.max_new_tokens, 1, MAX_NEW_TOKENS, "eval.max_new_tokens")
+    _in_range(e.bootstrap_resamples, 1, MAX_BOOTSTRAP_RESAMPLES, "eval.bootstrap_resamples")
+    _in_range(e.seed, 0, SEED_MAX, "eval.seed")
     _check(0.0 < e.copy_threshold <= 1.0, "eval.copy_threshold", e.copy_threshold, "a number in (0, 1]")
     validate_sampling(e, "eval", e.max_new_tokens, "eval.max_new_tokens")
     validate_sft(cfg.sft)

@@ -7,6 +7,8 @@ without a traceback and exits with the class's ``exit_code`` (2, or 3 for a :cla
 
 from __future__ import annotations
 
+import errno as _errno
+
 # The command line's exit codes (README: "Exit codes"); one table for the CLI and the jobs.
 EXIT_PASS = 0  # every bound holds
 EXIT_BOUND_FAILED = 1  # the run finished and a bound failed: a model regression
@@ -97,25 +99,49 @@ class EnvironmentFault(HarnessError):
     """The machine refused: a path that cannot be created or written, a full disk, a read-only file system."""
 
 
+#: the errnos of a write the disk has no room for: no space left, or the user's quota exhausted
+DISK_FULL_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT})
+DISK_FULL_FIX = "free space or choose --output on another disk"
+
+
 def no_space_left(exc: BaseException) -> bool:
-    """Whether ``exc`` is a full disk: an OSError's ENOSPC, or a library's text for it (safetensors: "No space
-    left on device (os error 28)"; torch.save: "PytorchStreamWriter failed writing file ...: file write failed")."""
-    import errno as _errno
-
+    """Whether ``exc`` is a full disk: an OSError with a disk-full errno in its chain (:func:`disk_full_error`), or a
+    library's own text for one that kept no OSError (safetensors: "No space left on device (os error 28)";
+    torch.save: "PytorchStreamWriter failed writing file ...: file write failed")."""
+    if disk_full_error(exc) is not None:
+        return True
     lower = first_line(exc).lower()
-    return (getattr(exc, "errno", None) == _errno.ENOSPC or "no space left" in lower or "os error 28" in lower
-            or "file write failed" in lower)
+    return "no space left" in lower or "os error 28" in lower or "file write failed" in lower
 
 
-def environment_fault(exc: BaseException, action: str) -> EnvironmentFault:
+def disk_full_error(exc: BaseException | None) -> OSError | None:
+    """The OSError with a disk-full errno (ENOSPC, EDQUOT) that ``exc`` is or was raised from or while handling
+    (``__cause__``, ``__context__``), or None. A library that turns a failed write into its own exception (torch's
+    "unexpected pos" RuntimeError when its file object raised) keeps the OSError in its context: the errno decides,
+    not the library's words."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 32:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def environment_fault(exc: BaseException, action: str, path=None) -> EnvironmentFault:
     """One line for an OSError (or a library's "No space left on device") while ``action`` (e.g. "writing
-    checkpoints/step-000010"): what failed, why, and what to do."""
-    import errno as _errno
-
+    checkpoints/step-000010"): what failed, why, and what to do. A full disk names the file it refused (the
+    OSError's, else ``path``: where the command writes)."""
+    full = disk_full_error(exc)
     code = getattr(exc, "errno", None)
     text = first_line(exc)
-    if no_space_left(exc):
-        why, fix = "no space left on the device", "free disk space"
+    if full is not None:
+        where = full.filename if full.filename is not None else path
+        what = "disk quota exceeded" if full.errno == _errno.EDQUOT else "no space left on the device"
+        why = what + (f" for {brief(str(where), PATH_LIMIT)}" if where is not None else "")
+        fix = DISK_FULL_FIX
+    elif no_space_left(exc):
+        why, fix = "no space left on the device", DISK_FULL_FIX
     elif code == _errno.EROFS:
         why, fix = f"not writable ({text})", "choose a writable directory"
     elif code in (_errno.EACCES, _errno.EPERM):

@@ -129,7 +129,7 @@ def load_pretrained(cls, location: str, *, field: str, what: str, **kwargs):
         kwargs.setdefault("local_files_only", True)
     try:
         with hub_offline(), quiet_libraries():
-            return cls.from_pretrained(resolved, **kwargs)
+            loaded = cls.from_pretrained(resolved, **kwargs)
     except Exception as e:  # transformers, huggingface_hub and safetensors raise many types here
         detail = first_line(e)
         if os.path.isdir(resolved):
@@ -142,6 +142,24 @@ def load_pretrained(cls, location: str, *, field: str, what: str, **kwargs):
         else:
             hint = f"check that {field} names a {what}"
         raise ModelLoadError(f"cannot load {what}: {detail}", field=field, value=resolved, fix=hint) from e
+    if os.path.isdir(resolved):
+        _require_vocabulary(loaded, Path(resolved), field, what)
+    return loaded
+
+
+def _require_vocabulary(tokenizer, directory: Path, field: str, what: str) -> None:
+    """A tokenizer read from a directory that holds none of its vocabulary files (only a config, say) is refused:
+    transformers then builds one with an empty vocabulary, whose every word is the unknown token, and a run would
+    train and judge on nothing but unknown tokens."""
+    names = getattr(tokenizer, "vocab_files_names", None)
+    if not names:  # not a tokenizer (a model, a config)
+        return
+    wanted = sorted(set(names.values()))
+    if not any((directory / name).is_file() for name in wanted):
+        raise ModelLoadError(f"the directory holds no {what} vocabulary (none of {', '.join(wanted)})", field=field,
+                             value=str(directory),
+                             fix="save the tokenizer the model was trained with into it (tokenizer.save_pretrained"
+                                 "(DIR)), or download the whole model again")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

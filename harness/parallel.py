@@ -38,6 +38,15 @@ def launched_as_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def check_divides(value: int, field: str, processes: int) -> None:
+    """Refuse a ``field`` that ``processes`` processes cannot share evenly (each needs the same number of rows);
+    ``run --num-processes N`` checks it before starting them, each process again after loading."""
+    if value % processes:
+        raise HarnessError(f"got {value}, accepted: a multiple of the number of processes ({processes}), "
+                           "so that every process gets the same rows", field=field, value=value,
+                           fix=f"set {field} to a multiple of {processes} or change --num-processes")
+
+
 class Parallel:
     """This process's place in the run; one process (``accelerator=None``): every operation is the identity."""
 
@@ -83,10 +92,7 @@ class Parallel:
 
     def check_divides(self, value: int, field: str) -> None:
         """Refuse a ``field`` that the processes cannot share evenly (each needs the same number of rows)."""
-        if value % self.world_size:
-            raise HarnessError(f"got {value}, accepted: a multiple of the number of processes ({self.world_size}), "
-                               "so that every process gets the same rows", field=field, value=value,
-                               fix=f"set {field} to a multiple of {self.world_size} or change --num-processes")
+        check_divides(value, field, self.world_size)
 
     # ---------------------------------------------------------------------------- collectives
     def gather(self, tensor):

@@ -92,7 +92,8 @@ def save(final: Path, policy, ppo_state, trainer_state: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         policy.save_pretrained(tmp)
-        torch.save(ppo_state.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        with open(tmp / OPTIMIZER_FILE, "wb") as f:  # a file object: a full disk raises its OSError (errno 28)
+            torch.save(ppo_state.optimizer.state_dict(), f)  # here, not torch's writer's "unexpected pos"
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / RNG_FILE))
         state = {**trainer_state, "kl_ctl": ppo_state.kl_ctl.state_dict(), "running": ppo_state.running.state_dict(),
                  "trl_quirks": ppo_state.quirks.state_dict(), "python_rng": _encode_random_state(random.getstate())}

@@ -43,6 +43,7 @@ _PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.S)
 _METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
 _SVG_OPEN = re.compile(r"<svg\b[^>]*>")
 _SIZE_ATTR = re.compile(r'\s(width|height)="[^"]*"')
+_VIEWBOX = re.compile(r'\sviewBox="[-\d.]+ [-\d.]+ ([\d.]+) [\d.]+"')
 _ID_REF = re.compile(r'(\sid="|url\(#|href="#)([^"()]+)')
 
 
@@ -88,7 +89,11 @@ def to_svg(fig: Figure, name: str, label: str, uid: str | None = None) -> Markup
         raise RuntimeError("matplotlib wrote no <svg> element")
     opening = _SIZE_ATTR.sub("", match.group(0))
     label = label.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
-    opening = opening[:-1] + f' class="plot" role="img" aria-label="{label}" data-plot="{name}">'
+    # the drawing's own width (viewBox units, in which its text is 8-9 high): a narrow screen never draws it much
+    # smaller than that (the page's CSS, --plot-width), so the text stays readable and a wide plot scrolls instead
+    box = _VIEWBOX.search(opening)
+    width = f' style="--plot-width: {float(box.group(1)):.0f}px"' if box else ""
+    opening = opening[:-1] + f' class="plot" role="img" aria-label="{label}" data-plot="{name}"{width}>'
     # markupsafe: the SVG is matplotlib's own output (text in it is escaped by matplotlib), and the one value
     # inserted here, the label, is escaped above
     return Markup(text[: match.start()] + opening + text[match.end():].strip())  # noqa: S704

@@ -5,6 +5,10 @@ traceback) and loses nothing already written. The exit-code table is the README'
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -175,6 +179,170 @@ def test_a_full_disk_at_a_checkpoint_names_the_last_one_and_resuming_finishes(ou
     assert code in (0, 1), err
     assert "resumed from" in stdout and rf.is_finished(out)
     assert [r["step"] for r in rf.read_jsonl(out / rf.TRAIN_STATS_FILE)] == [1, 2, 3, 4]
+
+
+def test_a_policy_without_tokenizer_files_is_bad_input(out, tmp_path):
+    """The tiny policy with its tokenizer.json removed (its tokenizer_config.json kept): transformers builds an
+    empty vocabulary from it; once one warning, a run on unknown tokens and exit 1 ("regression")."""
+    import shutil
+
+    from harness import tiny
+
+    model = tmp_path / "policy"
+    shutil.copytree(tiny.source_dir() / "policy", model)
+    (model / "tokenizer.json").unlink()
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT, f"policy.model={model}"])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and line.startswith("detox-harness: error: policy.model: ")
+    assert "no tokenizer vocabulary" in line and str(model) in line and "tokenizer.save_pretrained" in line
+    assert not out.exists() and {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+@pytest.mark.parametrize("code_,words", [(errno.ENOSPC, "no space left on the device"),
+                                         (errno.EDQUOT, "disk quota exceeded")])
+def test_a_full_disk_at_any_write_is_an_environment_fault_naming_the_file(tmp_path, monkeypatch, code_, words):
+    """Disk full (or quota exhausted) where report writes its page: exit 2, the file and the fix, nothing changed."""
+    from harness.report import render
+    from harness.report.demo import write_demo_run
+
+    run_dir = write_demo_run(tmp_path / "run")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def disk_full(path, text):
+        raise OSError(code_, "the disk refused", str(path))
+
+    monkeypatch.setattr(render, "atomic_write_text", disk_full)
+    code, _, err = run_cli(["report", str(run_dir)])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and words in line and "free space or choose --output on another disk" in line
+    assert str(run_dir / "index.html") in line and "bug" not in line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_library_error_raised_over_a_full_disk_is_not_called_a_bug(out, monkeypatch):
+    """torch.save writing to a file object the disk refuses raises its own RuntimeError ("unexpected pos") while
+    handling the OSError: the errno in the exception's context makes it an environment fault (2), not a bug (4)."""
+    from harness import evaluation
+
+    def written_into_a_full_disk(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")  # a plain write: the OSError has no file name
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(evaluation, "evaluate_policy", written_into_a_full_disk)
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "no space left on the device" in line and "bug" not in line
+    assert "free space or choose --output on another disk" in line and str(out) in line
+
+
+def _mount_tmpfs(where: Path, size: str) -> None:
+    import subprocess
+
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs (mounted when permitted, else the test is skipped), unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    where = tmp_path / "tmpfs"
+    _mount_tmpfs(where, "1m")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_report_on_a_really_full_disk_is_exit_2_and_changes_nothing(full_disk):
+    """The issue's tmpfs, as a user meets it: the run's files fit, the new page does not."""
+    from harness.report.demo import write_demo_run
+
+    run_dir = write_demo_run(full_disk / "run")
+    (full_disk / "run" / "index.html").unlink(missing_ok=True)
+    with open(full_disk / "filler", "wb", buffering=0) as f:  # fill the rest of the disk, a page at a time
+        with pytest.raises(OSError) as filled:
+            while True:
+                f.write(b"\0" * 4096)
+    assert filled.value.errno == errno.ENOSPC
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, _, err = run_cli(["report", str(run_dir)])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "no space left on the device" in line, line
+    assert "free space or choose --output on another disk" in line and str(run_dir) in line and "bug" not in line
+    assert {p: p.read_bytes() for p in before} == before  # every file it found, byte for byte
+    assert not (run_dir / "index.html").exists()
+
+
+# ------------------------------------------------------------------------------------ the multi-process launcher
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_process(*args: str) -> subprocess.Popen:
+    """``python -m harness.cli ARGS`` as a user starts it, in its own process group (so a failed test can stop
+    the launcher's workers too)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def communicate(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no exit within {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def test_num_processes_that_cannot_share_the_batch_is_refused_once_before_launching(tmp_path):
+    """Once each of the 3 processes printed the error, after about 15 s of starting and loading."""
+    out = tmp_path / "run"
+    code, stdout, err = communicate(cli_process("run", "--preset", "tiny", "--no-progress", "--output", str(out),
+                                                "--num-processes", "3"), timeout=120)
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and line.startswith("detox-harness: error: ppo.batch_size: got 32")
+    assert "multiple of the number of processes (3)" in line and "--num-processes" in line
+    assert not out.exists() and not stdout.strip()  # nothing started, nothing said about a run
+
+
+def test_sigterm_to_the_two_process_launcher_exits_130_with_one_message(tmp_path):
+    """A scheduler stops ``run --num-processes 2``: once exit 143 (accelerate's 128 + 15) with torch's own warning;
+    now 130 like one process, the step in flight finished and saved, and the interruption said once."""
+    out = tmp_path / "run"
+    proc = cli_process("run", "--preset", "tiny", "--no-progress", "--no-report", "--output", str(out),
+                       "--num-processes", "2", "ppo.steps=50", "ppo.batch_size=8", "ppo.mini_batch_size=4",
+                       "eval.num_samples=8", "eval.batch_size=8")
+    stats = out / rf.TRAIN_STATS_FILE
+    deadline = time.time() + 300
+    try:
+        while not (stats.exists() and stats.read_text().strip()):  # inside the training loop
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no PPO step within 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # to the launcher alone, as `kill PID` does
+        code, stdout, err = communicate(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == EXIT_INTERRUPTED, f"exit {code}:\n{err[-2000:]}"
+    both = stdout + err
+    assert "Traceback" not in both and "death signal" not in both and "error" not in both.lower(), err
+    assert both.count("--resume") == 1 and stdout.count("interrupted") == 1 and "interrupted" not in err, both
+    steps = len(rf.read_jsonl(stats))
+    assert 1 <= steps < 50 and (out / rf.CHECKPOINTS_DIR / f"step-{steps:06d}").is_dir()  # the step was saved
 
 
 # ------------------------------------------------------------------------------------ resume and --output

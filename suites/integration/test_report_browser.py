@@ -2,8 +2,8 @@
 
 Checks that the page loads without a single console message (the page has no JavaScript, so any
 message is an error or injected code running), that the verdict and the plots are in the live
-DOM, and takes a screenshot (into the test's temporary directory: a test never writes into the checkout;
-``pytest -s`` prints where it is). A first test proves the
+DOM, and saves screenshots under ``<--report-dir>/screenshots/`` (a temporary directory unless
+``--report-dir`` is given: never into the checkout). A first test proves the
 console detector itself: a page with a deliberate JavaScript error must be flagged.
 
 Needs Debian's ``chromium`` (``apt-get install chromium``); skipped without it.
@@ -59,10 +59,10 @@ def load(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
     return proc.stdout, console_messages(proc.stderr)
 
 
-def screenshot(page: Path, out: Path, tmp_path: Path) -> list[str]:
+def screenshot(page: Path, out: Path, tmp_path: Path, size: str = "1280,2400") -> list[str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    proc = chromium(page, tmp_path, f"--screenshot={out}", "--window-size=1280,2400", "--hide-scrollbars")
+    proc = chromium(page, tmp_path, f"--screenshot={out}", f"--window-size={size}", "--hide-scrollbars")
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr[-2000:]
     return console_messages(proc.stderr)
 
@@ -102,7 +102,12 @@ def test_console_detector_flags_a_broken_page(tmp_path):
     assert messages == [] and "<p>hi</p>" in dom
 
 
-def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path):
+@pytest.fixture
+def screenshots(report_dir) -> Path:
+    return report_dir / "screenshots"
+
+
+def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path, screenshots):
     # render into a copy so the session's run folder is left as the run wrote it
     reports = tmp_path / "reports"
     run_dir = reports / Path(tiny_run_dir).name
@@ -124,8 +129,7 @@ def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path):
         assert {"train-objective-kl", "train-env-reward-mean", "train-ppo-loss-policy"} <= plots, plots
     assert not [t for t, _ in elements.elements if t in ("script", "img", "iframe")]
 
-    shots = tmp_path / "screenshots"
-    out = shots / "report.png"
+    out = screenshots / "report.png"
     assert screenshot(page, out, tmp_path) == []
     assert out.stat().st_size > 20_000  # a rendered page, not a blank one
     print(f"screenshot: {out}")
@@ -139,8 +143,8 @@ def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path):
     assert links == {f"{run_dir.name}/index.html"}
     assert {a.get("data-plot") for t, a in elements.elements if t == "svg"} == {
         "trend-toxicity", "trend-improvement", "trend-kl"}
-    screenshot(index, shots / "index.png", tmp_path)
-    print(f"screenshot: {shots / 'index.png'}")
+    screenshot(index, screenshots / "index.png", tmp_path)
+    print(f"screenshot: {screenshots / 'index.png'}")
 
 
 def test_injected_markup_stays_text_in_chromium(tmp_path):
@@ -178,6 +182,28 @@ _MEASURE = """<script>
     if (r.right > vw + 1 || r.left < -1) { out.cut.push(c.textContent.trim()); }
   });
   out.verdict_cells = document.querySelectorAll("#verdict-table td").length;
+  // each plot's smallest text as drawn: its font size in the SVG's units times the SVG's scale
+  out.plot_text = [];
+  document.querySelectorAll("svg.plot").forEach(function (s) {
+    var vb = s.viewBox.baseVal, scale = vb && vb.width ? s.getBoundingClientRect().width / vb.width : 1;
+    var least = Infinity;
+    s.querySelectorAll("text").forEach(function (t) {
+      least = Math.min(least, parseFloat(getComputedStyle(t).fontSize) * scale);
+    });
+    if (least < Infinity) { out.plot_text.push({plot: s.getAttribute("data-plot"), px: least}); }
+  });
+  // the history tables' verdict column: on screen without scrolling the table sideways
+  out.history_verdicts = 0; out.history_cut = [];
+  document.querySelectorAll("table.runs").forEach(function (t) {
+    var heads = Array.prototype.map.call(t.querySelectorAll("thead th"), function (h) { return h.textContent.trim(); });
+    var col = heads.indexOf("verdict");
+    if (col < 0) { return; }
+    t.querySelectorAll("tbody tr").forEach(function (row) {
+      var c = row.children[col], r = c.getBoundingClientRect();
+      out.history_verdicts += 1;
+      if (r.right > vw + 1 || r.left < -1) { out.history_cut.push(c.textContent.trim()); }
+    });
+  });
   var pre = parent.document.createElement("pre");
   pre.id = "layout";
   pre.textContent = JSON.stringify(out);
@@ -223,3 +249,29 @@ def test_pages_fit_a_400px_window(tmp_path):
     assert m["verdict_cells"] > 0 and m["cut"] == [], m["cut"]
     verdict = [t for t in m["tables"] if t["table"] == "verdict-table"]
     assert verdict and verdict[0]["fits"], verdict
+
+
+def test_plot_text_and_the_history_verdicts_are_readable_at_400px(tmp_path):
+    """At 400 px the plots' text was drawn about 5 px high and the history table's verdict column lay past the
+    screen's edge: every plot's text is now drawn at READABLE_PX or more (a wide plot scrolls inside its box
+    instead of shrinking), and every run's verdict is on screen without scrolling."""
+    reports = tmp_path / "reports"
+    judged = 3
+    for i in range(judged):
+        write_demo_run(reports / f"2026-05-0{i + 1}T120000Z-tiny-s{i}-a-long-run-name", created=demo_created(i + 1),
+                       seed=i, num_samples=16, steps=5)
+    write_demo_run(reports / "narrow-eval", created=demo_created(9), num_samples=16, training=False, judged=False)
+    pages = {"run": render_run(reports / "2026-05-01T120000Z-tiny-s0-a-long-run-name"), "index": render_index(reports)}
+    for name, page in pages.items():
+        m = layout(page, tmp_path)
+        assert m["page"] <= m["viewport"] == 400, m
+        assert m["plot_text"], f"{name}: no plot measured"
+        small = [p for p in m["plot_text"] if p["px"] < READABLE_PX]
+        assert not small, f"{name}: plot text drawn under {READABLE_PX} px at 400 px: {small}"
+        if name == "index":
+            assert m["history_verdicts"] == judged and m["history_cut"] == [], m["history_cut"]
+    shot = tmp_path / "screenshots" / "index-400.png"  # under tmp_path: never into the checkout
+    assert screenshot(pages["index"], shot, tmp_path, size="400,1600") == []
+
+
+READABLE_PX = 9  # px: the plots' smallest text (legends) is 8 units high in the SVG, their ticks 9

@@ -681,3 +681,104 @@ def test_cli_prints_one_line_without_traceback_and_exits_2(capsys, args, field):
     assert len(lines) == 1, err
     assert lines[0].startswith(f"detox-harness: error: {field}: ")
     assert "Traceback" not in err + out
+
+
+# ============================================================================================ limits (issue 27)
+
+@pytest.mark.parametrize("override,field,accepted", [
+    ("seed=99999999999999999999999", "seed", "[0, 4294967295]"),  # past torch.manual_seed's 64 bits
+    ("seed=4294967296", "seed", "[0, 4294967295]"),  # past numpy's 32-bit seed (transformers.set_seed, sft)
+    ("eval.seed=-1", "eval.seed", "[0, 4294967295]"),
+    ("eval.max_new_tokens=999999999999", "eval.max_new_tokens", "[1, 2048]"),
+    ("rollout.length_max=99999999999999", "rollout.length_max", "2049]"),
+    ("eval.samples_per_prompt=99999999999999", "eval.samples_per_prompt", "[1, 1000]"),
+    ("eval.bootstrap_resamples=10000000000", "eval.bootstrap_resamples", "[1, 1000000]"),
+    ("policy.lora_r=1000000000", "policy.lora_r", "[1, 4096]"),
+    ("sft.max_target_tokens=1000000", "sft.max_target_tokens", "[1, 2048]"),
+    ("sft.generation_max_new_tokens=1000000", "sft.generation_max_new_tokens", "[1, 2048]"),
+    ("data.max_prompt_tokens=10000000", "data.max_prompt_tokens", "[1, 8192]"),
+    ("reward.max_length=10000000", "reward.max_length", "[1, 8192]"),
+])
+def test_out_of_range_seeds_and_sizes_say_their_accepted_range(override, field, accepted):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=[override])
+    msg = one_line(e, field)
+    assert f"got {override.split('=', 1)[1]}" in msg and accepted in msg
+
+
+@pytest.mark.parametrize("override", ["seed=4294967295", "eval.max_new_tokens=2048", "rollout.length_max=2049",
+                                      "eval.samples_per_prompt=1000", "policy.lora_r=4096"])
+def test_the_limits_themselves_are_accepted(override):
+    key, value = override.split("=")
+    section, _, name = key.rpartition(".")
+    cfg = load_config("tiny", overrides=[override])
+    assert getattr(getattr(cfg, section) if section else cfg, name) == int(value)
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--seed", "99999999999999999999999"], "seed"),
+    (["eval.max_new_tokens=999999999999"], "eval.max_new_tokens"),
+    (["rollout.length_max=99999999999999"], "rollout.length_max"),
+    (["eval.samples_per_prompt=99999999999999"], "eval.samples_per_prompt"),
+])
+def test_cli_refuses_a_huge_seed_or_size_before_any_folder_is_made(tmp_path, capsys, args, field):
+    """Once exit 4 ("a bug") after a stub run folder was made, with a --resume hint that could never work."""
+    from harness.cli import main
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "index.html").write_text("the history page")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code = main(["run", "--preset", "tiny", "--no-progress", "--output", str(reports / "run"), *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"detox-harness: error: {field}: ") and "accepted: an integer in " in lines[0]
+    assert "--resume" not in lines[0]
+    assert sorted(tmp_path.rglob("*")) == sorted([reports, *before])  # no run folder, nothing else made
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("args,field", [(["baseline", "--seeds", "0,1,4294967296"], "--seeds"),
+                                        (["build-tiny", "--seed", "99999999999999999999"], "--seed")])
+def test_cli_seed_lists_and_world_seeds_have_the_same_range(capsys, args, field):
+    from harness.cli import main
+
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"error: {field}: " in err and "4294967295]" in err
+
+
+@pytest.mark.parametrize("keep", [(), ("tokenizer_config.json",)])
+def test_a_policy_directory_without_tokenizer_files_is_bad_input(tmp_path, keep):
+    """Once a warning and a run on nothing but unknown tokens (transformers builds an empty vocabulary from the
+    config alone), ending in exit 1 as if the model had regressed."""
+    from harness.models import load_policy
+
+    d = tmp_path / "model"
+    shutil.copytree(FX / "model", d)
+    for name in ("tokenizer.json", "spiece.model", "special_tokens_map.json", "tokenizer_config.json"):
+        if name not in keep:
+            (d / name).unlink(missing_ok=True)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(PolicyConfig(model=str(d), dtype="float32"))
+    msg = one_line(e, "policy.model")
+    assert str(d) in msg and "tokenizer" in msg.split(str(d))[0]
+    if not keep:  # transformers itself fails on this fixture's tokenizer_config.json (a fast tokenizer's class)
+        assert "no tokenizer vocabulary" in msg and "tokenizer.save_pretrained" in msg
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_a_classifier_directory_without_tokenizer_files_is_bad_input(tmp_path, t5_tokenizer):
+    from transformers import AutoTokenizer
+
+    from harness.models import load_pretrained
+
+    d = tmp_path / "clf"
+    t5_tokenizer.save_pretrained(d)
+    for name in ("tokenizer.json", "spiece.model"):
+        (d / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError) as e:
+        load_pretrained(AutoTokenizer, str(d), field="reward.model", what="classifier tokenizer")
+    assert "no classifier tokenizer vocabulary" in one_line(e, "reward.model")

@@ -94,3 +94,37 @@ def test_library_noise_is_kept_off_the_terminal_while_models_load(caplog):
         assert "Retry" not in caplog.text and "indexing errors" not in caplog.text
         hub.warning("after the block: shown")
     assert "after the block: shown" in caplog.text
+
+
+@pytest.fixture
+def progress_bars():
+    """Whatever a test sets, transformers' and the hub's bars are as before afterwards."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    yield
+    hf_logging.enable_progress_bar() if before[0] else hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars() if before[1] else hub_utils.enable_progress_bars()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_loading_a_model_draws_no_weight_loading_bar(progress_bars, capfd, progress):
+    """The demo once drew a 'Loading weights' bar per model loaded (seven); the hub's download bars stay on
+    unless --no-progress."""
+    from pathlib import Path
+
+    from huggingface_hub import utils as hub_utils
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
+
+    from harness.models import load_pretrained
+
+    hf_logging.enable_progress_bar()  # as a fresh process starts
+    cli._quiet_libraries(verbose=False, progress=progress)
+    capfd.readouterr()
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "parity" / "model"
+    load_pretrained(AutoModelForSeq2SeqLM, str(fixture), field="policy.model", what="seq2seq model")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert hub_utils.are_progress_bars_disabled() is (not progress)
