@@ -128,8 +128,13 @@ class DirectoryLock:
                     self.taken_over = "an unreadable lock file"
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            except OSError:  # a full disk: leave no empty lock file behind
+                self.path.unlink(missing_ok=True)
+                os.close(fd)
+                raise
             self._fd = fd
             return self
         raise HarnessError("the directory's lock keeps changing hands", field=self.field, value=str(self.directory),

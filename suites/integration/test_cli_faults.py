@@ -284,6 +284,19 @@ def test_report_on_a_really_full_disk_is_exit_2_and_changes_nothing(full_disk):
     assert not (run_dir / "index.html").exists()
 
 
+def test_a_checkpoint_on_a_really_full_disk_is_exit_2_and_keeps_what_was_written(full_disk):
+    """The issue's row as a user met it (exit 4 'a bug' before): the first checkpoint (1.3 MB) does not fit the 1 MB
+    disk; the run says so in one line with the resume command, and the files written before it stay readable."""
+    out = full_disk / "run"
+    code, _, err = run_cli(["run", "--preset", "tiny", "--output", str(out), *SHORT])
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT and "writing the checkpoint step-000002 failed: no space left" in line, line
+    assert "free space or choose --output on another disk" in line and f"--output {out} --resume" in line
+    assert rf.read_json(out / rf.BEFORE_FILE)["metrics"] and len(rf.read_jsonl(out / rf.TRAIN_STATS_FILE)) == 2
+    assert [p.name for p in (out / rf.CHECKPOINTS_DIR).iterdir()] == []  # no half-written checkpoint
+    assert not (out / rf.RESULTS_FILE).exists()
+
+
 # ------------------------------------------------------------------------------------ the multi-process launcher
 
 ROOT = Path(__file__).resolve().parents[2]
