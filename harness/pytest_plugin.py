@@ -239,7 +239,7 @@ class Runner:
     def __init__(self, config, report_dir: Path):
         self.config = config
         self.report_dir = report_dir
-        self.done: dict[tuple, HarnessRun] = {}
+        self.done: dict[tuple, HarnessRun | Exception] = {}
 
     def overrides(self, seed: int, extra) -> list[str]:
         given = self.config.getoption("--detox-overrides").split()
@@ -267,7 +267,15 @@ class Runner:
                                             outcome.report, outcome.baseline_checks, time.time() - t)
             except HarnessError as e:
                 self.done[key] = HarnessRun(run_dir, e.exit_code, seconds=time.time() - t, error=str(e))
-        return self.done[key]
+            except Exception as e:  # a bug: every test of this run sees it, none runs it again
+                self.done[key] = e
+        return self._result(key)
+
+    def _result(self, key: tuple) -> HarnessRun:
+        found = self.done[key]
+        if isinstance(found, BaseException):
+            raise found
+        return found
 
     def evaluate(self, adapter: str | Path | None = None, preset: str | None = None, seed: int = 0, *extra: str,
                  config: str | None = None) -> HarnessRun:
@@ -290,7 +298,9 @@ class Runner:
                 self.done[key] = HarnessRun(run_dir, 0, load_results(run_dir), None, page, seconds=time.time() - t)
             except HarnessError as e:
                 self.done[key] = HarnessRun(run_dir, e.exit_code, seconds=time.time() - t, error=str(e))
-        return self.done[key]
+            except Exception as e:
+                self.done[key] = e
+        return self._result(key)
 
 
 def _quiet(*args, **kwargs) -> None:

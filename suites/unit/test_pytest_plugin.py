@@ -81,3 +81,27 @@ def test_bad_seeds_are_a_usage_error_naming_the_option(pytester):
     result = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "--detox-seeds", "0,x")
     assert result.ret != 0
     assert "--detox-seeds: 'x' is not a seed" in result.stderr.str() + result.stdout.str()
+
+
+def test_a_run_is_made_once_per_session_even_when_it_cannot_start_or_crashes(pytestconfig, tmp_path, monkeypatch):
+    from harness.errors import HarnessError
+    from harness.pytest_plugin import Runner
+
+    calls = []
+
+    def refuse(request, **kwargs):
+        calls.append(request)
+        if request.preset == "tiny":
+            raise HarnessError("no such file", field="data.path", fix="give a DialogSum file")
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("harness.plan.plan_run", refuse)
+    runner = Runner(pytestconfig, tmp_path)
+    first = runner.run("tiny", 0, "ppo.steps=2")
+    assert runner.run("tiny", 0, "ppo.steps=2") is first and len(calls) == 1
+    assert first.exit_code == EXIT_BAD_INPUT and first.error.startswith("data.path: no such file")
+    assert "seed=0" in calls[0].overrides and "ppo.steps=2" in calls[0].overrides
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="a bug"):
+            runner.run("flan-t5-small", 1)
+    assert len(calls) == 2
