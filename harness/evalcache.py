@@ -13,7 +13,8 @@ the saved evaluation under ``<cache>/before/<key>.json`` (:func:`load` / :func:`
 - :data:`CACHE_FORMAT` and the SHA-256 of the source of the modules that compute an evaluation
   (:data:`CODE_MODULES`): a change to the evaluation code is a changed key, never a stale hit.
 
-A changed key, or ``detox-harness run --no-cache``, evaluates again (and stores the new evaluation).
+A changed key evaluates again and stores the new evaluation; ``detox-harness run --no-cache`` evaluates again
+without reading or writing the cache.
 """
 
 from __future__ import annotations
