@@ -11,7 +11,9 @@ the saved evaluation under ``<cache>/before/<key>.json`` (:func:`load` / :func:`
 - the fingerprint of the test prompts (their ids, texts and token ids);
 - which evaluation (the reference, or the bare base model under a starting adapter);
 - :data:`CACHE_FORMAT` and the SHA-256 of the source of the modules that compute an evaluation
-  (:data:`CODE_MODULES`): a change to the evaluation code is a changed key, never a stale hit.
+  (:data:`CODE_MODULES`), the versions of torch, transformers, peft and tokenizers, and the device kind (the CPU
+  kernels' capability, the GPU's name) (:func:`numerics`): a change to the evaluation code or its numerics is a
+  changed key, never a stale hit.
 
 A changed key evaluates again and stores the new evaluation; ``detox-harness run --no-cache`` evaluates again
 without reading or writing the cache.
@@ -44,6 +46,25 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def numerics(device: str) -> dict:
+    """What decides an evaluation's float rounding besides the code: the libraries' versions and the device kind
+    (CPU kernels' capability, or the GPU's name)."""
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for dist in ("torch", "transformers", "peft", "tokenizers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    kind = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        kind["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"versions": versions, "device_kind": kind}
+
+
 def before_key(cfg, models: dict, prompts_fingerprint: str, *, bare: bool = False) -> dict:
     """Everything a "before" evaluation depends on, as a JSON-able dict (its hash is the cache key)."""
     policy = {k: v for k, v in cfg.policy.__dict__.items() if k not in ("model", "adapter")}
@@ -52,7 +73,7 @@ def before_key(cfg, models: dict, prompts_fingerprint: str, *, bare: bool = Fals
     revisions = {k: (v or {}).get("revision") if v else None for k, v in models.items()}
     return jsonable({"format": CACHE_FORMAT, "code": code_digest(), "which": "base" if bare else "reference",
                      "revisions": revisions, "policy": policy, "reward": reward, "eval": evaluation,
-                     "device": cfg.device, "prompts": prompts_fingerprint})
+                     "device": cfg.device, "numerics": numerics(cfg.device), "prompts": prompts_fingerprint})
 
 
 def key_digest(key: dict) -> str:

@@ -126,3 +126,20 @@ def test_an_unchanged_before_comes_from_the_cache_and_a_changed_key_or_no_cache_
     assert runs["first"][0] in ("miss", "hit")  # another test of this module may have filled it
     assert runs["same"][3] == runs["no-cache"][3]  # the cached evaluation is the one a recomputation gives
     assert runs["same"][1] < runs["no-cache"][1]
+
+
+def test_the_plugins_eval_fixture_evaluates_a_checkpoint_and_pins_it(pytestconfig, exported, tmp_path):
+    """``detox_eval``'s engine on the exported run's last checkpoint: an eval-only run with its revisions and
+    manifest, made once for repeated requests."""
+    from harness.pytest_plugin import Runner
+
+    runner = Runner(pytestconfig, tmp_path)
+    ev = runner.evaluate(exported, "tiny", 0, "eval.num_samples=16")
+    assert ev.error is None and ev.exit_code == 0 and ev.verdict is None
+    assert runner.evaluate(exported, "tiny", 0, "eval.num_samples=16") is ev
+    adapter = ev.results["provenance"]["models"]["adapter"]
+    assert adapter["kind"] == "directory" and "checkpoints" in adapter["location"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", adapter["revision"])
+    assert len(ev.samples) == 16 and (ev.run_dir / "manifest.json").is_file()
+    code, out, _ = run_cli(["verify", str(ev.run_dir)])
+    assert code == 0, out
