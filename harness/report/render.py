@@ -428,6 +428,7 @@ def pinned_context(results: dict) -> dict:
         entry = models.get(key)
         if isinstance(entry, dict):
             rows.append({"role": role, "location": entry.get("location"), "kind": entry.get("kind"),
+                         "resolved": bool(entry.get("revision")),
                          "revision": entry.get("revision") or "unresolved (not in the local cache)"})
     data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
     return {"models": rows, "data": data, "before_cache": prov.get("before_cache") or {}}
