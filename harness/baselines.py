@@ -34,6 +34,7 @@ from typing import Any
 
 from .config import flatten_dict
 from .errors import HarnessError
+from .provenance import require_same_judges
 from .results import environment_info, read_json, write_json
 from .thresholds import BOUNDS, POWERED_BOUNDS, lookup, text_table
 
@@ -172,6 +173,8 @@ def build_baseline(runs: list[dict]) -> dict[str, Any]:
         "runs": [r["run_id"] for r in runs],
         "verdicts": [r.get("verdict", {}).get("passed") for r in runs],
         "worlds": runs[0].get("worlds") or {},
+        # the revisions the runs' models resolved to: a run judged by another revision is refused (exit 2)
+        "models": (runs[0].get("provenance") or {}).get("models") or {},
         "tolerance_rule": {
             "fixed": f"before.* metrics: |value - mean| <= {ROUNDING:g} x max(1, |mean|) (seed-free evaluation)",
             "seed": f"mean -+ max(t(1 - {FAMILY_ALPHA:g} / (2 x {len(seed_metrics)}), {len(runs) - 1}) x sqrt(1 + 1/"
@@ -242,10 +245,12 @@ def require_same_world(worlds: Mapping[str, str], baseline: dict, baseline_name:
 def compare(results: dict, baseline: dict, *, baseline_name: str = "baseline") -> list[MetricCheck]:
     """Each guarded metric of ``results`` against ``mean +- tolerance``; a metric the run lacks fails.
 
-    Raises HarnessError (an input error) when the run's config or tiny world differs from the baseline's.
+    Raises HarnessError (an input error) when the run's config, tiny world or a judge's revision differs from the
+    baseline's.
     """
     require_same_config(results["config"], baseline, baseline_name)
     require_same_world(results.get("worlds") or {}, baseline, baseline_name)
+    require_same_judges((results.get("provenance") or {}).get("models") or {}, baseline, baseline_name)
     checks = []
     for name, m in baseline["metrics"].items():
         value = _lookup(results["metrics"], tuple(name.split(".")))

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accept-loosened-bounds", action="store_true",
                      help="bounds loosened against the preset's (thresholds.NAME=VALUE, --config) do not fail the run "
                           "by themselves; the verdict then reads 'PASS with loosened bounds', never PASS")
+    run.add_argument("--no-cache", action="store_true", help="evaluate 'before' again, even where a run with the same "
+                     "reference, prompts, judges and evaluation settings left it in the cache")
     run.add_argument("--num-processes", type=int, default=1, metavar="N",
                      help="data-parallel over N processes on this machine, started by accelerate's launcher (one "
                           "per GPU, or N CPU processes); the same numbers as one process (docs/scale.md)")
@@ -123,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "committed world stays what tiny:// reads; compare digests with the printed one)")
 
     sub.add_parser("presets", help="list the presets and their bounds")
+
+    ver = sub.add_parser("verify", help="check a run's files against its manifest.json (exit 0: as written; 1: a "
+                         "file changed or is missing; 2: no manifest)")
+    ver.add_argument("run_dir", help="a run directory holding manifest.json")
+
+    init = sub.add_parser("init", help="write a starter project: a config, a pytest suite judged by the plugin (one "
+                          "test per preset and seed), pytest.ini and a CI snippet")
+    init.add_argument("directory", help="the project directory (made if needed; existing files are never overwritten)")
+    init.add_argument("--presets", default="tiny", help="comma-separated presets of the suite (default tiny)")
+    init.add_argument("--seeds", default="0", help="comma-separated seeds of the suite (default 0)")
     return parser
 
 
@@ -227,7 +239,7 @@ def cmd_run(args) -> int:
         raise HarnessError("--resume continues a run with its saved config", field="--config",
                            fix="drop --config (settings that may change on resume can be given as key=value)")
     plan = plan_run(_request(args), output=args.output, resume=args.resume, sft=args.sft, baseline=args.baseline,
-                    accept_loosened=args.accept_loosened_bounds)
+                    accept_loosened=args.accept_loosened_bounds, cache=not args.no_cache)
     outcome = run(plan, progress=not args.no_progress)
     if outcome.interrupted or not launched_as_main():  # the main process prints
         return outcome.exit_code
@@ -426,6 +438,37 @@ def cmd_build_tiny(args) -> int:
     return EXIT_PASS
 
 
+def cmd_verify(args) -> int:
+    from .provenance import MANIFEST_FILE, verify_run
+
+    problems = verify_run(args.run_dir)
+    if problems:
+        print(f"{args.run_dir}: {len(problems)} file(s) differ from {MANIFEST_FILE}:")
+        for line in problems:
+            print(f"  {line}")
+        return EXIT_BOUND_FAILED
+    print(f"{args.run_dir}: every file matches {MANIFEST_FILE}")
+    return EXIT_PASS
+
+
+def cmd_init(args) -> int:
+    from .starter import write_starter
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise HarnessError(f"got {args.seeds!r}, accepted: distinct integers >= 0, comma-separated", field="--seeds",
+                           fix="e.g. --seeds 0,1")
+    written = write_starter(args.directory, presets, seeds)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"\nnext: cd {args.directory} && pytest   (the plugin comes with the package: pip install detox-harness)")
+    return EXIT_PASS
+
+
 def cmd_presets(args) -> int:
     from .config import load_config, preset_names
 
@@ -438,7 +481,7 @@ def cmd_presets(args) -> int:
 
 COMMANDS = {"run": cmd_run, "sft": cmd_sft, "baseline": cmd_baseline, "eval": cmd_eval, "report": cmd_report,
             "calibrate": cmd_calibrate,
-            "build-tiny": cmd_build_tiny, "presets": cmd_presets}
+            "build-tiny": cmd_build_tiny, "presets": cmd_presets, "verify": cmd_verify, "init": cmd_init}
 
 
 def _quiet_libraries(verbose: bool, progress: bool) -> None:

@@ -28,6 +28,9 @@ import yaml
 from .errors import ConfigError, brief, one_line
 from .thresholds import load_bounds, validate_bounds
 
+#: the experiment trackers output.report_to may name (harness/trackers.py)
+TRACKERS = ("tensorboard", "mlflow")
+
 REFERENCE_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
 
@@ -205,6 +208,8 @@ class OutputConfig:
     dir: str = "reports"
     run_id: str | None = None  # default: <utc time>-<preset>-s<seed>
     report: bool = True
+    # experiment trackers the finished run is exported to (harness/trackers.py; optional extras): tensorboard, mlflow
+    report_to: list[str] | None = None
 
 
 @dataclass
@@ -854,5 +859,9 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
         check_name(cfg.output.run_id, "output.run_id",
                    "give one plain name such as my-run (no / or \\, no control characters, not . or ..; output.dir "
                    "says where runs go), or omit it for <time>-<preset>-s<seed>")
+    trackers = cfg.output.report_to or []
+    _check(all(t in TRACKERS for t in trackers) and len(set(trackers)) == len(trackers), "output.report_to",
+           cfg.output.report_to, f"a list of distinct trackers among {', '.join(TRACKERS)}, e.g. "
+                                  "[tensorboard, mlflow] (or null for none)")
     validate_bounds(cfg.thresholds)
     return cfg

@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import provenance, rundir
 from . import results as rf
-from . import rundir
 from .config import HarnessConfig, load_config
 from .errors import HarnessError
 from .parallel import SINGLE, Parallel, launched_as_main
@@ -56,6 +56,8 @@ class RunPlan:
     accept_loosened: bool = False
     parallel: Parallel = field(default=SINGLE, compare=False)
     worlds: dict = field(default_factory=dict)  # {seed: digest} of the tiny worlds the config reads
+    models: dict = field(default_factory=dict)  # the revision of each model (harness.provenance), resolved once
+    before_cache: Path | None = None  # run: where the "before" evaluation is cached (harness.evalcache); None: off
 
 
 # ------------------------------------------------------------------------------------ locations
@@ -83,6 +85,13 @@ def concrete(cfg: HarnessConfig, echo=print) -> HarnessConfig:
         if isinstance(value, str) and value.startswith("tiny://"):
             setattr(getattr(out, section), name, str(tiny.resolve(value)))
     return out
+
+
+def before_cache_dir() -> Path:
+    """``<cache>/before``: the cached "before" evaluations (``$DETOX_HARNESS_CACHE`` moves the cache)."""
+    from .tiny import cache_root
+
+    return cache_root() / "before"
 
 
 def worlds(cfg: HarnessConfig) -> dict:
@@ -162,11 +171,12 @@ def _last_checkpoint(run_dir: Path):
 
 def plan_run(request: Request | HarnessConfig, *, output: str | Path | None = None, resume: bool = False,
              sft: bool = False, baseline: str | Path | None = None, accept_loosened: bool = False,
-             echo=print) -> RunPlan:
+             cache: bool = True, echo=print) -> RunPlan:
     """The plan of ``detox-harness run``. ``resume``: continue ``output`` with its saved config; the request's
     overrides may change only :data:`harness.rundir.RESUMABLE_KEYS`. Without it, the directory must be new or
     empty. ``sft``: first the warm start (made, or reused when one was made with the same settings), then PPO
-    from it. ``baseline``: a baseline file, checked against the run's config and worlds now."""
+    from it. ``baseline``: a baseline file, checked against the run's config, worlds and judges' revisions now.
+    ``cache``: reuse (and keep) the "before" evaluation in :func:`before_cache_dir` (:mod:`harness.evalcache`)."""
     from . import baselines
 
     if not launched_as_main():
@@ -187,6 +197,10 @@ def plan_run(request: Request | HarnessConfig, *, output: str | Path | None = No
     else:
         rundir.require_new_run(run_dir)
     _require_report_pages(cfg, run_dir)
+    if cfg.output.report_to:  # a tracker that is not installed is said now, not after the training
+        from .trackers import require_trackers
+
+        require_trackers(cfg.output.report_to)
     loads = concrete(cfg, echo)
     check_verdict_settings(cfg, loads, accept_loosened, echo)
     warm = None
@@ -198,15 +212,18 @@ def plan_run(request: Request | HarnessConfig, *, output: str | Path | None = No
         cfg.policy.adapter = str(warm.run_dir)
         loads.policy.adapter = str(warm.run_dir)
     found = worlds(cfg)
+    models = provenance.model_revisions(cfg, loads)
     if base is not None:
         baselines.require_same_config(rf.jsonable(cfg.to_dict()), base, str(baseline))
         baselines.require_same_world(found, base, str(baseline))
+        provenance.require_same_judges(models, base, str(baseline))
     parallel = Parallel.from_environment(cfg.device)
     parallel.check_divides(cfg.ppo.batch_size, "ppo.batch_size")  # before minutes of loading and evaluating
     parallel.check_divides(cfg.ppo.mini_batch_size, "ppo.mini_batch_size")
     return RunPlan("run", cfg, loads, run_dir=run_dir, resume=resume, warm_start=warm, baseline=base,
                    baseline_file=None if baseline is None else str(baseline), accept_loosened=accept_loosened,
-                   parallel=parallel, worlds=found)
+                   parallel=parallel, worlds=found, models=models,
+                   before_cache=before_cache_dir() if cache and parallel.world_size == 1 else None)
 
 
 def plan_sft(request: Request | HarnessConfig, output: str | Path | None = None, *, echo=print) -> RunPlan:
@@ -241,7 +258,8 @@ def plan_eval(request: Request | HarnessConfig, target: str | Path | None, outpu
         cfg.policy.reference = "base"  # "before" is the base model, "after" the target (not a copy of itself)
     loads = concrete(cfg, echo)
     check_verdict_settings(cfg, loads, False, echo)
-    return RunPlan("eval", cfg, loads, run_dir=run_dir, target=adapter, worlds=worlds(cfg))
+    return RunPlan("eval", cfg, loads, run_dir=run_dir, target=adapter, worlds=worlds(cfg),
+                   models=provenance.model_revisions(cfg, loads))
 
 
 def plan_baseline(request: Request | HarnessConfig, seeds, output: str | Path, *, force_regen: bool = False,

@@ -26,8 +26,8 @@ RUN_ENTRIES = frozenset({rf.CONFIG_FILE, rf.BEFORE_FILE, rf.BASE_FILE, rf.TRAIN_
                          rf.RESULTS_FILE, rf.SAMPLES_FILE, rf.LOG_FILE, "index.html", LOCK_FILE})
 #: settings ``--resume`` may change: they do not change what the finished run computes (``ppo.steps``
 #: extends or shortens it: each step's data and seeds depend on the step alone)
-RESUMABLE_KEYS = ("ppo.steps", "ppo.checkpoint_every", "output.report", "eval.batch_size", "reward.batch_size",
-                  "eval.faithfulness_batch_size")
+RESUMABLE_KEYS = ("ppo.steps", "ppo.checkpoint_every", "output.report", "output.report_to", "eval.batch_size",
+                  "reward.batch_size", "eval.faithfulness_batch_size")
 
 
 def default_run_id(cfg: HarnessConfig) -> str:

@@ -21,7 +21,9 @@ def make_baseline(plan: RunPlan, *, progress: bool = True, echo=print) -> tuple[
         seeded.output.run_id = None
         run_dir = Path(seeded.output.dir) / f"{default_run_id(seeded)}-baseline"
         echo(f"baseline: seed {seed} -> {run_dir}")
-        outcome = run(plan_run(seeded, output=run_dir, echo=echo), progress=progress, echo=echo)
+        # each seed evaluates its own "before" (no cache): where a GPU's kernels are nondeterministic, the baseline
+        # must see the spread of "before" that a later run's fresh evaluation will show
+        outcome = run(plan_run(seeded, output=run_dir, cache=False, echo=echo), progress=progress, echo=echo)
         if outcome.interrupted:
             raise KeyboardInterrupt
         runs.append(outcome.results)

@@ -6,8 +6,8 @@ import copy
 import time
 from pathlib import Path
 
+from .. import provenance, rundir
 from .. import results as rf
-from .. import rundir
 from ..metrics import EvalOutput
 from ..plan import RunPlan
 from .inputs import load_inputs
@@ -44,9 +44,13 @@ def evaluate(plan: RunPlan, *, progress: bool = True) -> tuple[Path, Path | None
         results, samples = rf.build_results(
             cfg, before, after, run_id=run_dir.name, training=None, timings=timings, device=str(inputs.device),
             extra={"data": inputs.data.stats, "worlds": plan.worlds,
+                   "provenance": {"models": provenance.resolve_missing(plan.models),
+                                  "data": {"fingerprint": provenance.rows_fingerprint([inputs.data.test]),
+                                           "train_rows": 0, "test_rows": len(inputs.data.test)}},
                    "target": None if plan.target is None else str(plan.target)})
         cfg.save(run_dir / rf.CONFIG_FILE)
         rf.write_run_files(run_dir, results, samples)
+        provenance.write_manifest(run_dir)
         page = None
         if cfg.output.report:
             from ..report import render_index, render_run

@@ -14,8 +14,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import evalcache, provenance, rundir
 from .. import results as rf
-from .. import rundir
 from ..errors import (
     EXIT_BOUND_FAILED,
     EXIT_INTERRUPTED,
@@ -139,20 +139,43 @@ def _run(plan: RunPlan, inputs: RunInputs, *, progress: bool, echo) -> RunOutcom
     # (policy.reference=base), evaluated before any step, so that its old effect is never counted as this run's
     start_is_reference = not (cfg.policy.adapter and cfg.policy.reference == "base")
 
+    models = provenance.resolve_missing(plan.models)
+    if plan.warm_start is not None:  # the warm start's adapter exists now
+        models["adapter"] = provenance.revision_of(cfg.policy.adapter, plan.loads.policy.adapter)
+    data_pin = {"fingerprint": provenance.rows_fingerprint([data.train, test]), "train_rows": len(data.train),
+                "test_rows": len(test)}
+    test_pin = provenance.rows_fingerprint([test])
+    cache_use: dict[str, str] = {}
+
     def evaluated_once(name: str, *, bare: bool = False) -> EvalOutput:
-        """The reference's (or the bare base model's) evaluation, saved in ``name``: a resumed run reuses it."""
+        """The reference's (or the bare base model's) evaluation, saved in ``name``: a resumed run reuses it; so
+        does a run whose reference and evaluation settings are a cached one's (harness.evalcache)."""
         path = run_dir / name
+        which = "base" if bare else "before"
         if plan.resume and path.exists():
-            echo(f"{'base' if bare else 'before'}: reused the saved evaluation")
+            echo(f"{which}: reused the saved evaluation")
             saved = EvalOutput.from_json(rf.read_json(path))
             if not set(PHASE_KEYS) <= set(saved.metrics):  # saved before a figure existed: summarize its rows again
                 saved.metrics = phase_metrics(saved.samples, cfg)
             return saved
+        t_look = time.time()
+        key = evalcache.before_key(cfg, models, test_pin, bare=bare)
+        cached = evalcache.load(plan.before_cache, key)
+        if cached is not None:
+            cache_use[which] = "hit"
+            echo(f"{which}: reused the cached evaluation {evalcache.key_digest(key)[:12]} (same reference, prompts, "
+                 "judges and evaluation settings; --no-cache evaluates again)")
+            if main:
+                rf.write_json(path, cached.to_json(), indent=None)
+            cached.seconds = time.time() - t_look  # the time this run spent on it
+            return cached
+        cache_use[which] = "miss" if plan.before_cache is not None else "off"
         out = evaluate_policy(policy, classifier, test, cfg, use_reference=bare or start_is_reference, base=bare,
                               second_classifier=inputs.second, faithfulness_judge=inputs.faithfulness,
                               progress=progress, parallel=parallel)
         if main:
             rf.write_json(path, out.to_json(), indent=None)
+            evalcache.store(plan.before_cache, key, out)
         return out
 
     before = evaluated_once(rf.BEFORE_FILE)
@@ -188,7 +211,8 @@ def _run(plan: RunPlan, inputs: RunInputs, *, progress: bool, echo) -> RunOutcom
     timings["eval_after_s"] = after.seconds
     timings["total_s"] = time.time() - t_start
     extra = {"data": data.stats, "parameters": count_parameters(policy), "checkpoint": result.checkpoint,
-             "processes": parallel.world_size, "worlds": plan.worlds}
+             "processes": parallel.world_size, "worlds": plan.worlds,
+             "provenance": {"models": models, "data": data_pin, "before_cache": cache_use or {"before": "resumed"}}}
     if policies is not None:
         extra["policies"] = policies
     return _finish(plan, before, after, stats, timings, extra, str(inputs.device), main=main)
@@ -228,11 +252,16 @@ def _finish(plan: RunPlan, before, after, stats, timings, extra, device: str, *,
                          verdict=judged)
     if main:
         rf.write_run_files(run_dir, results, samples)
+        provenance.write_manifest(run_dir)  # after the files it pins
         if cfg.output.report:
             from ..report import render_index, render_run
 
             outcome.report = render_run(run_dir)
             render_index(run_dir.parent)
+        if cfg.output.report_to:
+            from ..trackers import export_run
+
+            export_run(run_dir, results, stats, cfg.output.report_to, report=outcome.report)
     return outcome
 
 

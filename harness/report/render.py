@@ -409,7 +409,29 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
         "faithfulness_judged": any(r["faithfulness_before"] is not None or r["faithfulness_after"] is not None
                                    for r in qual),
         "faithfulness_model": ((results.get("config") or {}).get("eval") or {}).get("faithfulness_model"),
+        "pinned": pinned_context(results),
     }
+
+
+#: the models of ``provenance.models`` (harness/provenance.py), as the report names them
+PINNED_ROLES = (("policy", "policy"), ("adapter", "starting adapter"), ("reward_model", "reward model"),
+                ("second_judge", "second judge"), ("faithfulness_judge", "faithfulness judge"))
+
+
+def pinned_context(results: dict) -> dict:
+    """What the run pinned (results.json ``provenance``): each model's revision, the prompts' fingerprint, and
+    where "before" came from; empty for a run written before provenance was recorded."""
+    prov = results.get("provenance") if isinstance(results.get("provenance"), dict) else {}
+    models = prov.get("models") if isinstance(prov.get("models"), dict) else {}
+    rows = []
+    for key, role in PINNED_ROLES:
+        entry = models.get(key)
+        if isinstance(entry, dict):
+            rows.append({"role": role, "location": entry.get("location"), "kind": entry.get("kind"),
+                         "resolved": bool(entry.get("revision")),
+                         "revision": entry.get("revision") or "unresolved (not in the local cache)"})
+    data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
+    return {"models": rows, "data": data, "before_cache": prov.get("before_cache") or {}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,13 +38,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def gpu_overrides(config) -> list[str]:
-    out = ["device=cuda"]
-    for option, key in (("--policy-model", "policy.model"), ("--policy-adapter", "policy.adapter"),
-                        ("--reward-model", "reward.model"), ("--second-classifier", "eval.second_classifier"),
-                        ("--faithfulness-model", "eval.faithfulness_model"), ("--data-path", "data.path")):
-        value = config.getoption(option)
-        if value:
-            out.append(f"{key}={value}")
+    from harness.pytest_plugin import location_overrides
+
+    out = ["device=cuda", *location_overrides(config)]
     out.extend(x for x in config.getoption("--gpu-overrides").split() if x)
     return out
 

@@ -290,7 +290,8 @@ def test_results_match_the_documented_example_keys(cfg):
     doc = (Path(__file__).resolve().parents[2] / "docs" / "results-schema.md").read_text()
     example = json.loads(re.search(r"## `results.json`\n```json\n(.*?)\n```", doc, re.S).group(1))
     results, samples = build(cfg, training={"steps": 1})
-    assert set(example) - {"verdict", "baseline", "worlds"} <= set(results)  # added by the run job after build_results
+    # added by the run job after build_results
+    assert set(example) - {"verdict", "baseline", "worlds", "provenance"} <= set(results)
     assert set(example["metrics"]["before"]) == set(results["metrics"]["before"]) == set(metrics.PHASE_KEYS)
     assert set(example["metrics"]["comparison"]) == set(results["metrics"]["comparison"])
     sample_doc = json.loads(re.search(r"## `samples.jsonl`\n.*?```json\n(.*?)\n```", doc, re.S).group(1))

@@ -23,6 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("attention",),  # transformers' sdpa with T5's bias-and-mask built once per forward pass
     ("metrics",),  # pure statistics, no torch
     ("results",),  # run files: names, schema, build, write, read
+    ("provenance",),  # models' revisions, the prompts' fingerprint, the run files' manifest and its check
+    ("evalcache",),  # the cached "before" evaluation, keyed by all it depends on
     ("rundir",),  # what a run directory may hold before a command writes; what --resume may change
     ("baselines",),  # metrics of honest seeds as a data file; a run compared with it
     ("calibration",),  # each bound's limit proposed from the honest seeds, checked against planted runs
@@ -45,12 +47,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("report.render",),
     ("report.text", "report.demo"),  # the terminal's text of a run
     ("report",),
+    ("trackers",),  # a finished run exported to TensorBoard / MLflow (output.report_to)
     ("plan",),  # everything a command decides, before any model loads; the only place tiny:// becomes a path
     ("jobs.inputs", "jobs.warm_start"),
     ("jobs.run", "jobs.evaluate"),
     ("jobs.baseline",),
     ("jobs",),
+    ("starter",),  # detox-harness init: a team's starter project (config, suite, CI snippet)
     ("cli",),
+    ("pytest_plugin",),  # the pytest11 plugin: options, run fixtures, verdict assertions
     ("__init__",),
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -447,6 +447,27 @@ def test_provenance_values(demo):
     assert config["thresholds.max_kl"] == str(load_bounds("tiny")["max_kl"])
 
 
+def test_the_pinned_revisions_and_prompts_fingerprint_are_shown(tmp_path):
+    """results.json's provenance (issue 25): one row per model with its revision, the prompts' fingerprint; an
+    evaluation (no before_cache) and a run written before provenance existed render too."""
+    run_dir = write_demo_run(tmp_path / "run-pinned")
+    revision = "sha256:" + "ab" * 32
+    rewrite_results(run_dir, lambda r: r.update(provenance={
+        "models": {"policy": {"location": "tiny://policy", "kind": "directory", "revision": revision},
+                   "adapter": None,
+                   "reward_model": {"location": "org/judge", "kind": "hub", "revision": None}},
+        "data": {"fingerprint": "cd" * 32, "train_rows": 10, "test_rows": 4}}))
+    table = parse(render_run(run_dir).read_text()).find("table", id="pinned")
+    rows = [[ws(td.text()) for td in tr.find_all("td")] for tr in table.find_all("tr") if tr.find_all("td")]
+    assert rows == [["policy", "tiny://policy", revision],
+                    ["reward model", "org/judge", "unresolved (not in the local cache)"],
+                    ["prompts", "10 train / 4 test rows", "sha256:" + "cd" * 32]]
+    rewrite_results(run_dir, lambda r: r["provenance"].update(before_cache={"before": "hit"}))
+    assert "reused from the cache" in render_run(run_dir).read_text()
+    rewrite_results(run_dir, lambda r: r.pop("provenance"))
+    assert "a run written before revisions were pinned" in render_run(run_dir).read_text()
+
+
 # --------------------------------------------------------------------------------------------
 # escaping
 
