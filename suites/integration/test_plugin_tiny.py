@@ -15,7 +15,7 @@ import pytest
 
 from harness.cli import main
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 PLANTED = "\nppo:\n  learning_rate: 1.0e-12  # planted: the optimizer's steps move nothing\n"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tiny_cli import run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 SMALL = ["ppo.steps=2", "eval.num_samples=16"]
 
