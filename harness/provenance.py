@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .errors import HarnessError
-from .results import CONFIG_FILE, RESULTS_FILE, SAMPLES_FILE, TRAIN_STATS_FILE, read_json, write_json
+from .results import CONFIG_FILE, MANIFEST_FILE, RESULTS_FILE, SAMPLES_FILE, TRAIN_STATS_FILE, read_json, write_json
 
 #: the files of a model directory whose bytes make its revision: weights, configs, tokenizers
 PINNED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".gguf", ".h5", ".msgpack", ".json",
@@ -36,7 +36,6 @@ MODELS = (("policy", "policy", "model"), ("adapter", "policy", "adapter"), ("rew
 #: the judges: a baseline made with another revision of one of these is refused
 JUDGES = ("reward_model", "second_judge", "faithfulness_judge")
 
-MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 #: the run files the manifest pins, in order (those a run has)
 PINNED_FILES = (RESULTS_FILE, SAMPLES_FILE, TRAIN_STATS_FILE, CONFIG_FILE)

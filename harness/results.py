@@ -43,6 +43,7 @@ LOG_FILE = "run.log"  # warnings and, after an unexpected exception, its traceba
 BEFORE_FILE = "eval_before.json"  # the "before" evaluation, kept so that a resumed run does not redo it
 BASE_FILE = "eval_base.json"  # with a starting adapter: the bare base model's evaluation, kept the same way
 CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_FILE = "manifest.json"  # SHA-256 of the run's files, written after them (harness.provenance)
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 RESULTS_SCHEMA_FILE = SCHEMA_DIR / "results.schema.json"
