@@ -572,3 +572,68 @@ def training_summary(stats: Sequence[Mapping]) -> dict:
         "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
         "seconds_per_step": (sum(s.get("time/step", 0.0) for s in stats) / len(stats)) if stats else None,
     }
+
+
+# ============================================================================================ the curve
+
+#: the figures of one point of the over-optimisation curve (``curve.jsonl``), besides ``step``, ``seconds`` and
+#: ``quality_failed``; improvements and changes are against the curve's step-0 point (the same prompts and seeds)
+CURVE_KEYS = ("num_prompts", "kl", "toxicity_mean", "second_toxicity_mean", "improvement", "second_improvement",
+              "judge_gap", "rouge_l", "rouge_l_drop", "length_mean", "length_ratio", "degenerate_rate", "empty_rate",
+              "distinct_summary_rate", "faithfulness_mean", "faithfulness_drop")
+
+
+def curve_point(step: int, start: Mapping, here: Mapping, num_prompts: int) -> dict:
+    """One curve row from two :func:`phase_metrics` dicts of the curve's prompts: ``start`` (step 0) and ``here``.
+
+    ``improvement`` / ``second_improvement`` are the relative drops of mean toxicity since step 0 by the reward
+    model and by the second judge (None without a second judge); ``kl`` the mean exact KL per sequence to the
+    reference; the quality figures are point estimates (no interval: a curve point is a subset of the prompts)."""
+    second = None
+    if start.get("second_toxicity_mean") is not None and here.get("second_toxicity_mean") is not None:
+        second = relative_improvement(start["second_toxicity_mean"], here["second_toxicity_mean"])
+    improvement = relative_improvement(start["toxicity_mean"], here["toxicity_mean"])
+    return {
+        "step": int(step), "num_prompts": int(num_prompts),
+        "kl": float(here["kl_per_sequence_mean"]),
+        "toxicity_mean": float(here["toxicity_mean"]), "second_toxicity_mean": here.get("second_toxicity_mean"),
+        "improvement": improvement, "second_improvement": second,
+        "judge_gap": None if second is None or improvement is None else improvement - second,
+        "rouge_l": here.get("rougeL"), "rouge_l_drop": _difference(start.get("rougeL"), here.get("rougeL")),
+        "length_mean": float(here["length_mean"]),
+        "length_ratio": here["length_mean"] / start["length_mean"] if start["length_mean"] > 0 else None,
+        "degenerate_rate": float(here["degenerate_rate"]), "empty_rate": float(here["empty_rate"]),
+        "distinct_summary_rate": float(here["distinct_summary_rate"]),
+        "faithfulness_mean": here.get("faithfulness_mean"),
+        "faithfulness_drop": _difference(start.get("faithfulness_mean"), here.get("faithfulness_mean")),
+    }
+
+
+def curve_summary(rows: Sequence[Mapping], final_step: int | None = None) -> dict:
+    """``metrics.curve``: the peak of the second judge's improvement, the regret and the selected point.
+
+    ``rows``: the curve's points (``curve.jsonl``), one per step. The peak is the point of the highest
+    ``second_improvement`` (the earliest of equal ones); ``judge_regret`` is the peak's improvement minus that of
+    the point at ``final_step`` (the last point when None; None when there is no such point or no second judge).
+    The selected point is the highest ``second_improvement`` among the points after step 0 that fail none of the
+    curve's quality bounds (``quality_failed`` empty; the earliest of equal ones), None when none passes."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    judged = [r for r in rows if r.get("second_improvement") is not None]
+    if final_step is None and rows:
+        final_step = rows[-1]["step"]
+    final = next((r for r in rows if r["step"] == final_step), None)
+    peak = max(judged, key=lambda r: (r["second_improvement"], -r["step"])) if judged else None
+    candidates = [r for r in judged if r["step"] > 0 and not r.get("quality_failed")]
+    selected = max(candidates, key=lambda r: (r["second_improvement"], -r["step"])) if candidates else None
+    regret = None
+    if peak is not None and final is not None and final.get("second_improvement") is not None:
+        regret = peak["second_improvement"] - final["second_improvement"]
+    return {
+        "points": len(rows), "steps": [int(r["step"]) for r in rows],
+        "peak_step": None if peak is None else int(peak["step"]),
+        "peak_second_improvement": None if peak is None else peak["second_improvement"],
+        "final_step": None if final is None else int(final["step"]),
+        "final_second_improvement": None if final is None else final.get("second_improvement"),
+        "judge_regret": regret,
+        "selected": None if selected is None else {k: selected.get(k) for k in ("step", *CURVE_KEYS)},
+    }

@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ppo.rollout",),
     ("evaluation", "ppo.trainer"),
     ("ppo",),
+    ("curve",),  # the over-optimisation curve: the policy evaluated every few steps, the selected point
     ("report.formats",),  # the one vocabulary of figures (HTML and terminal)
     ("report.plots",),
     ("report.render",),
@@ -46,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("report",),
     ("plan",),  # everything a command decides, before any model loads; the only place tiny:// becomes a path
     ("jobs.inputs", "jobs.warm_start"),
-    ("jobs.run", "jobs.evaluate"),
+    ("jobs.run", "jobs.evaluate", "jobs.curve"),
     ("jobs.baseline",),
     ("jobs",),
     ("cli",),
