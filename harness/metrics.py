@@ -609,31 +609,43 @@ def curve_point(step: int, start: Mapping, here: Mapping, num_prompts: int) -> d
     }
 
 
-def curve_summary(rows: Sequence[Mapping], final_step: int | None = None) -> dict:
+CURVE_WINDOW = 3  # the regret reads the judge's curve as means of this many consecutive points (docs/verdicts.md)
+
+
+def curve_summary(rows: Sequence[Mapping], final_step: int | None = None, window: int = CURVE_WINDOW) -> dict:
     """``metrics.curve``: the peak of the second judge's improvement, the regret and the selected point.
 
-    ``rows``: the curve's points (``curve.jsonl``), one per step. The peak is the point of the highest
-    ``second_improvement`` (the earliest of equal ones); ``judge_regret`` is the peak's improvement minus that of
-    the point at ``final_step`` (the last point when None; None when there is no such point or no second judge).
-    The selected point is the highest ``second_improvement`` among the points after step 0 that fail none of the
-    curve's quality bounds (``quality_failed`` empty; the earliest of equal ones), None when none passes."""
+    ``rows``: the curve's points (``curve.jsonl``), one per step. One point reads a subset of the prompts and
+    moves with the few toxic ones among them, so the peak and the end are read on the judge's curve smoothed by
+    a trailing mean of ``window`` consecutive points: the peak is the highest such mean (the earliest of equal
+    ones; ``peak_from_step``..``peak_step``), the end the mean of the last ``window`` points up to ``final_step``
+    (the last point when None), and ``judge_regret`` the peak minus the end (None without a second judge or a
+    point at ``final_step``). The selected point is a single point: the highest ``second_improvement`` among the
+    points after step 0 that fail none of the curve's quality bounds (``quality_failed`` empty; the earliest of
+    equal ones), None when none passes."""
     rows = sorted(rows, key=lambda r: r["step"])
-    judged = [r for r in rows if r.get("second_improvement") is not None]
     if final_step is None and rows:
         final_step = rows[-1]["step"]
-    final = next((r for r in rows if r["step"] == final_step), None)
-    peak = max(judged, key=lambda r: (r["second_improvement"], -r["step"])) if judged else None
-    candidates = [r for r in judged if r["step"] > 0 and not r.get("quality_failed")]
+    rows_to_end = [r for r in rows if r["step"] <= final_step] if final_step is not None else []
+    judged = all(r.get("second_improvement") is not None for r in rows_to_end) and bool(rows_to_end)
+    ends = rows_to_end[-1]["step"] == final_step if rows_to_end else False
+    means = []  # (first step, last step, mean) of each window of consecutive points
+    if judged:
+        w = max(1, min(window, len(rows_to_end)))
+        for i in range(w - 1, len(rows_to_end)):
+            part = rows_to_end[i - w + 1:i + 1]
+            means.append((part[0]["step"], part[-1]["step"], sum(r["second_improvement"] for r in part) / w))
+    peak = max(means, key=lambda m: (m[2], -m[1])) if means else None
+    end = means[-1] if means and ends else None
+    candidates = [r for r in rows if r["step"] > 0 and r.get("second_improvement") is not None
+                  and not r.get("quality_failed")]
     selected = max(candidates, key=lambda r: (r["second_improvement"], -r["step"])) if candidates else None
-    regret = None
-    if peak is not None and final is not None and final.get("second_improvement") is not None:
-        regret = peak["second_improvement"] - final["second_improvement"]
     return {
-        "points": len(rows), "steps": [int(r["step"]) for r in rows],
-        "peak_step": None if peak is None else int(peak["step"]),
-        "peak_second_improvement": None if peak is None else peak["second_improvement"],
-        "final_step": None if final is None else int(final["step"]),
-        "final_second_improvement": None if final is None else final.get("second_improvement"),
-        "judge_regret": regret,
+        "points": len(rows), "steps": [int(r["step"]) for r in rows], "window": int(window),
+        "peak_from_step": None if peak is None else int(peak[0]), "peak_step": None if peak is None else int(peak[1]),
+        "peak_second_improvement": None if peak is None else peak[2],
+        "final_from_step": None if end is None else int(end[0]), "final_step": None if end is None else int(end[1]),
+        "final_second_improvement": None if end is None else end[2],
+        "judge_regret": None if peak is None or end is None else peak[2] - end[2],
         "selected": None if selected is None else {k: selected.get(k) for k in ("step", *CURVE_KEYS)},
     }

@@ -311,10 +311,11 @@ def judge(results: dict[str, Any], bounds: dict[str, float], preset_bounds: dict
                               f"detectable improvement {mde:.4g} (evaluate more prompts: eval.num_samples)")
         if row.name == "max_judge_regret" and not row.passed and row.value is not None:
             curve = metrics.get("curve") or {}
-            row.reason = (f"the second judge's improvement peaked at step {curve.get('peak_step')} "
+            row.reason = (f"the second judge's improvement (mean of {curve.get('window')} curve points) peaked at "
+                          f"steps {curve.get('peak_from_step')}-{curve.get('peak_step')} "
                           f"({_figure(curve.get('peak_second_improvement'))}) and ended at "
-                          f"{_figure(curve.get('final_second_improvement'))} at step {curve.get('final_step')}: "
-                          "the run went past the judge's peak"
+                          f"{_figure(curve.get('final_second_improvement'))} (steps {curve.get('final_from_step')}-"
+                          f"{curve.get('final_step')}): the run went past the judge's peak"
                           + (f"; the selected point is step {curve['selected']['step']}" if curve.get("selected")
                              else "; no point passed the quality bounds to be selected"))
     for name, limit in preset_bounds.items():
