@@ -378,7 +378,7 @@ def cmd_curve(args) -> int:
           f"{summary['peak_step']}; regret {percent(summary['judge_regret'])}; "
           f"selected: {'none' if selected is None else 'step ' + str(selected['step'])}"
           + (f" ({summary['adapter']}/)" if summary["adapter"] else ""))
-    print(f"curve: {Path(args.run_dir) / 'curve.jsonl'}" + (f"\nreport: {page}" if page else ""))
+    print(f"curve: {Path(args.run_dir) / 'curve.jsonl'}\nreport: {page}")
     return EXIT_PASS
 
 

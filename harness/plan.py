@@ -137,6 +137,9 @@ def check_verdict_settings(cfg: HarnessConfig, loads: HarnessConfig, accept_loos
                     else "the run fails")
             echo(f"warning: thresholds.{name} is {change} against preset {cfg.preset} "
                  f"({cfg.thresholds.get(name)} vs {preset.get(name)}): {then}")
+    if cfg.eval.curve_every == 0 and "max_judge_regret" in cfg.thresholds:
+        echo("warning: eval.curve_every=0 draws no curve, so max_judge_regret is not measured: the verdict will be "
+             "FAIL (give eval.curve_every=N to draw it)")
     least = load_evidence(cfg.preset)
     for key, setting, value in (("min_num_samples", "eval.num_samples", cfg.eval.num_samples),
                                 ("min_bootstrap_resamples", "eval.bootstrap_resamples", cfg.eval.bootstrap_resamples)):
@@ -287,7 +290,10 @@ def plan_curve(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
     if cfg.eval.curve_every < 1:
         raise HarnessError("the curve needs points", field="eval.curve_every", value=cfg.eval.curve_every,
                            fix="give eval.curve_every=N (N >= 1): every checkpoint whose step is a multiple of N")
-    _require_report_pages(cfg, run_dir)
+    from .report.render import PAGE, require_own_page
+
+    require_own_page(run_dir / PAGE)  # the run's page is rendered again with its curve
+    require_own_page(run_dir.parent / PAGE)
     return RunPlan("curve", cfg, concrete(cfg, echo), run_dir=run_dir, worlds=worlds(cfg))
 
 

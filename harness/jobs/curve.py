@@ -35,7 +35,7 @@ def load_adapter(policy, checkpoint: Path) -> None:
     set_peft_model_state_dict(policy.model, load_file(str(checkpoint / "adapter_model.safetensors")))
 
 
-def make_curve(plan: RunPlan, *, echo=print) -> tuple[list[dict], dict, Path | None]:
+def make_curve(plan: RunPlan, *, echo=print) -> tuple[list[dict], dict, Path]:
     """Execute a curve plan (:func:`harness.plan.plan_curve`): returns the rows, ``metrics.curve`` and the page."""
     from ..curve import Curve, is_due, summarize
 
@@ -61,10 +61,8 @@ def make_curve(plan: RunPlan, *, echo=print) -> tuple[list[dict], dict, Path | N
             load_adapter(inputs.policy, checkpoints[step])
             curve.point(step)
         summary = summarize(curve.rows, cfg, run_dir, last)
-        page = None
-        if cfg.output.report:
-            from ..report import render_index, render_run
+        from ..report import render_index, render_run
 
-            page = render_run(run_dir)
-            render_index(run_dir.parent)
+        page = render_run(run_dir)  # the run's page again, with its curve (as detox-harness report would)
+        render_index(run_dir.parent)
     return curve.rows, summary, page

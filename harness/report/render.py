@@ -492,9 +492,14 @@ GROUP_IGNORED_PREFIXES = ("output", "thresholds")
 GROUP_HASH_DIGITS = 8
 
 
+#: settings that never split a trend group either: the curve's (its points leave training and the final evaluation
+#: as they were, harness/curve.py), so runs made before the curve existed share a group with those made after
+GROUP_IGNORED_KEYS = ("eval.curve_every", "eval.curve_prompts")
+
+
 def _group_ignored(key: str) -> bool:
     parts = key.split(".")
-    return parts[0] in GROUP_IGNORED_PREFIXES or parts[-1] in ("seed", "run_id")
+    return parts[0] in GROUP_IGNORED_PREFIXES or parts[-1] in ("seed", "run_id") or key in GROUP_IGNORED_KEYS
 
 
 def group_settings(config: dict[str, Any] | None) -> dict[str, Any]:
