@@ -399,9 +399,9 @@ def curve_improvement(rows: Sequence[dict[str, Any]], x: str, *, selected: int |
     fig = Figure(figsize=(4.4, 2.9))
     fig.subplots_adjust(left=0.16, right=0.97, bottom=0.17, top=0.89)
     ax = fig.add_subplot()
-    caption = [f"Relative drop of mean toxicity since step 0 on the curve's prompts, {_points(len(rows))[:-5]}"
-               f"point{'' if len(rows) == 1 else 's'}: by the reward model (blue circles) and by the second judge "
-               "(amber squares)"]
+    caption = [f"Relative drop of mean toxicity since step 0 on the curve's prompts, {len(rows)} "
+               f"point{'' if len(rows) == 1 else 's'} in step order: by the reward model (blue circles) and by the "
+               "second judge (amber squares)"]
     ax.plot(xs, rm, color=AFTER_COLOR, marker="o", markersize=3.5, linewidth=1.4, label="reward model")
     if _finite(judge):
         ax.plot(xs, judge, color=JUDGE_COLOR, marker="s", markersize=3.5, linewidth=1.4, label="second judge")

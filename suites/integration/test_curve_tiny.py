@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, CHECKPOINT_EVERY = 6, 2
 SETTINGS = [f"ppo.steps={STEPS}", f"ppo.checkpoint_every={CHECKPOINT_EVERY}", "eval.num_samples=16",
-            "eval.curve_every=1", "--no-progress", "--no-report"]
+            "eval.curve_every=1"]
+FLAGS = ["--no-progress", "--no-report"]
 WAIT_S = 400
 CLOSE = 1e-6  # the same weights and seeds on the same machine: the same numbers up to float summation order
 
@@ -34,7 +35,7 @@ def _env() -> dict:
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--preset", "tiny", "--output", str(out),
-                             *SETTINGS, *extra], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             *SETTINGS, *extra, *FLAGS], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
