@@ -113,8 +113,11 @@ def test_the_curve_command_remakes_a_finished_runs_curve_from_its_checkpoints(un
     run = tmp_path / "old-run"
     shutil.copytree(uninterrupted, run)
     during = {r["step"]: r for r in rows(run / "curve.jsonl")}
-    (run / "curve.jsonl").unlink()
+    (run / "curve.jsonl").unlink()  # as a run made before the curve existed: no file, no selected/, no figures
     shutil.rmtree(run / "selected")
+    results = json.loads((run / "results.json").read_text())
+    del results["metrics"]["curve"], results["files"]["curve"]
+    (run / "results.json").write_text(json.dumps(results))
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "curve", str(run), "eval.curve_every=2"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=WAIT_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -124,6 +127,8 @@ def test_the_curve_command_remakes_a_finished_runs_curve_from_its_checkpoints(un
     assert "selected" in proc.stdout and (run / "index.html").is_file()
     page = (run / "index.html").read_text()
     assert 'id="curve"' in page and "detox-harness curve" in page  # said to be made after the run
+    assert "curve" not in json.loads((run / "results.json").read_text())["metrics"]  # the verdict's file untouched
+    assert json.loads((run / "selected" / "selection.json").read_text())["step"] in (2, 4, 6)
     # settings that would change what the checkpoints are judged by are refused, naming them
     bad = subprocess.run([sys.executable, "-m", "harness.cli", "curve", str(run), "reward.model=tiny://judge"],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=WAIT_S)
