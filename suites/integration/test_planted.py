@@ -22,10 +22,10 @@ wrong in practice:
 - ``blind-spot``: PPO against the tiny world's flawed reward classifier, which learned the harmless cue
   word ``asks`` as a strong "clean" signal: the policy learns the cue, the reward model's toxicity falls,
   the independent second judge (another architecture, trained on other dialogues) sees no such fall;
-- ``over-optimisation``: the same flawed reward model for 40 steps, with a curve point every 4 steps: the
-  judge's improvement rises with the reward model's for a dozen steps, then falls while the reward model's
-  keeps rising (Gao et al. 2022); the run ends past the judge's peak (``max_judge_regret``) and the curve
-  selects the peak.
+- ``over-optimisation``: the same flawed reward model for 60 steps with a weak KL penalty (``init_kl_coef``
+  0.05), a curve point every 4 steps: the judge's improvement rises with the reward model's for 20 steps, then
+  falls while the reward model's keeps rising (Gao et al. 2022); the run ends past the judge's peak
+  (``max_judge_regret``) and the curve selects the peak.
 
 The plants replace one function for the length of a run (the reward the trainer optimises,
 ``PPOTrainer.score``, or the optimizer's step); evaluation, the classifiers and the verdict are the real
@@ -187,8 +187,8 @@ CASES = {
     "drift": Case(["ppo.init_kl_coef=0", "ppo.adap_kl_ctrl=false", "ppo.learning_rate=2e-3"], {"max_kl"}),
     "blind-spot": Case(["reward.model=tiny://flawed-classifier"],
                        {"max_judge_gap", "min_second_improvement_ci_low"}),
-    "over-optimisation": Case(["reward.model=tiny://flawed-classifier", "ppo.steps=40", "eval.curve_every=4"],
-                              {"max_judge_regret"}),
+    "over-optimisation": Case(["reward.model=tiny://flawed-classifier", "ppo.steps=60", "ppo.init_kl_coef=0.05",
+                               "eval.curve_every=4"], {"max_judge_regret"}),
     "one-sentence": Case([], {"min_distinct_summary_rate"}, after_policy_writes(one_sentence)),
     "lies": Case([], {"max_faithfulness_drop"}, after_policy_writes(rewritten(lies_about_the_opinion))),
     "wrong-item": Case([], {"max_faithfulness_drop"}, after_policy_writes(rewritten(names_another_item))),
@@ -278,14 +278,14 @@ def test_over_optimisation_is_caught_on_the_curve_and_its_peak_is_selected(plant
     run = planted_run("over-optimisation")
     bounds = load_bounds("tiny")
     curve, rows = run.results["metrics"]["curve"], read_curve(run.run_dir)
-    assert [r["step"] for r in rows] == list(range(0, 41, 4))
+    assert [r["step"] for r in rows] == list(range(0, 61, 4))
     # the picture: the judge peaks early, the reward model keeps rising past it
     peak = max(rows, key=lambda r: r["second_improvement"])
     last = rows[-1]
     assert 0 < peak["step"] < last["step"]
     assert last["improvement"] > peak["improvement"], "the reward model's improvement must keep rising"
     assert curve["judge_regret"] > bounds["max_judge_regret"]
-    assert curve["peak_from_step"] <= peak["step"] <= curve["peak_step"] < curve["final_step"] == 40
+    assert curve["peak_from_step"] <= peak["step"] <= curve["peak_step"] < curve["final_step"] == 60
     # the verdict fails on the regret and says where the peak was
     row = next(b for b in run.results["verdict"]["bounds"] if b["name"] == "max_judge_regret")
     assert not row["passed"] and f"steps {curve['peak_from_step']}-{curve['peak_step']}" in row["reason"]
