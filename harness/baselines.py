@@ -73,9 +73,10 @@ GUARDED: tuple[tuple[str, ...], ...] = tuple(dict.fromkeys(
     + [("before", "toxicity_mean"), ("after", "toxicity_mean"), ("before", "rougeL"), ("after", "rougeL"),
        ("before", "length_mean"), ("after", "length_mean"), ("after", "response_toxicity_mean"),
        ("after", "second_toxicity_mean"), ("before", "faithfulness_mean"), ("after", "faithfulness_mean")]))
-#: config keys that may differ between a baseline and a run compared with it
+#: config keys that may differ between a baseline and a run compared with it (the curve's settings too: its points
+#: sample with their own seeds and leave training and the final evaluation as they were, harness/curve.py)
 FREE_KEYS = ("seed", "output", "device", "eval.batch_size", "reward.batch_size", "eval.faithfulness_batch_size",
-             "thresholds")
+             "eval.curve_every", "eval.curve_prompts", "thresholds")
 
 
 @dataclass

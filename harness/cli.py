@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(written by bench/false_alarms.py)")
     cal.add_argument("--toml", action="store_true", help="also print the proposals as a thresholds.toml table")
 
+    cur = sub.add_parser("curve", help="the over-optimisation curve of a finished run from its saved checkpoints "
+                         "(curve.jsonl, selected/, the report again)")
+    cur.add_argument("run_dir", help="a finished run directory holding checkpoints/")
+    cur.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="eval.curve_every, eval.curve_prompts and batch sizes, e.g. eval.curve_every=10")
+
     rep = sub.add_parser("report", help="re-render the HTML report of a run directory")
     rep.add_argument("run_dir", help="a run directory holding results.json")
 
@@ -398,6 +404,26 @@ def cmd_calibrate(args) -> int:
     return EXIT_PASS
 
 
+def cmd_curve(args) -> int:
+    from .jobs.curve import make_curve
+    from .plan import plan_curve
+    from .report.formats import fmt_pct as percent
+    from .thresholds import text_table
+
+    rows, summary, page = make_curve(plan_curve(args.run_dir, args.overrides))
+    print()
+    print(text_table(("step", "KL", "reward model", "second judge", "quality"),
+                     [(str(r["step"]), f"{r['kl']:.3f}", percent(r["improvement"]), percent(r["second_improvement"]),
+                       ", ".join(r["quality_failed"]) or "ok") for r in rows]))
+    selected = summary["selected"]
+    print(f"peak of the second judge (mean of {summary['window']} points): steps {summary['peak_from_step']}-"
+          f"{summary['peak_step']}; regret {percent(summary['judge_regret'])}; "
+          f"selected: {'none' if selected is None else 'step ' + str(selected['step'])}"
+          + (f" ({summary['adapter']}/)" if summary["adapter"] else ""))
+    print(f"curve: {Path(args.run_dir) / 'curve.jsonl'}\nreport: {page}")
+    return EXIT_PASS
+
+
 def cmd_report(args) -> int:
     from .files import DirectoryLock
     from .report import render_index, render_run
@@ -480,6 +506,7 @@ def cmd_presets(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sft": cmd_sft, "baseline": cmd_baseline, "eval": cmd_eval, "report": cmd_report,
+            "curve": cmd_curve,
             "calibrate": cmd_calibrate,
             "build-tiny": cmd_build_tiny, "presets": cmd_presets, "verify": cmd_verify, "init": cmd_init}
 

@@ -176,6 +176,11 @@ class EvalConfig(SamplingConfig):
     min_words: int = 3  # an output with fewer words is degenerate (so are outputs with no letter, "no no no")
     copy_threshold: float = 0.5  # an output copies the prompt when this share of its word 4-grams stand in it
     seed: int = 1234
+    # the over-optimisation curve (docs/evaluation.md, "The curve"): every curve_every PPO steps (and at step 0 and
+    # the last step) the policy is evaluated on the first curve_prompts test prompts (at most eval.num_samples),
+    # one sample each, with the evaluation's seeds, by both judges; 0 = no curve
+    curve_every: int = 2
+    curve_prompts: int = 200
 
 
 @dataclass
@@ -855,6 +860,10 @@ def validate(cfg: HarnessConfig) -> HarnessConfig:
                                  "or null for no faithfulness judge")
     _check(0.0 < e.faithful_threshold < 1.0, "eval.faithful_threshold", e.faithful_threshold, "a number in (0, 1)")
     _check(e.faithfulness_batch_size > 0, "eval.faithfulness_batch_size", e.faithfulness_batch_size, "an integer > 0")
+    _check(e.curve_every >= 0, "eval.curve_every", e.curve_every,
+           "an integer >= 0 (a curve point every N PPO steps; 0 = no curve)")
+    _check(e.curve_prompts > 0, "eval.curve_prompts", e.curve_prompts,
+           "an integer > 0 (the first N test prompts the curve evaluates)")
     if cfg.output.run_id is not None:  # the run's directory is <output.dir>/<run_id>: one entry, never a path
         check_name(cfg.output.run_id, "output.run_id",
                    "give one plain name such as my-run (no / or \\, no control characters, not . or ..; output.dir "

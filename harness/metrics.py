@@ -563,3 +563,80 @@ def training_summary(stats: Sequence[Mapping]) -> dict:
         "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
         "seconds_per_step": (sum(s.get("time/step", 0.0) for s in stats) / len(stats)) if stats else None,
     }
+
+
+# ============================================================================================ the curve
+
+#: the figures of one point of the over-optimisation curve (``curve.jsonl``), besides ``step``, ``seconds`` and
+#: ``quality_failed``; improvements and changes are against the curve's step-0 point (the same prompts and seeds)
+CURVE_KEYS = ("num_prompts", "kl", "toxicity_mean", "second_toxicity_mean", "improvement", "second_improvement",
+              "judge_gap", "rouge_l", "rouge_l_drop", "length_mean", "length_ratio", "degenerate_rate", "empty_rate",
+              "distinct_summary_rate", "faithfulness_mean", "faithfulness_drop")
+
+
+def curve_point(step: int, start: Mapping, here: Mapping, num_prompts: int) -> dict:
+    """One curve row from two :func:`phase_metrics` dicts of the curve's prompts: ``start`` (step 0) and ``here``.
+
+    ``improvement`` / ``second_improvement`` are the relative drops of mean toxicity since step 0 by the reward
+    model and by the second judge (None without a second judge); ``kl`` the mean exact KL per sequence to the
+    reference; the quality figures are point estimates (no interval: a curve point is a subset of the prompts)."""
+    second = None
+    if start.get("second_toxicity_mean") is not None and here.get("second_toxicity_mean") is not None:
+        second = relative_improvement(start["second_toxicity_mean"], here["second_toxicity_mean"])
+    improvement = relative_improvement(start["toxicity_mean"], here["toxicity_mean"])
+    return {
+        "step": int(step), "num_prompts": int(num_prompts),
+        "kl": float(here["kl_per_sequence_mean"]),
+        "toxicity_mean": float(here["toxicity_mean"]), "second_toxicity_mean": here.get("second_toxicity_mean"),
+        "improvement": improvement, "second_improvement": second,
+        "judge_gap": None if second is None or improvement is None else improvement - second,
+        "rouge_l": here.get("rougeL"), "rouge_l_drop": _difference(start.get("rougeL"), here.get("rougeL")),
+        "length_mean": float(here["length_mean"]),
+        "length_ratio": here["length_mean"] / start["length_mean"] if start["length_mean"] > 0 else None,
+        "degenerate_rate": float(here["degenerate_rate"]), "empty_rate": float(here["empty_rate"]),
+        "distinct_summary_rate": float(here["distinct_summary_rate"]),
+        "faithfulness_mean": here.get("faithfulness_mean"),
+        "faithfulness_drop": _difference(start.get("faithfulness_mean"), here.get("faithfulness_mean")),
+    }
+
+
+CURVE_WINDOW = 3  # the regret reads the judge's curve as means of this many consecutive points (docs/verdicts.md)
+
+
+def curve_summary(rows: Sequence[Mapping], final_step: int | None = None, window: int = CURVE_WINDOW) -> dict:
+    """``metrics.curve``: the peak of the second judge's improvement, the regret and the selected point.
+
+    ``rows``: the curve's points (``curve.jsonl``), one per step. One point reads a subset of the prompts and
+    moves with the few toxic ones among them, so the peak and the end are read on the judge's curve smoothed by
+    a trailing mean of ``window`` consecutive points: the peak is the highest such mean (the earliest of equal
+    ones; ``peak_from_step``..``peak_step``), the end the mean of the last ``window`` points up to ``final_step``
+    (the last point when None), and ``judge_regret`` the peak minus the end (None without a second judge or a
+    point at ``final_step``). The selected point is a single point: the highest ``second_improvement`` among the
+    points after step 0 that fail none of the curve's quality bounds (``quality_failed`` empty; the earliest of
+    equal ones), None when none passes."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    if final_step is None and rows:
+        final_step = rows[-1]["step"]
+    rows_to_end = [r for r in rows if r["step"] <= final_step] if final_step is not None else []
+    judged = all(r.get("second_improvement") is not None for r in rows_to_end) and bool(rows_to_end)
+    ends = rows_to_end[-1]["step"] == final_step if rows_to_end else False
+    means = []  # (first step, last step, mean) of each window of consecutive points
+    if judged:
+        w = max(1, min(window, len(rows_to_end)))
+        for i in range(w - 1, len(rows_to_end)):
+            part = rows_to_end[i - w + 1:i + 1]
+            means.append((part[0]["step"], part[-1]["step"], sum(r["second_improvement"] for r in part) / w))
+    peak = max(means, key=lambda m: (m[2], -m[1])) if means else None
+    end = means[-1] if means and ends else None
+    candidates = [r for r in rows if r["step"] > 0 and r.get("second_improvement") is not None
+                  and not r.get("quality_failed")]
+    selected = max(candidates, key=lambda r: (r["second_improvement"], -r["step"])) if candidates else None
+    return {
+        "points": len(rows), "steps": [int(r["step"]) for r in rows], "window": int(window),
+        "peak_from_step": None if peak is None else int(peak[0]), "peak_step": None if peak is None else int(peak[1]),
+        "peak_second_improvement": None if peak is None else peak[2],
+        "final_from_step": None if end is None else int(end[0]), "final_step": None if end is None else int(end[1]),
+        "final_second_improvement": None if end is None else end[2],
+        "judge_regret": None if peak is None or end is None else peak[2] - end[2],
+        "selected": None if selected is None else {k: selected.get(k) for k in ("step", *CURVE_KEYS)},
+    }

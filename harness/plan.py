@@ -41,7 +41,7 @@ class Request:
 
 @dataclass(frozen=True)
 class RunPlan:
-    command: str  # run | eval | sft | baseline
+    command: str  # run | eval | sft | baseline | curve
     cfg: HarnessConfig  # the final config: what config.yaml and results.json record (tiny:// ids kept)
     loads: HarnessConfig  # the same with every tiny:// id replaced by its directory: what the job loads
     run_dir: Path | None = None  # run / eval: the run directory; sft: the adapter directory
@@ -146,6 +146,9 @@ def check_verdict_settings(cfg: HarnessConfig, loads: HarnessConfig, accept_loos
                     else "the run fails")
             echo(f"warning: thresholds.{name} is {change} against preset {cfg.preset} "
                  f"({cfg.thresholds.get(name)} vs {preset.get(name)}): {then}")
+    if cfg.eval.curve_every == 0 and "max_judge_regret" in cfg.thresholds:
+        echo("warning: eval.curve_every=0 draws no curve, so max_judge_regret is not measured: the verdict will be "
+             "FAIL (give eval.curve_every=N to draw it)")
     least = load_evidence(cfg.preset)
     for key, setting, value in (("min_num_samples", "eval.num_samples", cfg.eval.num_samples),
                                 ("min_bootstrap_resamples", "eval.bootstrap_resamples", cfg.eval.bootstrap_resamples)):
@@ -275,6 +278,41 @@ def plan_baseline(request: Request | HarnessConfig, seeds, output: str | Path, *
     cfg = _config(request)
     return RunPlan("baseline", cfg, concrete(cfg, echo), seeds=tuple(seeds), output=output, force_regen=force_regen,
                    worlds=worlds(cfg))
+
+
+#: settings ``detox-harness curve`` may give besides the run's saved config: which points, and batch sizes
+CURVE_KEYS = ("eval.curve_every", "eval.curve_prompts", "eval.batch_size", "reward.batch_size",
+              "eval.faithfulness_batch_size", "device")
+
+
+def plan_curve(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, echo=print) -> RunPlan:
+    """The plan of ``detox-harness curve``: a finished run's saved config (its preset's bounds) with the
+    ``overrides`` of :data:`CURVE_KEYS` (others are refused: they would change what the checkpoints are judged by)."""
+    from .config import apply_overrides, changed_keys
+
+    run_dir = Path(run_dir)
+    rundir.require_directory(run_dir, "run_dir")
+    if not rf.is_finished(run_dir):
+        raise HarnessError("holds no finished run (no results.json)", field="run_dir", value=str(run_dir),
+                           fix="give the directory of a finished run (an unfinished one makes its curve on --resume)")
+    if _last_checkpoint(run_dir) is None:
+        raise HarnessError("holds no checkpoint to evaluate", field="run_dir", value=str(run_dir),
+                           fix=f"give a run directory with {rf.CHECKPOINTS_DIR}/step-N folders")
+    saved = rundir.resumed_config(run_dir, [], _silent)
+    cfg = apply_overrides(copy.deepcopy(saved), list(overrides))
+    refused = [k for k in changed_keys(saved, cfg) if k not in CURVE_KEYS]
+    if refused:
+        raise HarnessError(f"the curve judges the run's checkpoints with its saved config; these settings would change "
+                           f"it: {', '.join(refused)}", field="overrides",
+                           fix=f"drop them (the curve may change only {', '.join(CURVE_KEYS)})")
+    if cfg.eval.curve_every < 1:
+        raise HarnessError("the curve needs points", field="eval.curve_every", value=cfg.eval.curve_every,
+                           fix="give eval.curve_every=N (N >= 1): every checkpoint whose step is a multiple of N")
+    from .report.render import PAGE, require_own_page
+
+    require_own_page(run_dir / PAGE)  # the run's page is rendered again with its curve
+    require_own_page(run_dir.parent / PAGE)
+    return RunPlan("curve", cfg, concrete(cfg, echo), run_dir=run_dir, worlds=worlds(cfg))
 
 
 def resolve_target(target: str | Path) -> Path:

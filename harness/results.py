@@ -44,10 +44,14 @@ BEFORE_FILE = "eval_before.json"  # the "before" evaluation, kept so that a resu
 BASE_FILE = "eval_base.json"  # with a starting adapter: the bare base model's evaluation, kept the same way
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"  # SHA-256 of the run's files, written after them (harness.provenance)
+CURVE_FILE = "curve.jsonl"  # the over-optimisation curve: one row per evaluated PPO step (harness/curve.py)
+SELECTED_DIR = "selected"  # the adapter of the curve's selected point, beside checkpoints/ (harness/curve.py)
+SELECTION_FILE = "selection.json"  # inside SELECTED_DIR: the step its adapter is of
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 RESULTS_SCHEMA_FILE = SCHEMA_DIR / "results.schema.json"
 SAMPLE_SCHEMA_FILE = SCHEMA_DIR / "sample.schema.json"
+CURVE_SCHEMA_FILE = SCHEMA_DIR / "curve.schema.json"
 SCHEMA_FIX = "see docs/results-schema.md"
 
 _RESERVED = {"schema_version", "run_id", "created", "preset", "config", "seeds", "environment", "timings", "metrics",
@@ -131,6 +135,32 @@ def validate_results(results: dict) -> None:
 
 def validate_sample_row(row: dict, index: int) -> None:
     _check_schema(row, SAMPLE_SCHEMA_FILE, root=f"samples[{index}]")
+
+
+def validate_curve_row(row: dict, where: str = "curve") -> None:
+    """One ``curve.jsonl`` row against ``harness/schemas/curve.schema.json``."""
+    _check_schema(row, CURVE_SCHEMA_FILE, root=where)
+
+
+def read_curve(run_dir: str | Path, *, skip_bad_lines: bool = False) -> list[dict]:
+    """The rows of a run's ``curve.jsonl`` (none when it has no curve), each validated, sorted by step; a step
+    that appears twice is a HarnessError naming the file (a resumed run never writes a point twice)."""
+    path = Path(run_dir) / CURVE_FILE
+    rows = read_jsonl(path, missing_ok=True, skip_bad_lines=skip_bad_lines)
+    for i, row in enumerate(rows):
+        try:
+            validate_curve_row(row, f"line {i + 1}")
+        except HarnessError as e:
+            if skip_bad_lines:
+                rows[i] = None
+                continue
+            raise _file_error(path, str(e), SCHEMA_FIX) from e
+    rows = sorted((r for r in rows if r is not None), key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    if len(set(steps)) != len(steps):
+        twice = next(s for s in steps if steps.count(s) > 1)
+        raise _file_error(path, f"step {twice} has two points", "re-make the curve: detox-harness curve <run_dir>")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- writing

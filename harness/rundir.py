@@ -23,7 +23,8 @@ from .files import LOCK_FILE, DirectoryLock, holder
 
 #: what a run directory holds (besides the atomic writer's temporary files)
 RUN_ENTRIES = frozenset({rf.CONFIG_FILE, rf.BEFORE_FILE, rf.BASE_FILE, rf.TRAIN_STATS_FILE, rf.CHECKPOINTS_DIR,
-                         rf.RESULTS_FILE, rf.SAMPLES_FILE, rf.LOG_FILE, rf.MANIFEST_FILE, "index.html", LOCK_FILE})
+                         rf.CURVE_FILE, rf.SELECTED_DIR, rf.RESULTS_FILE, rf.SAMPLES_FILE, rf.LOG_FILE,
+                         rf.MANIFEST_FILE, "index.html", LOCK_FILE})
 #: settings ``--resume`` may change: they do not change what the finished run computes (``ppo.steps``
 #: extends or shortens it: each step's data and seeds depend on the step alone)
 RESUMABLE_KEYS = ("ppo.steps", "ppo.checkpoint_every", "output.report", "output.report_to", "eval.batch_size",

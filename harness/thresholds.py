@@ -37,6 +37,9 @@ BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "max_judge_gap": (("comparison", "judge_gap"), "<=",
                       "reward model's improvement minus the second judge's: a policy that fools its reward model "
                       "but not an independent judge opens this gap"),
+    "max_judge_regret": (("curve", "judge_regret"), "<=",
+                         "the second judge's improvement at its peak on the curve minus at the last step: a run that "
+                         "went past the judge's peak while its reward model kept improving (over-optimisation)"),
     "min_logp_clean_gain": (("comparison", "logp_clean_gain"), ">",
                             "mean log P(not toxic) = log(1 - P(reward.toxic_label)) after minus before, in nats "
                             "(read from the toxic label whichever label the reward reads)"),
@@ -76,6 +79,24 @@ BOUNDS: dict[str, tuple[tuple[str, ...], str, str]] = {
 #: bounds judged only when the results hold the supervised warm start's figures (``metrics.sft``)
 SFT_BOUNDS = tuple(name for name, (path, _, _) in BOUNDS.items() if path[0] == "sft")
 OPERATORS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
+#: the quality bounds a point of the curve (``curve.jsonl``) is held to before it may be selected, and the row's
+#: figure each reads: point estimates on the curve's prompts, against its step-0 point (docs/verdicts.md)
+CURVE_QUALITY_BOUNDS = {"max_kl": "kl", "max_rouge_l_drop": "rouge_l_drop", "max_empty_rate": "empty_rate",
+                        "max_degenerate_rate": "degenerate_rate", "min_length_ratio": "length_ratio",
+                        "max_length_ratio": "length_ratio", "max_faithfulness_drop": "faithfulness_drop",
+                        "min_distinct_summary_rate": "distinct_summary_rate"}
+
+
+def curve_quality_failures(row: dict[str, Any], bounds: dict[str, float]) -> list[str]:
+    """The :data:`CURVE_QUALITY_BOUNDS` among ``bounds`` that a curve row fails (a figure not measured, e.g. the
+    faithfulness without a faithfulness judge, is not held against it)."""
+    failed = []
+    for name, key in CURVE_QUALITY_BOUNDS.items():
+        value = row.get(key)
+        if name in bounds and value is not None and value == value and not OPERATORS[BOUNDS[name][1]](value,
+                                                                                                     bounds[name]):
+            failed.append(name)
+    return failed
 
 
 @dataclass
@@ -288,6 +309,15 @@ def judge(results: dict[str, Any], bounds: dict[str, float], preset_bounds: dict
                 row.passed = False
                 row.reason = (f"not enough evidence: its limit {row.bound:.4g} is below the run's minimum "
                               f"detectable improvement {mde:.4g} (evaluate more prompts: eval.num_samples)")
+        if row.name == "max_judge_regret" and not row.passed and row.value is not None:
+            curve = metrics.get("curve") or {}
+            row.reason = (f"the second judge's improvement (mean of {curve.get('window')} curve points) peaked at "
+                          f"steps {curve.get('peak_from_step')}-{curve.get('peak_step')} "
+                          f"({_figure(curve.get('peak_second_improvement'))}) and ended at "
+                          f"{_figure(curve.get('final_second_improvement'))} (steps {curve.get('final_from_step')}-"
+                          f"{curve.get('final_step')}): the run went past the judge's peak"
+                          + (f"; the selected point is step {curve['selected']['step']}" if curve.get("selected")
+                             else "; no point passed the quality bounds to be selected"))
     for name, limit in preset_bounds.items():
         if name in bounds or (name in SFT_BOUNDS and "sft" not in metrics):
             continue
@@ -296,6 +326,10 @@ def judge(results: dict[str, Any], bounds: dict[str, float], preset_bounds: dict
                                 BOUNDS[name][2], preset=float(limit), change="removed",
                                 reason="removed: the preset's bound is missing from the run's bounds"))
     return Verdict(rows, dict(preset_bounds), _evidence(metrics, evidence or {}), accept_loosened)
+
+
+def _figure(value) -> str:
+    return "not measured" if value is None else f"{value:.3f}"
 
 
 def _limit_cell(r: BoundResult) -> str:

@@ -198,8 +198,18 @@ def _run(plan: RunPlan, inputs: RunInputs, *, progress: bool, echo) -> RunOutcom
         echo(f"resumed from {ckpt} (step {trainer.step})" if ckpt else "no checkpoint found: training from step 0")
     elif main and trainer.stats_path.exists():
         trainer.stats_path.unlink()
-    result = trainer.train(progress=progress)
-    timings["train_s"] = time.time() - t
+    from ..curve import Curve
+
+    curve = Curve(cfg, run_dir, policy, classifier, test, second=inputs.second, faithfulness=inputs.faithfulness,
+                  parallel=parallel, echo=echo)
+    if curve.enabled:  # the points past the resumed checkpoint are dropped (made again), then step 0 if missing
+        curve.start(trainer.step if plan.resume else None)
+        if trainer.step == 0:
+            curve.maybe_point(0, cfg.ppo.steps)
+    result = trainer.train(progress=progress, after_step=curve.maybe_point if curve.enabled else None)
+    timings["train_s"] = time.time() - t - curve.seconds
+    if curve.enabled:
+        timings["curve_s"] = curve.seconds
     stats = rf.read_jsonl(trainer.stats_path, missing_ok=True)
     if result.interrupted:
         echo(f"interrupted after step {result.steps_done}; checkpoint {result.checkpoint}. "
@@ -215,7 +225,8 @@ def _run(plan: RunPlan, inputs: RunInputs, *, progress: bool, echo) -> RunOutcom
              "provenance": {"models": models, "data": data_pin, "before_cache": cache_use or {"before": "resumed"}}}
     if policies is not None:
         extra["policies"] = policies
-    return _finish(plan, before, after, stats, timings, extra, str(inputs.device), main=main)
+    return _finish(plan, before, after, stats, timings, extra, str(inputs.device), main=main,
+                   curve=curve.summary(result.steps_done))
 
 
 def _data_line(stats: dict) -> str:
@@ -226,8 +237,10 @@ def _data_line(stats: dict) -> str:
                         "and punctuation aside)" if removed else "") + ")")
 
 
-def _finish(plan: RunPlan, before, after, stats, timings, extra, device: str, *, main: bool) -> RunOutcome:
-    """The one assembly of the run's results (metrics, verdict, baseline), the one write, the one render."""
+def _finish(plan: RunPlan, before, after, stats, timings, extra, device: str, *, main: bool,
+            curve: dict | None = None) -> RunOutcome:
+    """The one assembly of the run's results (metrics, verdict, baseline), the one write, the one render.
+    ``curve``: ``metrics.curve`` (harness/curve.py), None without a curve."""
     from .. import baselines
     from ..thresholds import judge, load_bounds, load_evidence
 
@@ -239,6 +252,9 @@ def _finish(plan: RunPlan, before, after, stats, timings, extra, device: str, *,
         from .warm_start import sft_metrics
 
         results["metrics"]["sft"] = sft_metrics(policies["start"]["sft"])
+    if curve is not None:
+        results["metrics"]["curve"] = curve
+        results["files"]["curve"] = rf.CURVE_FILE
     judged = judge(results, cfg.thresholds, load_bounds(cfg.preset), evidence=load_evidence(cfg.preset),
                    accept_loosened=plan.accept_loosened)
     results["verdict"] = judged.to_dict()

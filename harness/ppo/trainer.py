@@ -140,7 +140,10 @@ class PPOTrainer:
         return stats
 
     # -------------------------------------------------------------------------------- loop
-    def train(self, steps: int | None = None, progress: bool = True, handle_signals: bool = True) -> TrainResult:
+    def train(self, steps: int | None = None, progress: bool = True, handle_signals: bool = True,
+              after_step=None) -> TrainResult:
+        """Train up to ``steps`` (``ppo.steps``); ``after_step(step, total)``, when given, is called after each
+        finished step, before its checkpoint (the run's over-optimisation curve, harness/curve.py)."""
         total = steps or self.cfg.ppo.steps
         result = TrainResult()
         every = self.cfg.ppo.checkpoint_every
@@ -168,6 +171,8 @@ class PPOTrainer:
                             fix="check the reward model's outputs and lower ppo.learning_rate")
                 else:
                     self.bad_steps = 0
+                if after_step is not None:
+                    after_step(self.step, total)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{stats.get('env/reward_mean', float('nan')):.3f}",

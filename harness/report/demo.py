@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HarnessConfig, load_config
-from ..metrics import EvalOutput, phase_metrics, sample_seed, training_summary
-from ..results import CONFIG_FILE, TRAIN_STATS_FILE, build_results, write_jsonl, write_run_files
-from ..thresholds import all_passed, verdict
+from ..metrics import EvalOutput, curve_summary, phase_metrics, sample_seed, training_summary
+from ..results import CONFIG_FILE, CURVE_FILE, TRAIN_STATS_FILE, build_results, write_jsonl, write_run_files
+from ..thresholds import all_passed, curve_quality_failures, verdict
 
 DEFAULT_CREATED = "2026-11-25T07:15:00+00:00"
 
@@ -246,6 +246,11 @@ def write_demo_run(run_dir: str | Path, *, created: str = DEFAULT_CREATED, toxic
                                      training=training_summary(stats) if training else None,
                                      timings=timings, device=cfg.device)
     results["created"] = created
+    curve = demo_curve_rows(cfg, steps, strength) if training else []
+    if curve:
+        results["metrics"]["curve"] = {**curve_summary(curve), "every": cfg.eval.curve_every or 5, "prompts": 32,
+                                       "file": CURVE_FILE, "adapter": None}
+        results["files"]["curve"] = CURVE_FILE
     if judged:
         bounds = verdict(results, cfg.thresholds)
         results["verdict"] = {"passed": all_passed(bounds), "bounds": [b.to_dict() for b in bounds]}
@@ -254,8 +259,31 @@ def write_demo_run(run_dir: str | Path, *, created: str = DEFAULT_CREATED, toxic
     cfg.save(run_dir / CONFIG_FILE)
     if training:
         write_jsonl(run_dir / TRAIN_STATS_FILE, stats)
+    if curve:
+        write_jsonl(run_dir / CURVE_FILE, curve)
     write_run_files(run_dir, results, samples)  # results.json last: it marks the run finished
     return run_dir
+
+
+def demo_curve_rows(cfg: HarnessConfig, steps: int, strength: float, fall: float = 0.0) -> list[dict[str, Any]]:
+    """Synthetic curve.jsonl rows: every ``cfg.eval.curve_every`` steps (and the last), the reward model's
+    improvement rising towards ``strength``, the judge's following it at 90% and, with ``fall`` > 0, losing
+    ``fall`` of it over the second half of the run (over-optimisation)."""
+    every = cfg.eval.curve_every or 5
+    due = sorted({0, steps, *range(every, steps, every)})
+    rows = []
+    for step in due:
+        rm = strength * (1 - math.exp(-step / max(steps / 4, 1)))
+        judge = 0.9 * rm - fall * max(0.0, step / steps - 0.5) * 2
+        tox = 0.3 * (1 - rm)
+        row = {"step": step, "num_prompts": 32, "kl": 0.2 * step, "toxicity_mean": tox,
+               "second_toxicity_mean": 0.3 * (1 - judge), "improvement": rm, "second_improvement": judge,
+               "judge_gap": rm - judge, "rouge_l": 0.7 - 0.001 * step, "rouge_l_drop": 0.001 * step,
+               "length_mean": 30.0, "length_ratio": 1.0, "degenerate_rate": 0.0, "empty_rate": 0.0,
+               "distinct_summary_rate": 1.0, "faithfulness_mean": 0.85, "faithfulness_drop": 0.0, "seconds": 0.5}
+        row["quality_failed"] = curve_quality_failures(row, cfg.thresholds)
+        rows.append(row)
+    return rows
 
 
 def demo_created(day: int, hour: int = 7) -> str:

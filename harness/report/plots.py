@@ -371,3 +371,112 @@ def trend_kl(runs: Sequence[dict[str, Any]], bound: float | None = None, *, uid:
     ax.legend(loc="best")
     return _trend("trend-kl", to_svg(fig, "trend-kl", "KL divergence from the reference model for each run", uid),
                   caption)
+
+
+JUDGE_COLOR = "#e9a03b"  # amber: the second, independent judge
+
+
+def _mark(ax, xs, ys, steps, step, marker, color, label) -> bool:
+    """A hollow marker on the point of ``step`` of the series (xs, ys); False when that step is not drawn."""
+    for x, y, s in zip(xs, ys, steps):
+        if s == step and not math.isnan(x) and not math.isnan(y):
+            ax.plot([x], [y], linestyle="none", marker=marker, markersize=11, markerfacecolor="none",
+                    markeredgecolor=color, markeredgewidth=1.6, label=label)
+            return True
+    return False
+
+
+@_styled
+def curve_improvement(rows: Sequence[dict[str, Any]], x: str, *, selected: int | None = None,
+                      final: int | None = None) -> dict[str, Any] | None:
+    """The over-optimisation curve: improvement by the reward model and by the second judge against ``x``
+    (``"kl"``: KL to the reference, on a square-root axis as Gao et al. draw it; ``"step"``), the selected point
+    (a circle) and the final one (a square) marked. ``rows``: curve.jsonl. ``{"name", "svg", "caption"}``."""
+    rows = sorted(rows, key=lambda r: r.get("step", 0))
+    steps = [r.get("step") for r in rows]
+    xs = [_as_float(r.get(x)) for r in rows]
+    if x == "kl":
+        xs = [math.sqrt(max(v, 0.0)) if not math.isnan(v) else v for v in xs]
+    rm = [_as_float(r.get("improvement")) for r in rows]
+    judge = [_as_float(r.get("second_improvement")) for r in rows]
+    if not _finite(rm) and not _finite(judge):
+        return None
+    fig = Figure(figsize=(4.4, 2.9))
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.17, top=0.89)
+    ax = fig.add_subplot()
+    caption = [f"Relative drop of mean toxicity since step 0 on the curve's prompts, {len(rows)} "
+               f"point{'' if len(rows) == 1 else 's'} in step order: by the reward model (blue circles) and by the "
+               "second judge (amber squares)"]
+    ax.plot(xs, rm, color=AFTER_COLOR, marker="o", markersize=3.5, linewidth=1.4, label="reward model")
+    if _finite(judge):
+        ax.plot(xs, judge, color=JUDGE_COLOR, marker="s", markersize=3.5, linewidth=1.4, label="second judge")
+    else:
+        caption.append("no second judge")
+    if selected is not None and _mark(ax, xs, judge, steps, selected, "o", "black", f"selected (step {selected})"):
+        caption.append(f"large black ring: the selected point (step {selected})")
+    if final is not None and _mark(ax, xs, judge if _finite(judge) else rm, steps, final, "s", BEFORE_COLOR,
+                                   f"final (step {final})"):
+        caption.append(f"large red square: the final policy (step {final})")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("sqrt(KL to the reference, nats)" if x == "kl" else "PPO step")
+    ax.set_ylabel("relative drop of toxicity")
+    title = "Improvement against KL" if x == "kl" else "Improvement per step"
+    ax.set_title(title)
+    ax.legend(loc="best")
+    name = f"curve-improvement-{x}"
+    return _trend(name, to_svg(fig, name, f"{title}: reward model and second judge"), caption)
+
+
+@_styled
+def curve_quality(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The curve's quality figures per step: ROUGE-L, faithfulness, degenerate rate and length ratio."""
+    rows = sorted(rows, key=lambda r: r.get("step", 0))
+    steps = [_as_float(r.get("step")) for r in rows]
+    series = (("rouge_l", "ROUGE-L", AFTER_COLOR, "o"), ("faithfulness_mean", "faithfulness", ACCENT_COLOR, "s"),
+              ("degenerate_rate", "degenerate rate", BEFORE_COLOR, "^"),
+              ("length_ratio", "length / step 0", BOUND_COLOR, "D"))
+    fig = Figure(figsize=(4.4, 2.9))
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.17, top=0.89)
+    ax = fig.add_subplot()
+    drawn = []
+    for key, label, color, marker in series:
+        values = [_as_float(r.get(key)) for r in rows]
+        if _finite(values):
+            ax.plot(steps, values, color=color, marker=marker, markersize=3.5, linewidth=1.3, label=label)
+            drawn.append(label)
+    if not drawn:
+        return None
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("value")
+    ax.set_title("Quality per step")
+    ax.legend(loc="best")
+    return _trend("curve-quality", to_svg(fig, "curve-quality", "Summary quality at each curve point"),
+                  [f"On the curve's prompts at each point: {', '.join(drawn)}"])
+
+
+@_styled
+def trend_judge_improvement(runs: Sequence[dict[str, Any]], *, uid: str | None = None) -> dict[str, Any] | None:
+    """The second judge's improvement of each run: at the end (filled) and at the curve's peak (hollow)."""
+    times = [r["time"] for r in runs]
+    final = [_as_float((r["metrics"].get("comparison") or {}).get("second_mean_improvement")) for r in runs]
+    peak = [_as_float((r["metrics"].get("curve") or {}).get("peak_second_improvement")) for r in runs]
+    if not _finite(final):
+        return None
+    fig = _new_figure(4.2, 2.8)
+    ax = fig.add_subplot()
+    pts = [(t, v) for t, v in zip(times, final) if not math.isnan(v)]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=JUDGE_COLOR, marker="o", markersize=4, linewidth=1.3,
+            label="at the end")
+    caption = [f"Relative drop of mean toxicity by the second judge, one point per run ({_points(len(pts))}), "
+               "at the end of the run (filled circles)"]
+    peaks = [(t, v) for t, v in zip(times, peak) if not math.isnan(v)]
+    if peaks:
+        ax.plot([p[0] for p in peaks], [p[1] for p in peaks], linestyle="none", marker="o", markersize=7,
+                markerfacecolor="none", markeredgecolor=JUDGE_COLOR, label="curve peak")
+        caption.append(f"hollow circles: the peak of its curve ({_points(len(peaks))})")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    _date_axis(ax, times)
+    ax.set_ylabel("relative drop (second judge)")
+    ax.set_title("Judge's improvement per run")
+    ax.legend(loc="best")
+    return _trend("trend-judge", to_svg(fig, "trend-judge", "Second judge's improvement for each run", uid), caption)

@@ -23,6 +23,7 @@ import jinja2
 from ..config import EvalConfig, flatten_dict
 from ..errors import HarnessError
 from ..results import (
+    CURVE_FILE,
     RESULTS_FILE,
     SAMPLES_FILE,
     TRAIN_STATS_FILE,
@@ -295,6 +296,29 @@ def _training_context(results: dict[str, Any], stats: list[dict[str, Any]], stat
     }
 
 
+def curve_context(run_dir: Path, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The over-optimisation curve of the run (``curve.jsonl``; None when the run has none): its plots, its
+    summary (``metrics.curve``, or made from the file for a curve made after the run by ``detox-harness curve``)
+    and its rows."""
+    from ..metrics import curve_summary
+    from ..results import read_curve  # noqa: I001 (one reader of the curve, as the run wrote it)
+
+    try:
+        rows = read_curve(run_dir)
+    except HarnessError as e:
+        return {"error": str(e), "rows": [], "plots": [], "summary": Lenient({})}
+    if not rows:
+        return None
+    summary = (results["metrics"].get("curve") or curve_summary(rows))
+    selected = (summary.get("selected") or {}).get("step")
+    final = summary.get("final_step")
+    plots_ = [plots.curve_improvement(rows, "kl", selected=selected, final=final),
+              plots.curve_improvement(rows, "step", selected=selected, final=final), plots.curve_quality(rows)]
+    return {"error": None, "rows": rows, "plots": [p for p in plots_ if p is not None], "summary": _lenient(summary),
+            "selected_step": selected, "final_step": final, "file": CURVE_FILE,
+            "in_results": bool(results["metrics"].get("curve"))}
+
+
 def _parse_time(text: Any) -> datetime | None:
     if not isinstance(text, str) or not text:
         return None
@@ -394,6 +418,7 @@ def run_context(run_dir: Path, results: dict[str, Any], history_link: bool | Non
         "samples_file": samples_path.name if samples else None,
         "num_samples": len(samples),
         "training": _training_context(results, stats, stats_path),
+        "curve": curve_context(run_dir, results),
         "qualitative": split_qualitative(qual),
         "qualitative_total": len(qual),
         "qualitative_source": qual_source,
@@ -489,9 +514,14 @@ GROUP_IGNORED_PREFIXES = ("output", "thresholds")
 GROUP_HASH_DIGITS = 8
 
 
+#: settings that never split a trend group either: the curve's (its points leave training and the final evaluation
+#: as they were, harness/curve.py), so runs made before the curve existed share a group with those made after
+GROUP_IGNORED_KEYS = ("eval.curve_every", "eval.curve_prompts")
+
+
 def _group_ignored(key: str) -> bool:
     parts = key.split(".")
-    return parts[0] in GROUP_IGNORED_PREFIXES or parts[-1] in ("seed", "run_id")
+    return parts[0] in GROUP_IGNORED_PREFIXES or parts[-1] in ("seed", "run_id") or key in GROUP_IGNORED_KEYS
 
 
 def group_settings(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -578,6 +608,7 @@ def _group_trends(group: dict[str, Any]) -> list[dict[str, Any]]:
                              confidence=f"{100 * confidence:g}%" if is_number(confidence) else "95%"),
         plots.trend_improvement(chronological, _bound(bounds.get("min_improvement")), uid=uid),
         plots.trend_kl(chronological, _bound(bounds.get("max_kl")), uid=uid),
+        plots.trend_judge_improvement(chronological, uid=uid),
     ]
     return [t for t in trends if t is not None]
 

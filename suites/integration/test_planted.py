@@ -21,7 +21,11 @@ wrong in practice:
   (issue 21: it passed all fifteen earlier bounds);
 - ``blind-spot``: PPO against the tiny world's flawed reward classifier, which learned the harmless cue
   word ``asks`` as a strong "clean" signal: the policy learns the cue, the reward model's toxicity falls,
-  the independent second judge (another architecture, trained on other dialogues) sees no such fall.
+  the independent second judge (another architecture, trained on other dialogues) sees no such fall;
+- ``over-optimisation``: the same flawed reward model for 60 steps with a weak KL penalty (``init_kl_coef``
+  0.05), a curve point every 4 steps: the judge's improvement rises with the reward model's for 20 steps, then
+  falls while the reward model's keeps rising (Gao et al. 2022); the run ends past the judge's peak
+  (``max_judge_regret``) and the curve selects the peak.
 
 The plants replace one function for the length of a run (the reward the trainer optimises,
 ``PPOTrainer.score``, or the optimizer's step); evaluation, the classifiers and the verdict are the real
@@ -183,6 +187,8 @@ CASES = {
     "drift": Case(["ppo.init_kl_coef=0", "ppo.adap_kl_ctrl=false", "ppo.learning_rate=2e-3"], {"max_kl"}),
     "blind-spot": Case(["reward.model=tiny://flawed-classifier"],
                        {"max_judge_gap", "min_second_improvement_ci_low"}),
+    "over-optimisation": Case(["reward.model=tiny://flawed-classifier", "ppo.steps=60", "ppo.init_kl_coef=0.05",
+                               "eval.curve_every=4"], {"max_judge_regret"}),
     "one-sentence": Case([], {"min_distinct_summary_rate"}, after_policy_writes(one_sentence)),
     "lies": Case([], {"max_faithfulness_drop"}, after_policy_writes(rewritten(lies_about_the_opinion))),
     "wrong-item": Case([], {"max_faithfulness_drop"}, after_policy_writes(rewritten(names_another_item))),
@@ -263,3 +269,30 @@ def test_a_no_op_run_fails_against_the_committed_baseline(planted_run, tiny_base
     # the effect is gone: the improvement and the clean log-prob gain leave their tolerance (the KL's is wide:
     # its spread over the baseline's seeds is 0.5 nats, and 0 is within 4 spreads of its mean)
     assert {"comparison.mean_improvement", "comparison.logp_clean_gain", "after.toxicity_mean"} <= moved
+
+
+def test_over_optimisation_is_caught_on_the_curve_and_its_peak_is_selected(planted_run):
+    from harness.results import read_curve
+    from harness.thresholds import load_bounds
+
+    run = planted_run("over-optimisation")
+    bounds = load_bounds("tiny")
+    curve, rows = run.results["metrics"]["curve"], read_curve(run.run_dir)
+    assert [r["step"] for r in rows] == list(range(0, 61, 4))
+    # the picture: the judge peaks early, the reward model keeps rising past it
+    peak = max(rows, key=lambda r: r["second_improvement"])
+    last = rows[-1]
+    assert 0 < peak["step"] < last["step"]
+    assert last["improvement"] > peak["improvement"], "the reward model's improvement must keep rising"
+    assert curve["judge_regret"] > bounds["max_judge_regret"]
+    assert curve["peak_from_step"] <= peak["step"] <= curve["peak_step"] < curve["final_step"] == 60
+    # the verdict fails on the regret and says where the peak was
+    row = next(b for b in run.results["verdict"]["bounds"] if b["name"] == "max_judge_regret")
+    assert not row["passed"] and f"steps {curve['peak_from_step']}-{curve['peak_step']}" in row["reason"]
+    # the selected point is the judge's peak, passes the judge's bounds, and its adapter is beside the final one
+    selected = curve["selected"]
+    assert selected["step"] == peak["step"]
+    assert selected["judge_gap"] <= bounds["max_judge_gap"] and selected["second_improvement"] > 0
+    assert curve["adapter"] == "selected"
+    saved = json.loads((run.run_dir / "selected" / "selection.json").read_text())
+    assert saved["step"] == selected["step"] and (run.run_dir / "selected" / "adapter_model.safetensors").is_file()

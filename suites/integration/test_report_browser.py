@@ -127,6 +127,9 @@ def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path, screenshots):
     assert {"toxicity-histogram", "toxicity-means"} <= plots, plots
     if (run_dir / "train_stats.jsonl").is_file():
         assert {"train-objective-kl", "train-env-reward-mean", "train-ppo-loss-policy"} <= plots, plots
+    if (run_dir / "curve.jsonl").is_file():  # the over-optimisation curve (issue 24): both judges, and quality
+        assert {"curve-improvement-kl", "curve-improvement-step", "curve-quality"} <= plots, plots
+        assert elements.having(id="curve-table")
     assert not [t for t, _ in elements.elements if t in ("script", "img", "iframe")]
 
     out = screenshots / "report.png"
@@ -142,9 +145,23 @@ def test_report_of_a_real_run_in_chromium(tiny_run_dir, tmp_path, screenshots):
     links = {a.get("href") for t, a in elements.elements if t == "a" and not a.get("href", "").startswith("#")}
     assert links == {f"{run_dir.name}/index.html"}
     assert {a.get("data-plot") for t, a in elements.elements if t == "svg"} == {
-        "trend-toxicity", "trend-improvement", "trend-kl"}
+        "trend-toxicity", "trend-improvement", "trend-kl", "trend-judge"}
     screenshot(index, screenshots / "index.png", tmp_path)
     print(f"screenshot: {screenshots / 'index.png'}")
+
+
+def test_the_curve_section_renders_in_chromium(tmp_path, screenshots):
+    # the demo run has a curve.jsonl: the section, its three plots and its table, with nothing on the console
+    run_dir = write_demo_run(tmp_path / "reports" / "curve", num_samples=12, steps=20)
+    page = render_run(run_dir)
+    dom, messages = load(page, tmp_path)
+    assert messages == [], "\n".join(messages)
+    elements = _Elements(dom)
+    assert elements.having(id="curve") and elements.having(id="curve-table")
+    plots = {a.get("data-plot") for t, a in elements.elements if t == "svg" and "data-plot" in a}
+    assert {"curve-improvement-kl", "curve-improvement-step", "curve-quality"} <= plots, plots
+    out = screenshots / "curve.png"
+    assert screenshot(page, out, tmp_path) == [] and out.stat().st_size > 20_000
 
 
 def test_injected_markup_stays_text_in_chromium(tmp_path):

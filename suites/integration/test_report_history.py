@@ -41,7 +41,7 @@ def test_index_lists_runs_newest_first_with_links_and_trends(tmp_path):
     assert links == ["b-newest/index.html", "c-middle/index.html", "a-oldest/index.html"]
     assert all((reports / link).is_file() for link in links)  # pages rendered where missing
     plots = {svg.attrs["data-plot"] for svg in dom.find("section", id="trends").find_all("svg")}
-    assert plots == {"trend-toxicity", "trend-improvement", "trend-kl"}
+    assert plots == {"trend-toxicity", "trend-improvement", "trend-kl", "trend-judge"}
     assert "screenshots" not in html
     broken = ws(dom.find("section", id="broken").text())
     assert "d-broken" in broken and "not valid JSON" in broken
@@ -116,7 +116,7 @@ def test_history_keeps_eval_runs_apart_and_groups_trends_by_config(tmp_path):
     assert [g.attrs["data-group"] for g in groups] == [hashes["x"], hashes["a"]]  # the newest judged run's first
     for g in groups:
         assert {svg.attrs["data-plot"] for svg in g.find_all("svg")} == {"trend-toxicity", "trend-improvement",
-                                                                          "trend-kl"}
+                                                                          "trend-kl", "trend-judge"}
         n = len(members[g.attrs["data-group"]])
         caption = ws(g.find("figure", data_trend="trend-improvement").find("figcaption").text())
         assert f"one point per run ({n} run{'' if n == 1 else 's'})" in caption
@@ -143,7 +143,7 @@ def test_trend_captions_name_only_what_the_plots_draw(tmp_path):
                 for f in dom.find("section", id="trends").find_all("figure")}
 
     shown = figures(parse(render_index(reports).read_text()))
-    assert set(shown) == {"trend-toxicity", "trend-improvement", "trend-kl"}
+    assert set(shown) == {"trend-toxicity", "trend-improvement", "trend-kl", "trend-judge"}
     for name, (caption, svg) in shown.items():  # a caption speaks of a dashed line exactly when one is drawn
         assert ("dashed line" in caption) == ("bound (newest run)" in svg), name
     assert f"min_improvement = {100 * bounds['min_improvement']:g}%" in shown["trend-improvement"][0]

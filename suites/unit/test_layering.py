@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ppo.checkpoints",),  # the trainer's checkpoints on disk
     ("evaluation", "ppo.trainer"),
     ("ppo",),
+    ("curve",),  # the over-optimisation curve: the policy evaluated every few steps, the selected point
     ("report.formats",),  # the one vocabulary of figures (HTML and terminal)
     ("report.plots",),
     ("report.render",),
@@ -50,7 +51,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("trackers",),  # a finished run exported to TensorBoard / MLflow (output.report_to)
     ("plan",),  # everything a command decides, before any model loads; the only place tiny:// becomes a path
     ("jobs.inputs", "jobs.warm_start"),
-    ("jobs.run", "jobs.evaluate"),
+    ("jobs.run", "jobs.evaluate", "jobs.curve"),
     ("jobs.baseline",),
     ("jobs",),
     ("starter",),  # detox-harness init: a team's starter project (config, suite, CI snippet)
