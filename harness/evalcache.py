@@ -33,7 +33,7 @@ from .results import dumps, jsonable
 CACHE_FORMAT = 1
 #: the modules whose code computes an evaluation: their source is part of the key
 CODE_MODULES = ("evaluation.py", "metrics.py", "models.py", "toxicity.py", "faithfulness.py", "data.py",
-                "ppo/rollout.py", "ppo/sampling.py", "attention.py")
+                "ppo/rollout.py", "ppo/sampling.py", "ppo/batch.py", "ppo/core.py", "attention.py")
 PACKAGE = Path(__file__).resolve().parent
 
 

@@ -20,7 +20,7 @@ from .inputs import load_inputs
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
     """The complete checkpoints of a run by step."""
-    from ..ppo.trainer import CHECKPOINT_RE, is_complete_checkpoint
+    from ..ppo.checkpoints import CHECKPOINT_RE, is_complete_checkpoint
 
     folder = run_dir / rf.CHECKPOINTS_DIR
     found = [p for p in folder.iterdir() if is_complete_checkpoint(p)] if folder.is_dir() else []
