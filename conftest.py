@@ -12,7 +12,31 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 pytest_plugins = ["pytester", "harness.pytest_plugin"]
+
+#: the rows of the small synthetic corpus the unit and fuzzing tests share
+UNIT_ROWS = {"train": 240, "validation": 40, "test": 40}
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """A small synthetic DialogSum-format corpus (same generator as the tiny world), built in-process."""
+    from harness.tiny import make_corpus
+
+    return make_corpus(seed=0, rows=UNIT_ROWS)
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer(corpus):
+    """A T5 tokenizer trained on that corpus's prompts and summaries."""
+    from harness.config import REFERENCE_PROMPT
+    from harness.tiny import train_t5_tokenizer
+
+    texts = [REFERENCE_PROMPT.format(dialogue=r["dialogue"]) for r in corpus["train"]]
+    texts += [r["summary"] for r in corpus["train"]]
+    return train_t5_tokenizer(texts)
 
 
 def pytest_configure(config):

@@ -7,17 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import REFERENCE_PROMPT
-from harness.tiny import make_corpus, train_t5_tokenizer
-
-UNIT_ROWS = {"train": 240, "validation": 40, "test": 40}
-
-
-@pytest.fixture(scope="session")
-def corpus():
-    """A small synthetic DialogSum-format corpus (same generator as the tiny world)."""
-    return make_corpus(seed=0, rows=UNIT_ROWS)
-
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory, corpus) -> Path:
@@ -27,13 +16,6 @@ def corpus_dir(tmp_path_factory, corpus) -> Path:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     return d
-
-
-@pytest.fixture(scope="session")
-def t5_tokenizer(corpus):
-    texts = [REFERENCE_PROMPT.format(dialogue=r["dialogue"]) for r in corpus["train"]]
-    texts += [r["summary"] for r in corpus["train"]]
-    return train_t5_tokenizer(texts)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """``harness.data`` under fuzzed input (issue 7): hypothesis-generated datasets (random keys, unicode, empty and
 huge values, missing keys, wrong types) fed to ``normalize`` and, through a file, to ``build_prompts``: a valid
-dataset or a ``HarnessError``, never anything else."""
+dataset or a ``HarnessError``, never anything else. Hundreds of generated datasets per test: a fuzzing campaign,
+kept out of the unit suite's minute (the data module's own unit tests are suites/unit/test_data.py and
+test_bad_input.py); the corpus and tokenizer fixtures are the root conftest's."""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from harness.config import DataConfig
 from harness.data import build_prompts, normalize
 from harness.errors import HarnessError
+
+pytestmark = pytest.mark.integration
 
 KEYS = st.one_of(st.sampled_from(["dialogue", "summary", "summary1", "summary2", "summary3", "id", "fname",
                                   "topic", "topic1"]),
