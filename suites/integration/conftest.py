@@ -33,12 +33,10 @@ class CliRun:
 
 
 @pytest.fixture(scope="session")
-def report_dir(pytestconfig, tmp_path_factory) -> Path:
-    """``--report-dir``, else a temporary directory: test runs never enter the history of a user's reports/."""
-    given = pytestconfig.getoption("--report-dir")
-    d = Path(given) if given else tmp_path_factory.mktemp("reports")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def report_dir(detox_report_dir) -> Path:
+    """The plugin's ``detox_report_dir``: ``--report-dir``, else a temporary directory (test runs never enter the
+    history of a user's reports/)."""
+    return detox_report_dir
 
 
 @pytest.fixture(scope="session")

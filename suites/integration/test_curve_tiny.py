@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_cli import finish
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,16 +44,6 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=WAIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"the run did not end within {WAIT_S}s:\n{err[-1500:]}")
-    return proc.returncode, out, err
-
-
 def same_point(a: dict, b: dict) -> bool:
     return all((a[k] is None and b[k] is None) or abs(a[k] - b[k]) <= CLOSE * max(1.0, abs(a[k]))
                for k in ("kl", "toxicity_mean", "second_toxicity_mean", "improvement", "second_improvement",
@@ -62,7 +53,7 @@ def same_point(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("curve") / "whole"
-    code, stdout, stderr = finish(start(out))
+    code, stdout, stderr = finish(start(out), WAIT_S)
     assert code in (0, 1), stderr[-2000:]  # a short run's verdict; 2 or 130 would be a failure
     return out
 
@@ -81,7 +72,7 @@ def test_a_run_killed_between_two_curve_points_resumes_the_same_curve(uninterrup
     assert [r["step"] for r in rows(out / "curve.jsonl")][:4] == [0, 1, 2, 3]
     assert not (out / "results.json").exists()
 
-    code, stdout, stderr = finish(start(out, "--resume"))
+    code, stdout, stderr = finish(start(out, "--resume"), WAIT_S)
     assert code in (0, 1), stderr[-2000:]
     assert "resumed from" in stdout and "(step 2)" in stdout  # point 3 was past the checkpoint: made again
     whole, resumed = rows(uninterrupted / "curve.jsonl"), rows(out / "curve.jsonl")
@@ -94,7 +85,7 @@ def test_a_run_killed_between_two_curve_points_resumes_the_same_curve(uninterrup
 
 def test_the_curve_leaves_training_and_the_final_evaluation_as_they_were(uninterrupted, tmp_path):
     out = tmp_path / "no-curve"
-    code, _, stderr = finish(start(out, "eval.curve_every=0"))
+    code, _, stderr = finish(start(out, "eval.curve_every=0"), WAIT_S)
     assert code in (0, 1), stderr[-2000:]
     assert not (out / "curve.jsonl").exists() and not (out / "selected").exists()
     kl = [r["objective/kl"] for r in rows(out / "train_stats.jsonl")]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_cli import finish
 
 from harness.config import load_config
 from harness.data import build_prompts
@@ -165,16 +166,6 @@ def wait_for_steps(proc: subprocess.Popen, stats: Path, steps: int) -> None:
     pytest.fail(f"no step {steps} within {WAIT_S}s")
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=WAIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"the run did not end within {WAIT_S}s:\n{err[-1500:]}")
-    return proc.returncode, out, err
-
-
 def test_sigkill_mid_run_then_resume_finishes_every_step_once(tmp_path):
     out = tmp_path / "run"
     proc = start_run(out)
@@ -187,7 +178,7 @@ def test_sigkill_mid_run_then_resume_finishes_every_step_once(tmp_path):
     last = latest_checkpoint(out / "checkpoints")
     assert last is not None and int(last.name.split("-")[1]) >= CLI_CHECKPOINT_EVERY
 
-    code, stdout, stderr = finish(start_run(out, "--resume"))
+    code, stdout, stderr = finish(start_run(out, "--resume"), WAIT_S)
     assert code in (0, 1), stderr  # 0 or 1: the verdict of a short run; 2 or 130 would be a failure to resume
     assert f"resumed from {last}" in stdout
     assert "before: reused the saved evaluation" in stdout
@@ -205,7 +196,7 @@ def test_a_stop_signal_finishes_the_step_and_writes_a_loadable_checkpoint(tmp_pa
     proc = start_run(out)
     wait_for_steps(proc, out / "train_stats.jsonl", 1)
     proc.send_signal(sig)
-    code, stdout, stderr = finish(proc)
+    code, stdout, stderr = finish(proc, WAIT_S)
     assert code == 130, stderr
     rows = read_jsonl(out / "train_stats.jsonl")
     assert 1 <= len(rows) < CLI_STEPS
