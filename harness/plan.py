@@ -166,7 +166,8 @@ def _require_report_pages(cfg: HarnessConfig, run_dir: Path) -> None:
         require_own_page(run_dir.parent / PAGE)
 
 
-def _last_checkpoint(run_dir: Path):
+def last_checkpoint(run_dir: Path):
+    """The run directory's newest complete checkpoint, or None."""
     from .ppo.checkpoints import latest_checkpoint
 
     return latest_checkpoint(run_dir / rf.CHECKPOINTS_DIR)
@@ -183,7 +184,7 @@ def plan_run(request: Request | HarnessConfig, *, output: str | Path | None = No
     from . import baselines
 
     if not launched_as_main():
-        echo = _silent
+        echo = silent
     cfg = _config(request)
     base = baselines.load_baseline(baseline) if baseline is not None else None
     run_dir = rundir.run_dir_for(cfg, output, resume)
@@ -193,7 +194,7 @@ def plan_run(request: Request | HarnessConfig, *, output: str | Path | None = No
                                fix="drop --sft (or start a new run with it)")
         rundir.require_resumable(run_dir)
         cfg = rundir.resumed_config(run_dir, _overrides(request), echo)
-        step = rundir.checkpoint_step(_last_checkpoint(run_dir))
+        step = rundir.checkpoint_step(last_checkpoint(run_dir))
         if step is not None and step > cfg.ppo.steps:
             raise HarnessError(f"the run's last checkpoint is at step {step}, past ppo.steps = {cfg.ppo.steps}",
                                field="ppo.steps", fix=f"give ppo.steps={step} or more to finish it")
@@ -295,10 +296,10 @@ def plan_curve(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
     if not rf.is_finished(run_dir):
         raise HarnessError("holds no finished run (no results.json)", field="run_dir", value=str(run_dir),
                            fix="give the directory of a finished run (an unfinished one makes its curve on --resume)")
-    if _last_checkpoint(run_dir) is None:
+    if last_checkpoint(run_dir) is None:
         raise HarnessError("holds no checkpoint to evaluate", field="run_dir", value=str(run_dir),
                            fix=f"give a run directory with {rf.CHECKPOINTS_DIR}/step-N folders")
-    saved = rundir.resumed_config(run_dir, [], _silent)
+    saved = rundir.resumed_config(run_dir, [], silent)
     cfg = apply_overrides(copy.deepcopy(saved), list(overrides))
     refused = [k for k in changed_keys(saved, cfg) if k not in CURVE_KEYS]
     if refused:
@@ -333,5 +334,5 @@ def resolve_target(target: str | Path) -> Path:
                        fix="give a directory written by save_pretrained or a run's checkpoints/step-N folder")
 
 
-def _silent(*args, **kwargs) -> None:
+def silent(*args, **kwargs) -> None:
     """``echo`` of the processes other than the main one."""

@@ -26,7 +26,7 @@ from ..errors import (
     environment_fault,
 )
 from ..metrics import PHASE_KEYS, EvalOutput, phase_metrics, training_summary
-from ..plan import RunPlan
+from ..plan import RunPlan, last_checkpoint, silent
 from ..report.text import phase_line
 from .inputs import RunInputs, load_inputs
 
@@ -63,7 +63,7 @@ def run(plan: RunPlan, *, progress: bool = True, echo=print) -> RunOutcome:
     """
     parallel = plan.parallel
     if not parallel.is_main:  # the main process prints; the others' warnings would repeat its own
-        echo = _silent
+        echo = silent
         logging.getLogger("harness").setLevel(logging.ERROR)
     if plan.warm_start is not None:
         from .warm_start import warm_start
@@ -85,27 +85,24 @@ def run(plan: RunPlan, *, progress: bool = True, echo=print) -> RunOutcome:
             return _guarded(plan, inputs, log, progress=progress, echo=echo)
 
 
-def _last_checkpoint(run_dir: Path):
-    from ..ppo.checkpoints import latest_checkpoint
-
-    return latest_checkpoint(run_dir / rf.CHECKPOINTS_DIR)
-
-
 def _guarded(plan: RunPlan, inputs: RunInputs, log: rundir.RunLog, *, progress: bool, echo) -> RunOutcome:
     """The run, with its faults told as the CLI tells them: a file-system fault names how to resume; anything
     unexpected has its traceback in run.log."""
     cfg, run_dir = plan.cfg, plan.run_dir
+
+    def hint() -> str | None:
+        return rundir.resume_hint(cfg, run_dir, last_checkpoint(run_dir))
+
     try:
         return _run(plan, inputs, progress=progress, echo=echo)
     except EnvironmentFault as e:
-        hint = rundir.resume_hint(cfg, run_dir, _last_checkpoint(run_dir))
-        raise EnvironmentFault(f"{e}; {hint}" if hint else str(e)) from e
+        how = hint()
+        raise EnvironmentFault(f"{e}; {how}" if how else str(e)) from e
     except HarnessError:
         raise
     except OSError as e:
-        fault = environment_fault(e, "the run")
-        hint = rundir.resume_hint(cfg, run_dir, _last_checkpoint(run_dir))
-        raise EnvironmentFault(f"{fault}; {hint}" if hint else str(fault)) from e
+        fault, how = environment_fault(e, "the run"), hint()
+        raise EnvironmentFault(f"{fault}; {how}" if how else str(fault)) from e
     except Exception as e:
         written = None
         try:  # straight into the file: through logging, the terminal's handler would print it too
@@ -114,7 +111,7 @@ def _guarded(plan: RunPlan, inputs: RunInputs, log: rundir.RunLog, *, progress: 
             written = log.baseFilename
         except OSError:
             pass  # the CLI writes it to a temporary file instead
-        raise UnexpectedError(e, written, rundir.resume_hint(cfg, run_dir, _last_checkpoint(run_dir))) from e
+        raise UnexpectedError(e, written, hint()) from e
 
 
 def _run(plan: RunPlan, inputs: RunInputs, *, progress: bool, echo) -> RunOutcome:
@@ -279,7 +276,3 @@ def _finish(plan: RunPlan, before, after, stats, timings, extra, device: str, *,
 
             export_run(run_dir, results, stats, cfg.output.report_to, report=outcome.report)
     return outcome
-
-
-def _silent(*args, **kwargs) -> None:
-    """``echo`` of the processes other than the main one."""
