@@ -35,3 +35,43 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
     T5ForConditionalGeneration(config).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def undrawn_plots(monkeypatch) -> set[str]:
+    """A report page with its plots built but not drawn, for tests of the page around them.
+
+    Drawing the figures is most of a page's render (about 1 s of its 1.2 s on 2 cores): tests about tables,
+    links, escaping or the verdict do not need it. Every plot is still built by :mod:`harness.report.plots`
+    from the run's files, and becomes an empty ``<svg>`` with the same ``data-plot`` name and accessible
+    label, holding the figure's own texts (title, axis labels, legend entries) as ``<text>`` elements, so a
+    test can still count, name and read them. Add a name prefix to the returned set (``"curve-"``) to draw
+    those plots for real. The drawn SVG itself is tested on the real pages (``test_report``'s ``demo``).
+    """
+    from markupsafe import Markup
+
+    from harness.report import plots
+
+    drawn: set[str] = set()
+    draw = plots.to_svg
+
+    def sketch(fig, name, label, uid=None):
+        if drawn and name.startswith(tuple(drawn)):
+            return draw(fig, name, label, uid)
+        texts = Markup("").join(Markup("<text>{}</text>").format(t.get_text()) for t in _texts(fig) if t.get_text())
+        return Markup('<svg class="plot" role="img" aria-label="{}" data-plot="{}">{}</svg>').format(label, name, texts)
+
+    monkeypatch.setattr(plots, "to_svg", sketch)
+    return drawn
+
+
+def _texts(fig) -> list:
+    """A figure's own texts: titles, axis labels, annotations, legend entries (not the tick labels, which
+    matplotlib makes only when it draws)."""
+    out = list(fig.texts)
+    for ax in fig.axes:
+        out += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        if ax.get_legend() is not None:
+            out += ax.get_legend().get_texts()
+    out += [t for legend in fig.legends for t in legend.get_texts()]
+    return out

@@ -15,6 +15,7 @@ from harness.report import render_run
 from harness.report.demo import demo_curve_rows, write_demo_run
 from harness.results import CURVE_FILE, read_curve, validate_curve_row, write_jsonl
 from harness.thresholds import BOUNDS, CURVE_QUALITY_BOUNDS, curve_quality_failures, judge, load_bounds
+from suites.report_dom import parse, ws
 
 
 def _phase(tox, second, rouge=0.7, length=30.0, faith=0.9, kl=0.0, degenerate=0.0):
@@ -165,9 +166,8 @@ def test_the_selected_adapter_is_swapped_in_whole(tmp_path):
     assert selected_step(tmp_path) == 15 and sorted(p.name for p in tmp_path.iterdir()) == ["selected"]
 
 
-def test_the_run_page_shows_the_curve_with_the_selected_and_final_points(tmp_path):
-    from test_report import parse, ws
-
+def test_the_run_page_shows_the_curve_with_the_selected_and_final_points(tmp_path, undrawn_plots):
+    undrawn_plots.add("curve-")  # the curve's own plots are drawn for real; the page's others are not
     run_dir = write_demo_run(tmp_path / "reports" / "run", steps=40, num_samples=16)
     html = render_run(run_dir).read_text()
     section = parse(html).find("section", id="curve")

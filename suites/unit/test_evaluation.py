@@ -146,6 +146,27 @@ def test_rouge_takes_the_best_reference_and_stems():
     assert metrics.rouge_best("they talk about cat and dog", refs[1:2])["rouge1"] == 1.0  # use_stemmer=True
 
 
+def test_rouge_is_rouge_scores_own_stemming_scorer(corpus, monkeypatch):
+    """The kept stems change no score: the harness's scorer equals ``RougeScorer(use_stemmer=True)`` on every
+    summary of the corpus against the others, also once the memory bound has emptied the kept stems."""
+    from rouge_score import rouge_scorer
+
+    own = rouge_scorer.RougeScorer(list(metrics.ROUGE_KEYS), use_stemmer=True)
+    texts = [r["summary"] for r in corpus["train"]][:40] + ["Running runners ran; the agreed agreement's agreeing."]
+    monkeypatch.setattr(metrics, "_ROUGE", None)
+    for i, text in enumerate(texts):
+        refs = texts[i + 1:i + 4] or texts[:3]
+        want = own.score_multi(refs, text)
+        assert metrics.rouge_best(text, refs) == {k: float(want[k].fmeasure) for k in metrics.ROUGE_KEYS}
+    stems = metrics._rouge_scorer()._tokenizer._stemmer
+    assert 0 < len(stems._stems) < 1 << 17
+    stems._stems.update((f"w{i}", "x") for i in range((1 << 17) - len(stems._stems)))  # full: the next word empties
+    fresh = "Zebras galloping unexpectedly through " + texts[-1]
+    want = own.score_multi(texts[:2], fresh)
+    assert metrics.rouge_best(fresh, texts[:2]) == {k: float(want[k].fmeasure) for k in metrics.ROUGE_KEYS}
+    assert len(stems._stems) < 100
+
+
 def test_distinct_n_and_repeated_ngrams_on_worked_examples():
     texts = ["the cat sat", "the cat ran"]
     assert metrics.distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran over 6 words
@@ -375,7 +396,7 @@ def test_environment_info_names_versions_commit_and_device(tmp_path):
     assert rf.git_commit(tmp_path) is None  # not a git checkout
 
 
-def test_the_report_renders_the_results_files(cfg, tmp_path):
+def test_the_report_renders_the_results_files(cfg, tmp_path, undrawn_plots):
     from harness.report import render_run
 
     results, samples = build(cfg)

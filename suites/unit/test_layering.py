@@ -146,3 +146,17 @@ def test_only_the_plan_turns_a_tiny_world_id_into_a_path():
             if imported or called:
                 callers.add(module_name(path))
     assert callers == {"plan"}, callers
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures live in a conftest.py and shared helpers in a module of ``suites/`` (``report_dom``,
+    ``oracles``, ``weights``), never in a test module that another one imports: a test file can then be moved,
+    split or deselected on its own (issue 23)."""
+    suites = PACKAGE.parent / "suites"
+    found = []
+    for path in sorted(suites.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(suites)}: {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert found == []

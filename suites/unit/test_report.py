@@ -106,7 +106,7 @@ def test_verdict_rows_show_bound_value_and_result(demo):
     assert overall == ("PASS" if results["verdict"]["passed"] else "FAIL")
 
 
-def test_failed_bound_and_missing_value_make_the_page_fail(tmp_path):
+def test_failed_bound_and_missing_value_make_the_page_fail(tmp_path, undrawn_plots):
     run_dir = write_demo_run(tmp_path / "run", training=False)
 
     def fail_one(r):
@@ -128,7 +128,7 @@ def test_failed_bound_and_missing_value_make_the_page_fail(tmp_path):
     assert {"badge", "fail"} <= badge.classes()
 
 
-def test_overall_result_comes_from_the_file_not_only_the_bounds(tmp_path):
+def test_overall_result_comes_from_the_file_not_only_the_bounds(tmp_path, undrawn_plots):
     # the run may fail for a reason beyond the listed bounds: the file's "passed" is authoritative
     run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=8)
 
@@ -208,6 +208,7 @@ def test_training_curves_per_ppo_step(demo):
                        "train-ppo-policy-clipfrac", "train-objective-entropy", "train-tokens-responses-len-mean"}
     kl = ws(section.find("svg", data_plot="train-objective-kl").text())
     assert "PPO step" in kl and "KL(policy || ref), nats" in kl
+    assert "skipped step" in kl  # the demo's step 7 was skipped: its red line has a legend entry
     text = ws(section.text())
     assert "40 recorded, 1 skipped (non-finite)" in text
     training = demo["results"]["metrics"]["training"]
@@ -219,7 +220,7 @@ def _training_svgs(dom: Node) -> dict[str, str]:
     return {svg.attrs["data-plot"]: ws(svg.text()) for svg in section.find_all("svg")}
 
 
-def test_a_step_the_trainer_skipped_is_counted_and_marked(tmp_path):
+def test_a_step_the_trainer_skipped_is_counted_and_marked(tmp_path, undrawn_plots):
     # the trainer writes "skipped": 1.0 and "skip_reason" for a step whose update it undid (harness/ppo/step.py),
     # never JSON true: the page must count that step and mark it on every curve
     run_dir = write_demo_run(tmp_path / "run", steps=12, skipped_steps=(5,))
@@ -269,7 +270,7 @@ def _expected_split(diffs: list[float], visible: int = 5) -> tuple[list[int], li
     return gains, losses, rest
 
 
-def test_qualitative_best_and_worst_first_rest_in_details(tmp_path):
+def test_qualitative_best_and_worst_first_rest_in_details(tmp_path, undrawn_plots):
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
     # build_results writes the rows sorted by reward_diff, descending (the schema's rule)
     diffs = [q["reward_diff"] for q in load_results(run_dir)["qualitative"]]
@@ -294,7 +295,7 @@ def test_qualitative_best_and_worst_first_rest_in_details(tmp_path):
     assert f"The other {len(rest)} rows (ranks {rest[0]}–{rest[-1]})" in ws(details.find("summary").text())
 
 
-def test_worst_rows_are_real_losses_and_noise_is_no_change(tmp_path):
+def test_worst_rows_are_real_losses_and_noise_is_no_change(tmp_path, undrawn_plots):
     # float noise of two scorings of the same summary (+2.384e-07, some positive) is no change: it is never
     # listed as a loss, and no Δ reward is written in scientific notation
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
@@ -346,7 +347,7 @@ def _faithfulness_cells(tr) -> tuple[str, str]:
     return ws(tds[4].text()), ws(tds[5].text())  # after #, Δ reward, reward before, reward after
 
 
-def test_unfaithful_summaries_are_marked_in_the_samples_table(tmp_path):
+def test_unfaithful_summaries_are_marked_in_the_samples_table(tmp_path, undrawn_plots):
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
     threshold = load_results(run_dir)["config"]["eval"]["faithful_threshold"]
 
@@ -376,7 +377,7 @@ def test_unfaithful_summaries_are_marked_in_the_samples_table(tmp_path):
     assert f"eval.faithful_threshold = {threshold:g}" in ws(dom.find("section", id="samples").text())
 
 
-def test_a_run_without_faithfulness_figures_renders_without_its_columns(tmp_path):
+def test_a_run_without_faithfulness_figures_renders_without_its_columns(tmp_path, undrawn_plots):
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
 
     def older(r):  # as a results.json written before the faithfulness judge
@@ -396,7 +397,7 @@ def test_a_run_without_faithfulness_figures_renders_without_its_columns(tmp_path
     assert cells(dom.find("tr", data_metric="faithfulness_mean"))[1] == "not measured"
 
 
-def test_qualitative_rows_out_of_order_are_refused(tmp_path):
+def test_qualitative_rows_out_of_order_are_refused(tmp_path, undrawn_plots):
     # the file's order is the ranking: a results.json whose rows are not sorted is refused, not re-sorted
     run_dir = write_demo_run(tmp_path / "run", training=False, seed=3)
     rewrite_results(run_dir, lambda r: r["qualitative"].reverse())
@@ -408,7 +409,7 @@ def test_qualitative_rows_out_of_order_are_refused(tmp_path):
     assert (run_dir / "index.html").read_text() == "old page"
 
 
-def test_short_qualitative_list_has_no_disclosure(tmp_path):
+def test_short_qualitative_list_has_no_disclosure(tmp_path, undrawn_plots):
     run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=8, qualitative_rows=6)
     dom = parse(render_run(run_dir).read_text())
     assert [rank for _, _, rank in _ranked_rows(dom)] == [1, 2, 3, 4, 5, 6]
@@ -447,7 +448,7 @@ def test_provenance_values(demo):
     assert config["thresholds.max_kl"] == str(load_bounds("tiny")["max_kl"])
 
 
-def test_the_pinned_revisions_and_prompts_fingerprint_are_shown(tmp_path):
+def test_the_pinned_revisions_and_prompts_fingerprint_are_shown(tmp_path, undrawn_plots):
     """results.json's provenance (issue 25): one row per model with its revision, the prompts' fingerprint; an
     evaluation (no before_cache) and a run written before provenance existed render too."""
     run_dir = write_demo_run(tmp_path / "run-pinned")
@@ -499,7 +500,7 @@ def test_model_output_and_config_strings_are_escaped(demo):
     assert config["policy.adapter"] == PAYLOAD
 
 
-def test_run_id_preset_and_bound_names_are_escaped_on_both_pages(tmp_path):
+def test_run_id_preset_and_bound_names_are_escaped_on_both_pages(tmp_path, undrawn_plots):
     reports = tmp_path / "reports"
     run_dir = write_demo_run(reports / "x", training=False, run_id=PAYLOAD)
 
@@ -520,7 +521,7 @@ def test_run_id_preset_and_bound_names_are_escaped_on_both_pages(tmp_path):
 # --------------------------------------------------------------------------------------------
 # graceful gaps
 
-def test_missing_optional_parts_render_as_not_measured(tmp_path):
+def test_missing_optional_parts_render_as_not_measured(tmp_path, undrawn_plots):
     # what a valid results.json may leave out or leave null: the verdict (not judged), metrics.training (an
     # evaluation-only run), the qualitative rows (eval.qualitative_rows = 0), a second classifier's figures,
     # ROUGE, an undefined improvement (before toxicity 0), the git commit; and samples.jsonl may be gone.
@@ -563,7 +564,7 @@ def test_missing_optional_parts_render_as_not_measured(tmp_path):
     assert ws(dom.find(id="run-id").text()) == "run"
 
 
-def test_qualitative_falls_back_to_samples(tmp_path):
+def test_qualitative_falls_back_to_samples(tmp_path, undrawn_plots):
     # eval.qualitative_rows = 0: results.json holds no qualitative rows, the page ranks samples.jsonl's
     run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=12, qualitative_rows=0)
     assert load_results(run_dir)["qualitative"] == []
@@ -579,7 +580,7 @@ def test_qualitative_falls_back_to_samples(tmp_path):
     assert "from samples.jsonl" in ws(dom.find("section", id="samples").text())
 
 
-def test_eval_only_run_with_train_stats_still_plots_them(tmp_path):
+def test_eval_only_run_with_train_stats_still_plots_them(tmp_path, undrawn_plots):
     run_dir = write_demo_run(tmp_path / "run", steps=12)
     rewrite_results(run_dir, lambda r: r["metrics"].pop("training"))
     dom = parse(render_run(run_dir).read_text())
@@ -652,7 +653,7 @@ def test_broken_results_json_raises_harness_error(tmp_path, demo, case):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(["index.html"] + (["results.json"] if text else []))
 
 
-def test_missing_run_folder_and_malformed_jsonl(tmp_path):
+def test_missing_run_folder_and_malformed_jsonl(tmp_path, undrawn_plots):
     with pytest.raises(HarnessError, match="run folder not found"):
         render_run(tmp_path / "nope")
     run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=4)
@@ -679,7 +680,7 @@ def test_index_of_an_empty_folder_and_a_missing_one(tmp_path):
         render_index(tmp_path / "missing")
 
 
-def test_index_links_are_url_encoded(tmp_path):
+def test_index_links_are_url_encoded(tmp_path, undrawn_plots):
     reports = tmp_path / "reports"
     write_demo_run(reports / "run #1?x", training=False, num_samples=4)
     dom = parse(render_index(reports).read_text())
@@ -723,7 +724,7 @@ def test_the_verdict_figures_of_every_judge_and_the_detectable_effect_are_shown(
     assert gap.lstrip("+") == fmt_pct(c["judge_gap"])
 
 
-def test_a_metric_that_left_its_baseline_is_shown_and_fails_the_headline(tmp_path):
+def test_a_metric_that_left_its_baseline_is_shown_and_fails_the_headline(tmp_path, undrawn_plots):
     run_dir = write_demo_run(tmp_path / "run")
     mean = load_results(run_dir)["metrics"]["comparison"]["mean_improvement"]
     checks = [{"metric": "comparison.mean_improvement", "mean": mean + 0.3, "tolerance": 0.05, "value": mean,
@@ -746,7 +747,7 @@ def test_a_metric_that_left_its_baseline_is_shown_and_fails_the_headline(tmp_pat
 # --------------------------------------------------------------------------------------------
 # report nits: rows that need k > 1, the folded config, the link to the history, significant digits
 
-def test_per_prompt_rows_need_several_samples(tmp_path):
+def test_per_prompt_rows_need_several_samples(tmp_path, undrawn_plots):
     # with one sample per prompt, "expected maximum toxicity" is the mean and "toxicity probability" the toxic rate
     run_dir = write_demo_run(tmp_path / "run", training=False, num_samples=12)
     m = load_results(run_dir)["metrics"]
