@@ -119,6 +119,11 @@ def prediction_factor(n: int, m: int, alpha: float = FAMILY_ALPHA) -> float:
     return float(stats.t.ppf(1 - alpha / (2 * m), n - 1) * math.sqrt(1 + 1 / n))
 
 
+def _rounding(mean: float) -> float:
+    """How far a "before" metric may lie from the baseline's mean ``mean``: float rounding of one evaluation."""
+    return ROUNDING * max(1.0, abs(mean))
+
+
 def build_baseline(runs: list[dict]) -> dict[str, Any]:
     """The baseline of finished runs' ``results.json`` dicts (same preset, config and world, different seeds)."""
     if len(runs) < MIN_SEEDS:
@@ -145,14 +150,14 @@ def build_baseline(runs: list[dict]) -> dict[str, Any]:
     # a before metric is compared up to rounding when every baseline run measured it alike (a deterministic
     # evaluation, as on CPU); where the runs differ (a GPU's nondeterministic kernels), it is a seed metric
     fixed = {name for name, values in measured.items()
-             if is_fixed(name) and max(values) - min(values) <= ROUNDING * max(1.0, abs(statistics.fmean(values)))}
+             if is_fixed(name) and max(values) - min(values) <= _rounding(statistics.fmean(values))}
     seed_metrics = [name for name in measured if name not in fixed]
     factor = prediction_factor(len(runs), max(len(seed_metrics), 1))
     metrics: dict[str, dict] = {}
     for name, values in measured.items():
         mean, spread = statistics.fmean(values), statistics.stdev(values)
         if name in fixed:
-            tol = ROUNDING * max(1.0, abs(mean))
+            tol = _rounding(mean)
             metrics[name] = {"kind": "fixed", "mean": mean, "spread": spread, "min": min(values), "max": max(values),
                              "values": values, "tolerance": tol, "low": mean - tol, "high": mean + tol,
                              "scale": "linear"}
