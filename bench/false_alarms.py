@@ -88,12 +88,28 @@ def judge(results: dict, bounds: dict, baseline: dict, *, old: bool = False) -> 
                  if (v := bl._lookup(results["metrics"], tuple(name.split(".")))) is None
                  or abs(v - m["mean"]) > m["tolerance"]]
     else:
-        failed = [b.name for b in verdict(results, bounds) if not b.passed]
+        rows = verdict(results, bounds)
+        failed = [b.name for b in rows if not b.passed]
+        values = {b.name: b.value for b in rows}
         try:
             moved = [c.metric for c in bl.compare(results, baseline) if not c.passed]
         except bl.HarnessError as e:  # a planted case of another config (drift, blind spot): not comparable
             moved = [f"(not comparable: {str(e).split(' (')[0]})"]
-    return {"failed_bounds": failed, "moved": moved, "false_alarm": bool(failed or moved)}
+    out = {"failed_bounds": failed, "moved": moved, "false_alarm": bool(failed or moved)}
+    return out if old else {**out, "values": values}  # each bound's measured value: how near its limit a run came
+
+
+def nearest_approach(honest: list[dict], bounds: dict) -> dict:
+    """For each bound, the honest run whose value came nearest its limit (the largest value of a ``<=`` bound,
+    the smallest of a ``>=``): the margin a limit keeps over the honest seeds."""
+    out = {}
+    for name, limit in bounds.items():
+        op = BOUNDS[name][1]
+        seen = [(r["values"][name], r["seed"]) for r in honest if r.get("values", {}).get(name) is not None]
+        if seen:
+            value, seed = (max if op.startswith("<") else min)(seen)
+            out[name] = {"op": op, "limit": limit, "value": value, "seed": seed}
+    return out
 
 
 def clopper_pearson(k: int, n: int) -> tuple[float, float]:
@@ -199,6 +215,11 @@ def main(argv=None) -> int:
                       ", ".join(r["moved"]) or "-",
                       ", ".join(r.get("old", {}).get("failed_bounds", [])) or "-",
                       ", ".join(r.get("old", {}).get("moved", [])) or "-") for r in honest]))
+        nearest = nearest_approach(honest, bounds)
+        report["honest"]["nearest"] = nearest
+        print(table(("bound", "limit", "honest value nearest it", "seed"),
+                    [(name, f"{near['op']} {near['limit']:g}", f"{near['value']:.4g}", near["seed"])
+                     for name, near in nearest.items()]))
         lo, hi = report["honest"]["ci95"]
         print(f"false alarms: {k} of {n} fresh honest seeds ({k / n:.1%}, 95% interval {lo:.1%}..{hi:.1%})"
               + (f"; the old gates: {report['honest']['old']['false_alarms']} of {n}" if old else ""))
