@@ -226,7 +226,7 @@ def _quiet_elastic() -> None:
 def cmd_run(args) -> int:
     from .jobs.run import run
     from .parallel import launched_as_main, launched_world_size
-    from .plan import plan_run
+    from .plan import plan_run, silent
     from .report.text import summary_table
     from .thresholds import format_table
 
@@ -236,16 +236,21 @@ def cmd_run(args) -> int:
         raise HarnessError("the warm start runs in one process", field="--sft",
                            fix="make it first (detox-harness sft --preset P --output DIR), then run the processes "
                                "with policy.adapter=DIR")
-    if args.num_processes > 1 and launched_world_size() == 1:
-        if not args.resume:  # settings the processes cannot share are refused here, once, not by each after loading
-            _check_shares(_request(args).config(), args.num_processes)
-        return launch(args.argv, args.num_processes)
-
     if args.resume and args.config:
         raise HarnessError("--resume continues a run with its saved config", field="--config",
                            fix="drop --config (settings that may change on resume can be given as key=value)")
-    plan = plan_run(_request(args), output=args.output, resume=args.resume, sft=args.sft, baseline=args.baseline,
-                    accept_loosened=args.accept_loosened_bounds, cache=not args.no_cache)
+
+    def planned(echo=print):
+        return plan_run(_request(args), output=args.output, resume=args.resume, sft=args.sft, baseline=args.baseline,
+                        accept_loosened=args.accept_loosened_bounds, cache=not args.no_cache, echo=echo)
+
+    if args.num_processes > 1 and launched_world_size() == 1:
+        # what the plan refuses (a resumed run's saved config included) and the batch sizes the processes cannot
+        # share are said here, once, not by each process after loading; the processes' main one says the warnings
+        _check_shares(planned(silent).cfg, args.num_processes)
+        return launch(args.argv, args.num_processes)
+
+    plan = planned()
     outcome = run(plan, progress=not args.no_progress)
     if outcome.interrupted or not launched_as_main():  # the main process prints
         return outcome.exit_code

@@ -332,6 +332,29 @@ def test_num_processes_that_cannot_share_the_batch_is_refused_once_before_launch
     assert not out.exists() and not stdout.strip()  # nothing started, nothing said about a run
 
 
+@pytest.mark.parametrize("finished", [False, True], ids=["unshareable", "finished"])
+def test_a_resumed_run_the_processes_would_refuse_is_refused_once_before_launching(tmp_path, finished):
+    """``--resume`` with ``--num-processes``: the saved config's batch that 3 processes cannot share, or a finished
+    run, is said once by the launcher (the plan's own refusal), not once per process after loading; nothing in
+    the directory changes."""
+    out = tmp_path / "run"
+    out.mkdir()
+    load_config("tiny", overrides=["ppo.steps=2"]).save(out / rf.CONFIG_FILE)
+    if finished:
+        (out / rf.RESULTS_FILE).write_text("{}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, stdout, err = communicate(cli_process("run", "--resume", "--no-progress", "--output", str(out),
+                                                "--num-processes", "3" if not finished else "2"), timeout=120)
+    line = one_line(err)
+    assert code == EXIT_BAD_INPUT
+    if finished:
+        assert line.startswith("detox-harness: error: --resume: the run is finished"), line
+    else:
+        assert line.startswith("detox-harness: error: ppo.batch_size: got 32"), line
+        assert "multiple of the number of processes (3)" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not stdout.strip()
+
+
 def test_sigterm_to_the_two_process_launcher_exits_130_with_one_message(tmp_path):
     """A scheduler stops ``run --num-processes 2``: once exit 143 (accelerate's 128 + 15) with torch's own warning;
     now 130 like one process, the step in flight finished and saved, and the interruption said once."""
