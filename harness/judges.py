@@ -12,7 +12,9 @@ exit 2, one line naming the fields), from the models' ``config.json`` files alon
   name only, and its labels again when it loads);
 - a second judge or faithfulness judge that is the reward model itself: the same location once resolved, or the
   same weights (``model.safetensors`` of equal size and SHA-256 digest) under another name. A reward model judging
-  itself measures nothing independent (``judge_gap`` is exactly 0).
+  itself measures nothing independent (``judge_gap`` is exactly 0);
+- a ``reward.max_length`` longer than the reward model's position embeddings hold (it would index past them at the
+  first reward, after minutes of loading and evaluating).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ NEGATIONS = ("not", "non", "no")
 #: everything but letters and digits taken out)
 TOXIC_NAMES = frozenset({"toxic", "hate", "hateful", "offensive", "abusive", "insult", "obscene", "threat",
                          "severetoxic", "identityhate", "toxicity", "abuse", "profane", "profanity"})
+#: model types whose position embeddings keep positions for the padding offset, and how many
+OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 CLEAN_NAMES = frozenset({"clean", "neutral", "normal", "safe", "nothate", "nontoxic", "nottoxic", "notoffensive",
                          "nonoffensive", "harmless", "benign"})
 
@@ -80,18 +84,45 @@ def model_dir(location: str | None) -> Path | None:
     return Path(os.path.realpath(cached)).parent if isinstance(cached, str) else None
 
 
-def label_names(location: str | None) -> list[str] | None:
-    """The label names of a classifier's ``config.json`` (``id2label``, in index order); None when its config
-    cannot be read offline or names no labels."""
+def _config_json(location: str | None) -> dict | None:
+    """A model's ``config.json``, read offline; None when it cannot be found or read (the loader reports that)."""
     directory = model_dir(location)
     if directory is None or not (directory / "config.json").is_file():
         return None
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        id2label = config.get("id2label") or {}
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def label_names(location: str | None) -> list[str] | None:
+    """The label names of a classifier's ``config.json`` (``id2label``, in index order); None when its config
+    cannot be read offline or names no labels."""
+    config = _config_json(location)
+    try:
+        id2label = (config or {}).get("id2label") or {}
         return [str(id2label[k]) for k in sorted(id2label, key=int)] or None
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError):
         return None  # an unreadable config: the loader reports it with its own message
+
+
+def position_limit(model_type: str | None, max_position_embeddings) -> int | None:
+    """The most tokens one input of an encoder can hold by its position embeddings; None when unknown. RoBERTa and
+    its kin keep two positions for their padding offset (514 embeddings read 512 tokens)."""
+    if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int) \
+            or max_position_embeddings <= 0:
+        return None
+    return max_position_embeddings - OFFSET_POSITIONS.get(model_type or "", 0)
+
+
+def too_long(max_length: int, limit: int | None, location: str, field: str) -> ConfigError | None:
+    """The error for a classifier input length its position embeddings cannot hold (None when it fits)."""
+    if limit is None or max_length <= limit:
+        return None
+    return ConfigError(f"got {max_length}, but {location} reads at most {limit} tokens (its position embeddings); "
+                       "a longer input would index past them", field=field,
+                       fix=f"give {field}={limit} or less, or leave it unset (the classifier's own limit)")
 
 
 def _digest(path: Path) -> str:
@@ -138,6 +169,12 @@ def check_judges(cfg: HarnessConfig) -> None:
                           field="reward.label, reward.toxic_label",
                           fix="reward.label names the clean class (e.g. nothate), reward.toxic_label the toxic one "
                               "(e.g. hate)")
+    if r.max_length:
+        config = _config_json(r.model) or {}
+        error = too_long(r.max_length, position_limit(config.get("model_type"), config.get("max_position_embeddings")),
+                         r.model, "reward.max_length")
+        if error is not None:
+            raise error
     labels = label_names(r.model)
     _require_label(r.label, labels, "reward.label", "reward.model", r.model)
     _require_label(r.toxic_label, labels, "reward.toxic_label", "reward.model", r.model)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import ModelLoadError
+from .judges import position_limit, too_long
 from .models import load_pretrained, resolve_device
 
 
@@ -129,15 +130,19 @@ def load_sequence_classifier(location: str, *, field: str, fix: str, device: str
     return model.to(device).eval(), tokenizer
 
 
-def input_limit(model, tokenizer, max_length: int | None = None) -> int:
-    """The most tokens one input of a classifier may have: ``max_length`` when given, else the tokenizer's
-    ``model_max_length`` and the model's position embeddings (RoBERTa's minus its 2 reserved), at most 512."""
+def input_limit(model, tokenizer, max_length: int | None = None, field: str = "reward.max_length") -> int:
+    """The most tokens one input of a classifier may have: ``max_length`` when given (a ConfigError naming ``field``
+    when the model's position embeddings cannot hold it), else the tokenizer's ``model_max_length`` and the
+    model's position embeddings (:func:`harness.judges.position_limit`), at most 512."""
+    positions = position_limit(getattr(model.config, "model_type", None),
+                               getattr(model.config, "max_position_embeddings", None))
     if max_length:
+        error = too_long(int(max_length), positions, getattr(model.config, "_name_or_path", "") or "the classifier",
+                         field)
+        if error is not None:
+            raise error
         return int(max_length)
     limit = getattr(tokenizer, "model_max_length", 512) or 512
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        positions -= 2  # RoBERTa reserves two positions for the padding offset
     return int(min(limit, positions or 512, 512))
 
 

@@ -460,6 +460,30 @@ def test_reward_label_in_the_wrong_case_suggests_the_right_one():
     assert "did you mean 'nothate'" in one_line(e, "reward.label")
 
 
+def test_a_reward_max_length_past_the_classifiers_positions_is_refused_before_loading(tmp_path):
+    """``reward.max_length`` 39 on a RoBERTa of 40 position embeddings (it reads 38 tokens: 2 keep its padding
+    offset) would index past them at the first reward: refused from config.json before any weights load, and
+    by the classifier itself when it loads (a hub model not in the cache is read then); 38 fits."""
+    from harness.judges import check_judges
+    from harness.toxicity import Classifier
+
+    d = tmp_path / "clf"
+    tiny_classifier().save_pretrained(d)
+    cfg = load_config("tiny", overrides=[f"reward.model={d}", "reward.max_length=39", "eval.second_classifier=null",
+                                         "eval.faithfulness_model=null"])
+    with pytest.raises(ConfigError) as e:
+        check_judges(cfg)
+    msg = one_line(e, "reward.max_length")
+    assert "got 39" in msg and "reads at most 38 tokens" in msg and "give reward.max_length=38 or less" in msg
+    with pytest.raises(ConfigError) as e:
+        Classifier(tiny_classifier(), None, max_length=39)
+    assert "reads at most 38 tokens" in one_line(e, "reward.max_length")
+    cfg.reward.max_length = 38
+    check_judges(cfg)
+    assert Classifier(tiny_classifier(), None, max_length=38).max_length == 38
+    assert Classifier(tiny_classifier(), None).max_length == 38  # unset: the model's own limit
+
+
 def test_classifier_without_label_names(tmp_path, t5_tokenizer):
     """A classifier saved without names (LABEL_0, LABEL_1), through Classifier.load from a directory."""
     from harness.toxicity import Classifier
