@@ -2,8 +2,8 @@
 
 * ``test_two_processes_compute_the_one_process_run``: ``detox-harness run --num-processes 2`` with global batch
   B logs the same PPO statistics at every step, ends with the same trainable weights (LoRA adapter and value
-  head) and measures the same before/after figures (same samples) as one process with batch B and the same
-  seeds, within :data:`TOLERANCE`; results.json says 2 processes ran.
+  head) and measures the same before/after figures (same samples) and the same over-optimisation curve as one
+  process with batch B and the same seeds, within :data:`TOLERANCE`; results.json says 2 processes ran.
 * ``test_a_two_process_run_resumes_with_one_process``: the 2-process run's step-1 checkpoint, resumed by one
   process, gives the step-2 statistics and the final weights of the uninterrupted runs.
 
@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from harness.metrics import CURVE_KEYS
+from harness.results import read_curve
 
 pytestmark = pytest.mark.integration
 
@@ -111,6 +114,16 @@ def test_two_processes_compute_the_one_process_run(runs):
     s1, s2 = ([json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] for d in (one, two))
     for key in ("seed", "response_before", "response_after"):  # each sample drawn as by one process
         assert [row[key] for row in s2] == [row[key] for row in s1], key
+    # the over-optimisation curve (step 0 and the last step here) is the one process's too, point for point
+    c1, c2 = read_curve(one), read_curve(two)
+    assert [p["step"] for p in c2] == [p["step"] for p in c1] == [0, STEPS]
+    for p1, p2 in zip(c1, c2):
+        for key in CURVE_KEYS:
+            a, b = p1[key], p2[key]
+            assert (a == b) if not isinstance(a, float) else math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=TOLERANCE), \
+                (p1["step"], key, a, b)
+    curve1, curve2 = r1["curve"], r2["curve"]
+    assert curve2["selected"]["step"] == curve1["selected"]["step"] and (two / "selected").is_dir()
 
 
 def test_a_two_process_run_resumes_with_one_process(runs, tmp_path):
