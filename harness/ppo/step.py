@@ -532,13 +532,14 @@ def _optimizer_step(policy, state: PPOState, inputs: dict, experience: Experienc
         if ratio_skip and not quirks.zero_loss_adam_step_on_ratio_skip:
             continue  # the harness skips the update; TRL steps Adam on a zero loss
         (loss / config.gradient_accumulation_steps).backward()
-    parallel.sum_gradients(policy.trainable_parameters())
-    if not _all_finite(p.grad for p in policy.trainable_parameters() if p.grad is not None):
+    params = policy.trainable_parameters()  # a walk over every module: once per optimizer step
+    parallel.sum_gradients(params)
+    if not _all_finite(p.grad for p in params if p.grad is not None):
         return stats, "non-finite gradient"
     if quirks.clips(config.max_grad_norm):
-        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         quirks.clipped_once = True
-    if any(p.grad is not None for p in policy.trainable_parameters()):
+    if any(p.grad is not None for p in params):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats, None
