@@ -327,7 +327,7 @@ def resolve_target(target: str | Path) -> Path:
     if (path / "adapter_config.json").is_file():
         return path
     for folder in (path / rf.CHECKPOINTS_DIR, path):
-        last = latest_checkpoint(folder) if folder.is_dir() else None
+        last = latest_checkpoint(folder)
         if last is not None:
             return Path(last)
     raise HarnessError("holds no adapter_config.json and no checkpoint", field="--target", value=str(path),

@@ -18,30 +18,14 @@ from ..plan import RunPlan
 from .inputs import load_inputs
 
 
-def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
-    """The complete checkpoints of a run by step."""
-    from ..ppo.checkpoints import CHECKPOINT_RE, is_complete_checkpoint
-
-    folder = run_dir / rf.CHECKPOINTS_DIR
-    found = [p for p in folder.iterdir() if is_complete_checkpoint(p)] if folder.is_dir() else []
-    return {int(CHECKPOINT_RE.match(p.name).group(1)): p for p in found}
-
-
-def load_adapter(policy, checkpoint: Path) -> None:
-    """The checkpoint's trained adapter into ``policy`` (its weights only; the reference stays)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(policy.model, load_file(str(checkpoint / "adapter_model.safetensors")))
-
-
 def make_curve(plan: RunPlan, *, echo=print) -> tuple[list[dict], dict, Path]:
     """Execute a curve plan (:func:`harness.plan.plan_curve`): returns the rows, ``metrics.curve`` and the page."""
     from ..curve import Curve, is_due, summarize
+    from ..ppo.checkpoints import complete_checkpoints, load_adapter
 
     cfg, run_dir = plan.cfg, plan.run_dir
     with DirectoryLock(run_dir, "curve", field="run_dir"):
-        checkpoints = checkpoint_steps(run_dir)
+        checkpoints = complete_checkpoints(run_dir / rf.CHECKPOINTS_DIR)
         last = max(checkpoints)
         due = [s for s in sorted(checkpoints) if s > 0 and is_due(s, cfg.eval.curve_every, last)]
         skipped = [s for s in range(cfg.eval.curve_every, last, cfg.eval.curve_every) if s not in checkpoints]
@@ -58,7 +42,7 @@ def make_curve(plan: RunPlan, *, echo=print) -> tuple[list[dict], dict, Path]:
         curve.start(None)
         curve.point(0)
         for step in due:
-            load_adapter(inputs.policy, checkpoints[step])
+            load_adapter(checkpoints[step], inputs.policy)
             curve.point(step)
         summary = summarize(curve.rows, cfg, run_dir, last)
         from ..report import render_index, render_run

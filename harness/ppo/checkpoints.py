@@ -54,13 +54,18 @@ def is_complete_checkpoint(path: str | Path) -> bool:
             and any((path / name).is_file() for name in MODEL_FILES))
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``directory`` (temporary and incomplete directories never count)."""
+def complete_checkpoints(directory: str | Path) -> dict[int, Path]:
+    """The complete checkpoints under ``directory`` by step (temporary and incomplete directories never count)."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    done = [p for p in directory.iterdir() if is_complete_checkpoint(p)]
-    return max(done, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1))) if done else None
+        return {}
+    return {int(CHECKPOINT_RE.match(p.name).group(1)): p for p in directory.iterdir() if is_complete_checkpoint(p)}
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``directory``."""
+    done = complete_checkpoints(directory)
+    return done[max(done)] if done else None
 
 
 def tidy(directory: Path) -> None:
@@ -154,6 +159,16 @@ def _reading(path: Path, name: str, what: str):
                                 fix=f"delete {path} to resume from the checkpoint before it, or start a new run") from e
 
 
+def load_adapter(path: Path, policy) -> None:
+    """The trained adapter of checkpoint ``path`` into ``policy`` (its weights only; the reference stays); a file
+    that cannot be read is a :class:`CorruptCheckpoint` naming it."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with _reading(path, ADAPTER_FILE, "the adapter's weights") as file:
+        set_peft_model_state_dict(policy.model, load_file(str(file)))
+
+
 def load(path: Path, policy, ppo_state) -> dict:
     """Load the checkpoint ``path`` into ``policy`` and ``ppo_state`` and restore the RNG states; returns its
     ``trainer_state.json``. A file that cannot be read or used is a :class:`CorruptCheckpoint` naming it."""
@@ -170,10 +185,7 @@ def load(path: Path, policy, ppo_state) -> dict:
             if not isinstance(state[key], dict):
                 raise ValueError(f"{key} is not a mapping")
     if policy.is_peft:
-        with _reading(path, ADAPTER_FILE, "the adapter's weights") as file:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(policy.model, load_file(str(file)))
+        load_adapter(path, policy)
     else:
         with _reading(path, "model.safetensors", "the model's weights"):
             from transformers import AutoModelForSeq2SeqLM
